@@ -1,0 +1,1 @@
+//! Outpost shared data model.
