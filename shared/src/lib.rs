@@ -1,1 +1,18 @@
-//! Outpost shared data model.
+//! Outpost's shared data model: identifiers, schemas, typed rows, hybrid logical clocks, the
+//! replication log and its hash chain, and JSON conversions for the HTTP layers.
+//!
+//! This crate does no I/O: no sockets, no files, no clock. Time is always passed in.
+
+pub mod hlc;
+pub mod ids;
+pub mod json;
+pub mod log;
+pub mod pos;
+pub mod schema;
+pub mod value;
+
+pub use hlc::{Hlc, HlcClock};
+pub use ids::{BranchId, OriginId, Seq, Version};
+pub use log::{ChainHash, EntryOp, LogEntry, Segment, SegmentError};
+pub use schema::{Access, ColumnType, HotRule, Owner, Role, Schema, Table, TableKind};
+pub use value::{Fields, Row, Timestamp, Value};

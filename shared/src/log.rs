@@ -1,0 +1,237 @@
+//! The replication log: entries (one per changed row) and segments, whose hashes chain
+//! `hash = blake3(prev_hash ‖ body)` per origin, where `body` is the exact postcard bytes of the
+//! segment's entries (the bytes that travel and are stored; they are never re-encoded before
+//! verification).
+
+use std::fmt;
+
+use crdts::VClock;
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Hlc;
+use crate::ids::{BranchId, OriginId, Seq};
+use crate::value::Row;
+
+/// Largest encoded entry accepted, in bytes (one row; the HTTP body limit is 1 MiB).
+pub const ENTRY_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// A segment is sealed once it holds this many entries...
+pub const SEGMENT_ENTRIES_TARGET: usize = 1024;
+/// ...or this many body bytes, whichever comes first (or when it is old: see the edge config).
+pub const SEGMENT_BYTES_TARGET: usize = 256 * 1024;
+/// Hard limits a receiver enforces.
+pub const SEGMENT_ENTRIES_MAX: usize = 4096;
+pub const SEGMENT_BYTES_MAX: usize = SEGMENT_BYTES_TARGET + ENTRY_BYTES_MAX;
+
+const _: () = assert!(SEGMENT_ENTRIES_TARGET <= SEGMENT_ENTRIES_MAX);
+const _: () = assert!(SEGMENT_BYTES_TARGET < SEGMENT_BYTES_MAX);
+
+/// What happened to a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryOp {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl EntryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryOp::Insert => "insert",
+            EntryOp::Update => "update",
+            EntryOp::Delete => "delete",
+        }
+    }
+}
+
+/// One changed row in an origin's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub origin: OriginId,
+    pub seq: Seq,
+    pub hlc: Hlc,
+    pub table: String,
+    pub op: EntryOp,
+    pub row_id: String,
+    /// The row after the change; for deletes, the row as it was (a tombstone keeps its last
+    /// content so that replicas and audits see what was removed).
+    pub row: Row,
+    /// For rows of `shared` tables: the row's version vector after this change.
+    pub clock: Option<VClock<OriginId>>,
+    /// For hub-origin entries: the one branch the entry is meant for (`None`: every branch).
+    pub scope: Option<BranchId>,
+}
+
+impl LogEntry {
+    /// The entry's postcard encoding, as stored and as carried inside segment bodies.
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding into a Vec cannot fail for these plain data types.
+        postcard::to_stdvec(self).expect("postcard encodes log entries")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<LogEntry, SegmentError> {
+        if bytes.len() > ENTRY_BYTES_MAX {
+            return Err(SegmentError::TooLarge);
+        }
+        postcard::from_bytes(bytes).map_err(|e| SegmentError::Decode(e.to_string()))
+    }
+}
+
+/// A position in a chain: the hash of the last segment (or the origin's genesis hash).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChainHash(pub [u8; 32]);
+
+impl ChainHash {
+    /// The hash a chain starts from. Derived from the origin so that one origin's segments can
+    /// never be spliced onto another's chain.
+    pub fn genesis(origin: &OriginId) -> ChainHash {
+        let mut h = blake3::Hasher::new_derive_key("outpost 2026 origin chain genesis");
+        h.update(origin.as_str().as_bytes());
+        ChainHash(*h.finalize().as_bytes())
+    }
+
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChainHash({})", &self.to_hex()[..16])
+    }
+}
+
+/// Why a segment was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentError {
+    #[error("segment hash does not match its contents")]
+    HashMismatch,
+    #[error("segment does not chain onto the receiver's last segment")]
+    ChainBreak,
+    #[error("segment is larger than the limits allow")]
+    TooLarge,
+    #[error("segment body does not decode: {0}")]
+    Decode(String),
+    #[error("segment entries are not the contiguous seqs {first}..={last} of origin {origin}")]
+    BadSequence {
+        origin: String,
+        first: u64,
+        last: u64,
+    },
+}
+
+/// A sealed run of one origin's log: entries `first_seq..=last_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub origin: OriginId,
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+    pub prev_hash: ChainHash,
+    pub hash: ChainHash,
+    /// postcard `Vec<LogEntry>`: a varint count followed by the encoded entries.
+    pub body: Vec<u8>,
+}
+
+/// `blake3(prev_hash ‖ body)`.
+pub fn chain_hash(prev: &ChainHash, body: &[u8]) -> ChainHash {
+    let mut h = blake3::Hasher::new();
+    h.update(&prev.0);
+    h.update(body);
+    ChainHash(*h.finalize().as_bytes())
+}
+
+/// Builds a segment body from already-encoded entries (see [`LogEntry::encode`]) without
+/// re-encoding them: a postcard sequence is its varint length followed by its elements.
+pub fn segment_body<'a>(entries: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let count = entries.len();
+    let mut body = postcard::to_stdvec(&count).expect("postcard encodes a usize");
+    for e in entries {
+        body.extend_from_slice(e);
+    }
+    body
+}
+
+impl Segment {
+    /// Seals encoded entries `first_seq..` of `origin` onto the chain at `prev_hash`.
+    pub fn seal<'a>(
+        origin: OriginId,
+        first_seq: Seq,
+        prev_hash: ChainHash,
+        entries: impl ExactSizeIterator<Item = &'a [u8]>,
+    ) -> Segment {
+        let count = entries.len() as u64;
+        assert!(count > 0, "a segment holds at least one entry");
+        let body = segment_body(entries);
+        let hash = chain_hash(&prev_hash, &body);
+        Segment {
+            origin,
+            first_seq,
+            last_seq: Seq(first_seq.0 + count - 1),
+            prev_hash,
+            hash,
+            body,
+        }
+    }
+
+    /// Verifies the segment against the receiver's chain head `expected_prev` and returns its
+    /// decoded entries: the hash over the received bytes, the chain link, the limits, and that
+    /// the entries are exactly `first_seq..=last_seq` of `origin`, in order.
+    pub fn verify(&self, expected_prev: &ChainHash) -> Result<Vec<LogEntry>, SegmentError> {
+        if self.body.len() > SEGMENT_BYTES_MAX {
+            return Err(SegmentError::TooLarge);
+        }
+        if chain_hash(&self.prev_hash, &self.body) != self.hash {
+            return Err(SegmentError::HashMismatch);
+        }
+        if self.prev_hash != *expected_prev {
+            return Err(SegmentError::ChainBreak);
+        }
+        let bad_sequence = || SegmentError::BadSequence {
+            origin: self.origin.to_string(),
+            first: self.first_seq.0,
+            last: self.last_seq.0,
+        };
+        let (count, mut rest) = postcard::take_from_bytes::<usize>(&self.body)
+            .map_err(|e| SegmentError::Decode(e.to_string()))?;
+        if count == 0 || count > SEGMENT_ENTRIES_MAX {
+            return Err(SegmentError::TooLarge);
+        }
+        if self.last_seq.0.checked_sub(self.first_seq.0) != Some(count as u64 - 1)
+            || self.first_seq == Seq::ZERO
+        {
+            return Err(bad_sequence());
+        }
+        let mut entries = Vec::with_capacity(count);
+        for i in 0..count as u64 {
+            let (entry, tail) = postcard::take_from_bytes::<LogEntry>(rest)
+                .map_err(|e| SegmentError::Decode(e.to_string()))?;
+            if entry.origin != self.origin || entry.seq != Seq(self.first_seq.0 + i) {
+                return Err(bad_sequence());
+            }
+            entries.push(entry);
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(SegmentError::Decode(
+                "trailing bytes after the entries".into(),
+            ));
+        }
+        Ok(entries)
+    }
+}
+
+/// Verifies a run of segments of one origin from `head`, returning the new head.
+pub fn verify_chain<'a>(
+    mut head: ChainHash,
+    segments: impl IntoIterator<Item = &'a Segment>,
+) -> Result<ChainHash, SegmentError> {
+    let mut next_seq = None;
+    for s in segments {
+        s.verify(&head)?;
+        if next_seq.is_some_and(|n| n != s.first_seq) {
+            return Err(SegmentError::ChainBreak);
+        }
+        next_seq = Some(s.last_seq.next());
+        head = s.hash;
+    }
+    Ok(head)
+}
