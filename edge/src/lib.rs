@@ -1,1 +1,4 @@
-//! Outpost edge.
+//! Outpost's branch edge node: the durable store (SQLite + hot tier) that serves the branch's
+//! terminals and keeps the origin log the sync client sends to the hub.
+
+pub mod store;

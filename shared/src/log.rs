@@ -14,15 +14,22 @@ use crate::value::Row;
 
 /// Largest encoded entry accepted, in bytes (one row; the HTTP body limit is 1 MiB).
 pub const ENTRY_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Most log entries one transaction may append (its ops and the rows the rules derive).
+pub const TXN_ENTRIES_MAX: usize = 3072;
+/// Most encoded log bytes one transaction may append.
+pub const TXN_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// A segment is sealed once it holds this many entries...
 pub const SEGMENT_ENTRIES_TARGET: usize = 1024;
 /// ...or this many body bytes, whichever comes first (or when it is old: see the edge config).
 pub const SEGMENT_BYTES_TARGET: usize = 256 * 1024;
 /// Hard limits a receiver enforces.
 pub const SEGMENT_ENTRIES_MAX: usize = 4096;
-pub const SEGMENT_BYTES_MAX: usize = SEGMENT_BYTES_TARGET + ENTRY_BYTES_MAX;
+pub const SEGMENT_BYTES_MAX: usize = SEGMENT_BYTES_TARGET + TXN_BYTES_MAX;
 
-const _: () = assert!(SEGMENT_ENTRIES_TARGET <= SEGMENT_ENTRIES_MAX);
+// Segments are sealed between transactions, so a segment holds less than the target plus one
+// whole transaction.
+const _: () = assert!(SEGMENT_ENTRIES_TARGET - 1 + TXN_ENTRIES_MAX <= SEGMENT_ENTRIES_MAX);
+const _: () = assert!(ENTRY_BYTES_MAX <= TXN_BYTES_MAX);
 const _: () = assert!(SEGMENT_BYTES_TARGET < SEGMENT_BYTES_MAX);
 
 /// What happened to a row.

@@ -601,20 +601,19 @@ mod tests {
         }
     }
 
+    const SHOP: &str = r#"{"module":"shop","tables":[
+        {"name":"sale","kind":"log","owner":"branch","priority":true,
+         "columns":[{"name":"amount","type":"money"},{"name":"till","type":"text","indexed":true}],
+         "permissions":{"cashier":["read","insert"],"kitchen":["read"]}},
+        {"name":"ticket","kind":"state","owner":"branch",
+         "columns":[{"name":"status","type":"text"}],
+         "hot":{"unless":{"column":"status","values":["done"]}},
+         "permissions":{"kitchen":["read","update:status"]}}
+    ]}"#;
+
     #[test]
     fn loads_a_small_schema() {
-        let s = Schema::from_json(
-            r#"{"module":"shop","tables":[
-                {"name":"sale","kind":"log","owner":"branch","priority":true,
-                 "columns":[{"name":"amount","type":"money"},{"name":"till","type":"text","indexed":true}],
-                 "permissions":{"cashier":["read","insert"],"kitchen":["read"]}},
-                {"name":"ticket","kind":"state","owner":"branch",
-                 "columns":[{"name":"status","type":"text"}],
-                 "hot":{"unless":{"column":"status","values":["done"]}},
-                 "permissions":{"kitchen":["read","update:status"]}}
-            ]}"#,
-        )
-        .unwrap();
+        let s = Schema::from_json(SHOP).unwrap();
         assert_eq!(s.module(), "shop");
         let sale = s.table("sale").unwrap();
         assert_eq!(sale.hot, HotRule::None);
@@ -629,7 +628,10 @@ mod tests {
             }
         ));
         assert!(!ticket.allows(Role::Waiter, Access::Read));
-        assert_eq!(s.fingerprint(), Schema::from_json(&format!("{}", r#"{"module":"shop","tables":[{"name":"sale","kind":"log","owner":"branch","priority":true,"columns":[{"name":"amount","type":"money"},{"name":"till","type":"text","indexed":true}],"permissions":{"cashier":["read","insert"],"kitchen":["read"]}},{"name":"ticket","kind":"state","owner":"branch","columns":[{"name":"status","type":"text"}],"hot":{"unless":{"column":"status","values":["done"]}},"permissions":{"kitchen":["read","update:status"]}}]}"#)).unwrap().fingerprint());
+        let again = Schema::from_json(&SHOP.replace('\n', " ")).unwrap();
+        assert_eq!(s.fingerprint(), again.fingerprint());
+        let other = Schema::from_json(&SHOP.replace("\"done\"", "\"finished\"")).unwrap();
+        assert_ne!(s.fingerprint(), other.fingerprint());
     }
 
     #[test]

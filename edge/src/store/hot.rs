@@ -1,0 +1,276 @@
+//! The hot tier: the rows terminals touch now (open orders and their lines and payments, open
+//! shifts, master data), in memory with secondary indexes. The writer updates it in place after
+//! each commit; rows that stop being hot (a closed order and its children) are evicted, so memory
+//! follows the schema's [`HotRule`]s, not the length of history.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use shared::{HotRule, Row, Schema, Value, Version};
+
+#[derive(Debug, Default)]
+struct HotTable {
+    rows: HashMap<String, Arc<Row>>,
+    /// column -> value -> ids, for indexed columns and hot-parent references.
+    indexes: HashMap<String, HashMap<Value, BTreeSet<String>>>,
+}
+
+impl HotTable {
+    fn index_add(&mut self, row: &Row) {
+        for (col, idx) in &mut self.indexes {
+            idx.entry(row.get(col).clone())
+                .or_default()
+                .insert(row.id.clone());
+        }
+    }
+
+    fn index_remove(&mut self, row: &Row) {
+        for (col, idx) in &mut self.indexes {
+            let v = row.get(col);
+            if let Some(ids) = idx.get_mut(v) {
+                ids.remove(&row.id);
+                if ids.is_empty() {
+                    idx.remove(v);
+                }
+            }
+        }
+    }
+
+    fn put(&mut self, row: Arc<Row>) {
+        if let Some(old) = self.rows.remove(&row.id) {
+            self.index_remove(&old);
+        }
+        self.index_add(&row);
+        self.rows.insert(row.id.clone(), row);
+    }
+
+    fn evict(&mut self, id: &str) -> Option<Arc<Row>> {
+        let old = self.rows.remove(id)?;
+        self.index_remove(&old);
+        Some(old)
+    }
+}
+
+/// One row change as the hot tier sees it.
+pub struct HotChange<'a> {
+    pub table: usize,
+    pub deleted: bool,
+    pub row: &'a Arc<Row>,
+}
+
+/// The in-memory tier, consistent with the commit `version` it carries.
+#[derive(Debug)]
+pub struct HotTier {
+    version: Version,
+    rules: Vec<HotRule>,
+    /// For each table, the tables whose hot rule names it as parent, with the column.
+    children: Vec<Vec<(usize, String)>>,
+    /// For `WithParent` tables: the parent's table index.
+    parent: Vec<Option<usize>>,
+    tables: Vec<HotTable>,
+}
+
+impl HotTier {
+    pub fn new(schema: &Schema, version: Version) -> HotTier {
+        let n = schema.tables().len();
+        let mut children = vec![Vec::new(); n];
+        let mut parent = vec![None; n];
+        let mut tables: Vec<HotTable> = (0..n).map(|_| HotTable::default()).collect();
+        for (i, t) in schema.tables().iter().enumerate() {
+            for c in t.columns.iter().filter(|c| c.indexed) {
+                tables[i].indexes.insert(c.name.clone(), HashMap::new());
+            }
+            if let HotRule::WithParent { column, table } = &t.hot {
+                // Schema::new checked that the parent exists.
+                let p = schema.table_index(table).expect("hot parent exists");
+                children[p].push((i, column.clone()));
+                parent[i] = Some(p);
+                tables[i].indexes.insert(column.clone(), HashMap::new());
+            }
+        }
+        HotTier {
+            version,
+            rules: schema.tables().iter().map(|t| t.hot.clone()).collect(),
+            children,
+            parent,
+            tables,
+        }
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    pub fn set_version(&mut self, v: Version) {
+        self.version = v;
+    }
+
+    /// Whether rows of `table` that are absent here may exist in SQLite.
+    pub fn is_complete(&self, table: usize) -> bool {
+        matches!(self.rules[table], HotRule::All)
+    }
+
+    pub fn caches(&self, table: usize) -> bool {
+        !matches!(self.rules[table], HotRule::None)
+    }
+
+    /// Whether `row` of `table` belongs in the hot tier given the current contents.
+    pub fn wants(&self, table: usize, row: &Row) -> bool {
+        match &self.rules[table] {
+            HotRule::All => true,
+            HotRule::None => false,
+            HotRule::Unless { column, values } => !values.contains(row.get(column)),
+            HotRule::WithParent { column, .. } => match (row.get(column), self.parent[table]) {
+                (Value::Text(pid), Some(p)) => self.tables[p].rows.contains_key(pid),
+                _ => false,
+            },
+        }
+    }
+
+    pub fn get(&self, table: usize, id: &str) -> Option<&Arc<Row>> {
+        self.tables[table].rows.get(id)
+    }
+
+    pub fn rows(&self, table: usize) -> impl Iterator<Item = &Arc<Row>> {
+        self.tables[table].rows.values()
+    }
+
+    /// Ids of hot rows of `table` whose indexed `column` equals `value`; `None` when the column
+    /// has no index.
+    pub fn lookup(&self, table: usize, column: &str, value: &Value) -> Option<Vec<&Arc<Row>>> {
+        let t = &self.tables[table];
+        let idx = t.indexes.get(column)?;
+        Some(
+            idx.get(value)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| t.rows.get(id))
+                .collect(),
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.tables.iter().map(|t| t.rows.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Puts a row loaded from SQLite (start-up, or the children of a parent that became hot).
+    pub fn load(&mut self, table: usize, row: Arc<Row>) {
+        if self.wants(table, &row) {
+            self.tables[table].put(row);
+        }
+    }
+
+    /// Applies one committed change in place. Returns the table and id of a parent row that
+    /// just became hot, whose children the caller must load from SQLite.
+    pub fn apply(&mut self, change: HotChange<'_>) -> Option<(usize, String)> {
+        let HotChange {
+            table,
+            deleted,
+            row,
+        } = change;
+        if !self.caches(table) {
+            return None;
+        }
+        let was_hot = self.tables[table].rows.contains_key(&row.id);
+        if !deleted && self.wants(table, row) {
+            self.tables[table].put(row.clone());
+            let has_children = !self.children[table].is_empty();
+            return (!was_hot && has_children).then(|| (table, row.id.clone()));
+        }
+        if self.tables[table].evict(&row.id).is_some() {
+            self.evict_children(table, &row.id);
+        }
+        None
+    }
+
+    fn evict_children(&mut self, table: usize, id: &str) {
+        let key = Value::Text(id.to_owned());
+        for (child, column) in self.children[table].clone() {
+            let ids: Vec<String> = self.tables[child]
+                .indexes
+                .get(&column)
+                .and_then(|idx| idx.get(&key))
+                .map(|ids| ids.iter().cloned().collect())
+                .unwrap_or_default();
+            for cid in ids {
+                self.tables[child].evict(&cid);
+            }
+        }
+    }
+
+    /// The tables (and their referencing column) whose hot rows hang off `table`'s rows.
+    pub fn children_of(&self, table: usize) -> &[(usize, String)] {
+        &self.children[table]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::{Fields, Timestamp, pos};
+
+    fn row(id: &str, fields: &[(&str, &str)]) -> Arc<Row> {
+        let fields: Fields = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::Text(v.to_string())))
+            .collect();
+        Arc::new(Row {
+            id: id.into(),
+            version: 1,
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+            seq: None,
+            fields,
+        })
+    }
+
+    #[test]
+    fn closing_an_order_evicts_it_and_its_lines() {
+        let s = pos::schema();
+        let (o, l) = (
+            s.table_index("order_header").unwrap(),
+            s.table_index("order_line").unwrap(),
+        );
+        let mut h = HotTier::new(&s, Version(0));
+        let open = row("o1", &[("status", "open")]);
+        let parent = h.apply(HotChange {
+            table: o,
+            deleted: false,
+            row: &open,
+        });
+        assert_eq!(parent, Some((o, "o1".to_string())));
+        let line = row("l1", &[("order_id", "o1"), ("station_id", "grill")]);
+        h.apply(HotChange {
+            table: l,
+            deleted: false,
+            row: &line,
+        });
+        let orphan = row("l2", &[("order_id", "nope")]);
+        h.apply(HotChange {
+            table: l,
+            deleted: false,
+            row: &orphan,
+        });
+        assert_eq!(h.len(), 2);
+        let grill = h
+            .lookup(l, "station_id", &Value::Text("grill".into()))
+            .unwrap();
+        assert_eq!(grill.len(), 1);
+        let closed = row("o1", &[("status", "closed")]);
+        h.apply(HotChange {
+            table: o,
+            deleted: false,
+            row: &closed,
+        });
+        assert!(h.is_empty());
+        assert!(
+            h.lookup(l, "station_id", &Value::Text("grill".into()))
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

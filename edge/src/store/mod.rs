@@ -1,0 +1,573 @@
+//! The edge's durable store: SQLite in WAL mode with `synchronous=FULL`, one writer thread doing
+//! group commit with a transactional outbox (the origin log), a pool of read connections and the
+//! in-memory hot tier.
+//!
+//! A `Store` is cheap to clone; all clones share one writer. Writes go through [`Store::commit`]
+//! (async) or [`Store::commit_blocking`]; both return only after the group's fsync.
+
+mod error;
+mod hot;
+mod metrics;
+mod rules;
+mod sql;
+mod txn;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use rusqlite::{Connection, OpenFlags};
+use shared::log::{ChainHash, LogEntry, Segment, verify_chain};
+use shared::{BranchId, OriginId, Row, Schema, Seq, Timestamp, Version};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+pub use error::{OpenError, StoreError, TxnError};
+pub use hot::HotTier;
+pub use metrics::StoreMetrics;
+pub use rules::{MONEY_ABS_MAX, QUANTITY_ABS_MAX};
+pub use txn::{Applied, Change, Commit, Committed, Op, OpResult, TXN_OPS_MAX, Txn};
+pub use writer::LogStatus;
+
+use sql::TableSql;
+use writer::{Msg, Writer};
+
+/// The source of wall-clock time for row timestamps and log stamps.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(d.as_micros() as i64)
+    })
+}
+
+/// Most requests waiting for the writer; callers beyond it wait (back-pressure).
+pub const QUEUE_REQUESTS_MAX: usize = 8192;
+/// Most requests in one group commit.
+pub const GROUP_REQUESTS_MAX: usize = 1024;
+/// Most rows a log page returns.
+pub const LOG_PAGE_MAX: usize = 1000;
+/// Most commits buffered for feed subscribers before a slow one is told it lagged.
+pub const COMMIT_FEED_CAPACITY: usize = 4096;
+
+const _: () = assert!(GROUP_REQUESTS_MAX <= QUEUE_REQUESTS_MAX);
+
+/// How to open a store.
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// The SQLite file.
+    pub path: PathBuf,
+    pub branch: BranchId,
+    pub schema: Arc<Schema>,
+    pub queue_requests_max: usize,
+    pub group_requests_max: usize,
+    pub readers: usize,
+    /// An open segment older than this is sealed.
+    pub segment_age_ms: u64,
+    /// Acked segments are kept this long before they are pruned.
+    pub retention_ms: u64,
+    /// How often the housekeeping thread checkpoints the WAL and ticks the writer.
+    pub housekeeping_ms: u64,
+    pub clock: Clock,
+}
+
+impl StoreConfig {
+    pub fn new(path: impl Into<PathBuf>, branch: BranchId, schema: Arc<Schema>) -> StoreConfig {
+        StoreConfig {
+            path: path.into(),
+            branch,
+            schema,
+            queue_requests_max: QUEUE_REQUESTS_MAX,
+            group_requests_max: GROUP_REQUESTS_MAX,
+            readers: 4,
+            segment_age_ms: 1000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            housekeeping_ms: 50,
+            clock: system_clock(),
+        }
+    }
+}
+
+/// State shared by the writer and readers.
+pub(crate) struct Shared {
+    pub hot: RwLock<HotTier>,
+    pub status: Mutex<LogStatus>,
+    pub commits: broadcast::Sender<Arc<Commit>>,
+    pub metrics: StoreMetrics,
+}
+
+/// A small pool of read-only connections.
+struct ReadPool {
+    idle: Mutex<Vec<Connection>>,
+    available: Condvar,
+}
+
+impl ReadPool {
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        let conn = {
+            let mut idle = self.idle.lock();
+            loop {
+                if let Some(c) = idle.pop() {
+                    break c;
+                }
+                self.available.wait(&mut idle);
+            }
+        };
+        let out = f(&conn);
+        self.idle.lock().push(conn);
+        self.available.notify_one();
+        out
+    }
+}
+
+struct Inner {
+    config: StoreConfig,
+    origin: OriginId,
+    sql: Arc<Vec<TableSql>>,
+    shared: Arc<Shared>,
+    readers: ReadPool,
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Inner {
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.tx.lock().take();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The edge's store. See the module documentation.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// A consistent view of the hot rows at one commit version.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub version: Version,
+    pub tables: Vec<(String, Vec<Arc<Row>>)>,
+}
+
+/// A page of the origin log.
+#[derive(Debug, Clone)]
+pub struct LogPage {
+    /// `(commit version, entry)` in seq order.
+    pub entries: Vec<(Version, LogEntry)>,
+    pub has_more: bool,
+}
+
+fn open_connection(config: &StoreConfig, writer: bool) -> Result<Connection, OpenError> {
+    let flags = if writer {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(&config.path, flags)?;
+    sql::configure(&conn, writer)?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store, restores the log position and fills the hot tier.
+    pub fn open(config: StoreConfig) -> Result<Store, OpenError> {
+        let schema = config.schema.clone();
+        let conn = open_connection(&config, true)?;
+        sql::migrate(&conn, &schema, config.branch.as_str())?;
+        let sql: Arc<Vec<TableSql>> = Arc::new(schema.tables().iter().map(TableSql::new).collect());
+        let version = Version(sql::get_meta::<i64>(&conn, "version")?.unwrap_or(0) as u64);
+        let hot = load_hot(&conn, &schema, &sql, version)?;
+        let (commits, _) = broadcast::channel(COMMIT_FEED_CAPACITY);
+        let shared = Arc::new(Shared {
+            hot: RwLock::new(hot),
+            status: Mutex::new(writer::load_log_state(&conn, &OriginId::from(&config.branch))?.0),
+            commits,
+            metrics: StoreMetrics::default(),
+        });
+        let writer = Writer::open(conn, &config, schema.clone(), sql.clone(), shared.clone())?;
+        debug_assert!(writer.conn().is_autocommit());
+        let readers = (0..config.readers.max(1))
+            .map(|_| open_connection(&config, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel(config.queue_requests_max.max(1));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let writer_thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))?;
+        let housekeeping = {
+            let conn = open_connection(&config, true)?;
+            let tx = tx.clone();
+            let stopping = stopping.clone();
+            let every = Duration::from_millis(config.housekeeping_ms.max(1));
+            std::thread::Builder::new()
+                .name("store-housekeeping".into())
+                .spawn(move || housekeep(conn, tx, stopping, every))?
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                origin: OriginId::from(&config.branch),
+                config,
+                sql,
+                shared,
+                readers: ReadPool {
+                    idle: Mutex::new(readers),
+                    available: Condvar::new(),
+                },
+                tx: Mutex::new(Some(tx)),
+                threads: Mutex::new(vec![writer_thread, housekeeping]),
+                stopping,
+            }),
+        })
+    }
+
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.inner.config.schema
+    }
+
+    pub fn branch(&self) -> &BranchId {
+        &self.inner.config.branch
+    }
+
+    pub fn origin(&self) -> &OriginId {
+        &self.inner.origin
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Msg>, StoreError> {
+        self.inner.tx.lock().clone().ok_or(StoreError::Closed)
+    }
+
+    fn closed() -> TxnError {
+        TxnError {
+            op_index: None,
+            error: StoreError::Closed,
+        }
+    }
+
+    /// Commits a transaction; returns after the group's fsync.
+    pub async fn commit(&self, txn: Txn) -> Result<Committed, TxnError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.sender().map_err(|_| Self::closed())?;
+        tx.send(Msg::Commit { txn, reply })
+            .await
+            .map_err(|_| Self::closed())?;
+        rx.await.map_err(|_| Self::closed())?
+    }
+
+    /// Commits a transaction from a thread outside any async runtime.
+    pub fn commit_blocking(&self, txn: Txn) -> Result<Committed, TxnError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.sender().map_err(|_| Self::closed())?;
+        tx.blocking_send(Msg::Commit { txn, reply })
+            .map_err(|_| Self::closed())?;
+        rx.blocking_recv().map_err(|_| Self::closed())?
+    }
+
+    fn request_blocking<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Msg,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .blocking_send(make(reply))
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Seals the open segment now (the sync client does this before it sends).
+    pub fn seal_blocking(&self) -> Result<(), StoreError> {
+        self.request_blocking(|reply| Msg::SealNow { reply })
+    }
+
+    /// Records that the hub holds everything up to `seq` durably; retention may now prune it.
+    pub fn set_acked_blocking(&self, seq: Seq) -> Result<(), StoreError> {
+        self.request_blocking(|reply| Msg::SetAcked { seq, reply })
+    }
+
+    /// Subscribes to commits as they become visible (the terminal feed's source).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
+        self.inner.shared.commits.subscribe()
+    }
+
+    /// The last committed version visible to readers.
+    pub fn version(&self) -> Version {
+        self.inner.shared.hot.read().version()
+    }
+
+    pub fn log_status(&self) -> LogStatus {
+        self.inner.shared.status.lock().clone()
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.shared.metrics
+    }
+
+    fn table_index(&self, table: &str) -> Result<usize, StoreError> {
+        self.schema()
+            .table_index(table)
+            .ok_or_else(|| StoreError::UnknownTable(table.chars().take(64).collect()))
+    }
+
+    /// One row by id: from the hot tier when it is there, else from SQLite.
+    pub fn get(&self, table: &str, id: &str) -> Result<Option<Arc<Row>>, StoreError> {
+        let ti = self.table_index(table)?;
+        {
+            let hot = self.inner.shared.hot.read();
+            if let Some(r) = hot.get(ti, id) {
+                return Ok(Some(r.clone()));
+            }
+            if hot.is_complete(ti) {
+                return Ok(None);
+            }
+        }
+        self.with_reader(|conn| {
+            writer::read_row(conn, self.schema(), &self.inner.sql, ti, id).map(|r| r.map(Arc::new))
+        })
+    }
+
+    /// Every row of a table, from SQLite (tests and tools; terminals use snapshots and queries).
+    pub fn scan(&self, table: &str) -> Result<Vec<Row>, StoreError> {
+        let ti = self.table_index(table)?;
+        let t = &self.schema().tables()[ti];
+        self.with_reader(|conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("{} ORDER BY id", self.inner.sql[ti].select_all))?;
+            let rows = stmt
+                .query_map([], |r| sql::row_from_sql(t, r))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// The hot rows of the named tables (all tables when `None`) at one version.
+    pub fn snapshot(&self, tables: Option<&[&str]>) -> Result<Snapshot, StoreError> {
+        let indexes: Vec<usize> = match tables {
+            Some(names) => names
+                .iter()
+                .map(|n| self.table_index(n))
+                .collect::<Result<_, _>>()?,
+            None => (0..self.schema().tables().len()).collect(),
+        };
+        let hot = self.inner.shared.hot.read();
+        Ok(Snapshot {
+            version: hot.version(),
+            tables: indexes
+                .into_iter()
+                .filter(|&i| hot.caches(i))
+                .map(|i| {
+                    let mut rows: Vec<Arc<Row>> = hot.rows(i).cloned().collect();
+                    rows.sort_by(|a, b| a.id.cmp(&b.id));
+                    (self.schema().tables()[i].name.clone(), rows)
+                })
+                .collect(),
+        })
+    }
+
+    /// Number of rows in the hot tier.
+    pub fn hot_rows(&self) -> usize {
+        self.inner.shared.hot.read().len()
+    }
+
+    /// Runs `f` with a read-only connection from the pool.
+    pub fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        self.inner.readers.with(f)
+    }
+
+    /// Entries of the origin log after `after`, at most `limit` (≤ [`LOG_PAGE_MAX`]).
+    pub fn log_page(&self, after: Seq, limit: usize) -> Result<LogPage, StoreError> {
+        let limit = limit.min(LOG_PAGE_MAX);
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT version, entry FROM _log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(rusqlite::params![after.0 as i64, limit as i64 + 1])?;
+            let mut entries = Vec::with_capacity(limit);
+            let mut has_more = false;
+            while let Some(r) = rows.next()? {
+                if entries.len() == limit {
+                    has_more = true;
+                    break;
+                }
+                let version: i64 = r.get(0)?;
+                let bytes: Vec<u8> = r.get(1)?;
+                let entry = LogEntry::decode(&bytes)
+                    .map_err(|e| StoreError::Storage(format!("log entry does not decode: {e}")))?;
+                entries.push((Version(version as u64), entry));
+            }
+            Ok(LogPage { entries, has_more })
+        })
+    }
+
+    /// Sealed segments whose entries come after `after`, at most `max` of them, rebuilt from
+    /// the stored entry bytes (the same bytes that were hashed).
+    pub fn segments_after(&self, after: Seq, max: usize) -> Result<Vec<Segment>, StoreError> {
+        let origin = self.inner.origin.clone();
+        self.with_reader(|conn| {
+            let heads: Vec<(i64, i64, Vec<u8>, Vec<u8>)> = conn
+                .prepare_cached(
+                    "SELECT first_seq, last_seq, prev_hash, hash FROM _segments WHERE last_seq > ?1 ORDER BY last_seq LIMIT ?2",
+                )?
+                .query_map(rusqlite::params![after.0 as i64, max as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(heads.len());
+            for (first, last, prev, hash) in heads {
+                let entries: Vec<Vec<u8>> = conn
+                    .prepare_cached("SELECT entry FROM _log WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq")?
+                    .query_map([first, last], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let hash32 = |v: Vec<u8>| {
+                    v.try_into()
+                        .map(ChainHash)
+                        .map_err(|_| StoreError::Storage("a stored hash is not 32 bytes".into()))
+                };
+                out.push(Segment {
+                    origin: origin.clone(),
+                    first_seq: Seq(first as u64),
+                    last_seq: Seq(last as u64),
+                    prev_hash: hash32(prev)?,
+                    hash: hash32(hash)?,
+                    body: shared::log::segment_body(entries.iter().map(Vec::as_slice)),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Verifies every stored segment from the pruned point (or genesis) to the head, and that
+    /// the unsealed tail is contiguous. Returns the last sealed seq.
+    pub fn verify_log(&self) -> Result<Seq, StoreError> {
+        let status = self.log_status();
+        let start = self.with_reader(|conn| -> Result<ChainHash, StoreError> {
+            Ok(match sql::get_meta::<Vec<u8>>(conn, "pruned_hash")? {
+                Some(h) => ChainHash(
+                    h.try_into()
+                        .map_err(|_| StoreError::Storage("bad pruned hash".into()))?,
+                ),
+                None => ChainHash::genesis(&self.inner.origin),
+            })
+        })?;
+        let mut head = start;
+        let mut after = status.pruned_seq;
+        loop {
+            let segs = self.segments_after(after, 64)?;
+            let Some(last) = segs.last() else { break };
+            after = last.last_seq;
+            head = verify_chain(head, &segs).map_err(|e| {
+                StoreError::Storage(format!("log chain at seq {}: {e}", segs[0].first_seq))
+            })?;
+        }
+        if after < status.sealed_seq || head != status.head {
+            return Err(StoreError::Storage(
+                "the stored chain does not reach the head".into(),
+            ));
+        }
+        Ok(after)
+    }
+
+    /// Stops the writer after the requests already queued, and waits for it.
+    pub fn close(&self) {
+        self.inner.stop();
+    }
+}
+
+/// Checkpoints the WAL on its own connection so that commits never pay for it, and ticks the
+/// writer for age-based sealing and pruning.
+fn housekeep(conn: Connection, tx: mpsc::Sender<Msg>, stopping: Arc<AtomicBool>, every: Duration) {
+    /// A WAL beyond this is truncated when the writer is idle: a long WAL slows commits.
+    const WAL_TRUNCATE_PAGES: i64 = 16_384;
+    let mut ticks = 0u64;
+    while !stopping.load(Ordering::SeqCst) {
+        std::thread::park_timeout(every);
+        let passive: rusqlite::Result<(i64, i64, i64)> =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        if let Ok((_, log_pages, _)) = passive
+            && log_pages > WAL_TRUNCATE_PAGES
+        {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
+        ticks += 1;
+        if ticks.is_multiple_of(5) {
+            match tx.try_send(Msg::Tick) {
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+    }
+}
+
+/// Fills the hot tier at start-up with targeted queries: rows of `all` tables, rows not
+/// excluded by an `unless` rule, and the children of hot parents by their index.
+fn load_hot(
+    conn: &Connection,
+    schema: &Schema,
+    sql: &[TableSql],
+    version: Version,
+) -> Result<HotTier, OpenError> {
+    use shared::HotRule;
+    let mut hot = HotTier::new(schema, version);
+    for (ti, t) in schema.tables().iter().enumerate() {
+        let (query, params): (String, Vec<rusqlite::types::Value>) = match &t.hot {
+            HotRule::All => (sql[ti].select_all.clone(), vec![]),
+            HotRule::Unless { column, values } => {
+                let marks: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
+                (
+                    format!(
+                        "{} WHERE {c} IS NULL OR {c} NOT IN ({})",
+                        sql[ti].select_all,
+                        marks.join(", "),
+                        c = sql::quote(column)
+                    ),
+                    values.iter().map(sql::value_to_sql).collect(),
+                )
+            }
+            HotRule::None | HotRule::WithParent { .. } => continue,
+        };
+        let mut stmt = conn.prepare(&query)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                sql::row_from_sql(t, r)
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for r in rows {
+            hot.load(ti, Arc::new(r));
+        }
+    }
+    for (ti, t) in schema.tables().iter().enumerate() {
+        if let HotRule::WithParent { column, table } = &t.hot {
+            let parent = schema.table_index(table).expect("validated parent");
+            let parent_ids: Vec<String> = hot.rows(parent).map(|r| r.id.clone()).collect();
+            let q = format!("{} WHERE {} = ?1", sql[ti].select_all, sql::quote(column));
+            let mut stmt = conn.prepare(&q)?;
+            for pid in parent_ids {
+                let rows = stmt
+                    .query_map([&pid], |r| sql::row_from_sql(t, r))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                for r in rows {
+                    hot.load(ti, Arc::new(r));
+                }
+            }
+        }
+    }
+    Ok(hot)
+}

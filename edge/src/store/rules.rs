@@ -1,0 +1,348 @@
+//! The `pos` module's rules (CONTRACT.md 2.1), applied by the writer inside the writing
+//! transaction: derived order totals, status transitions, close-only-when-paid, status logs.
+//! Because totals are derived here and payments and lines are separate rows, a cashier's
+//! payment and a waiter's new line never overwrite each other.
+
+use std::sync::Arc;
+
+use rusqlite::Connection;
+use shared::json::FieldError;
+use shared::pos::{CANCELLED, LINE_STATUSES, ORDER_STATUSES, status_known, transition_allowed};
+use shared::{Fields, Row, Schema, Value};
+
+use super::error::StoreError;
+use super::sql::TableSql;
+use super::writer::{Scratch, Writer, read_row};
+
+/// Largest money amount accepted in a pos money column, in minor units (10^11 = one billion
+/// major units), so that quantity × price and the sums of an order stay far inside i64.
+pub const MONEY_ABS_MAX: i64 = 100_000_000_000;
+/// Largest line quantity accepted.
+pub const QUANTITY_ABS_MAX: i64 = 100_000;
+const _: () = assert!(MONEY_ABS_MAX.checked_mul(QUANTITY_ABS_MAX).is_some());
+
+/// Table indexes of the pos tables the rules touch.
+#[derive(Debug, Clone)]
+pub(crate) struct PosRules {
+    pub order: usize,
+    line: usize,
+    payment: usize,
+    status_log: usize,
+    line_status_log: usize,
+}
+
+fn text<'a>(row_or_fields: &'a Fields, col: &str) -> Option<&'a str> {
+    row_or_fields.get(col).and_then(Value::as_str)
+}
+
+fn bounded(fields: &Fields, col: &str, max: i64, expected: &'static str) -> Result<(), StoreError> {
+    match fields.get(col) {
+        Some(Value::Int(v)) if v.abs() > max => Err(FieldError::InvalidValue {
+            column: col.into(),
+            expected,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn check_amounts(fields: &Fields) -> Result<(), StoreError> {
+    const MONEY: &str = "an amount of at most 100000000000 minor units";
+    bounded(fields, "unit_price", MONEY_ABS_MAX, MONEY)?;
+    bounded(fields, "amount", MONEY_ABS_MAX, MONEY)?;
+    bounded(
+        fields,
+        "quantity",
+        QUANTITY_ABS_MAX,
+        "a quantity of at most 100000",
+    )
+}
+
+fn check_status(chain: &[&str], fields: &Fields) -> Result<(), StoreError> {
+    match fields.get("status") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Text(s)) if status_known(chain, s) => Ok(()),
+        Some(_) => Err(FieldError::InvalidValue {
+            column: "status".into(),
+            expected: if chain.len() == ORDER_STATUSES.len() {
+                "one of open, preparing, ready, served, closed, cancelled"
+            } else {
+                "one of queued, preparing, ready, served, cancelled"
+            },
+        }
+        .into()),
+    }
+}
+
+impl PosRules {
+    /// The rules apply to a module named `pos` that has the tables they need.
+    pub(crate) fn for_schema(schema: &Schema) -> Option<PosRules> {
+        if schema.module() != "pos" {
+            return None;
+        }
+        let has = |t: &str, cols: &[&str]| {
+            let table = schema.table(t)?;
+            cols.iter()
+                .all(|c| table.column(c).is_some())
+                .then(|| schema.table_index(t))
+                .flatten()
+        };
+        Some(PosRules {
+            order: has("order_header", &["status", "total_amount", "paid_amount"])?,
+            line: has(
+                "order_line",
+                &["order_id", "quantity", "unit_price", "status"],
+            )?,
+            payment: has("order_payment", &["order_id", "amount"])?,
+            status_log: has("order_status_log", &["order_id", "status", "actor"])?,
+            line_status_log: has(
+                "order_line_status_log",
+                &["line_id", "order_id", "status", "actor"],
+            )?,
+        })
+    }
+
+    pub(crate) fn is_order(&self, ti: usize) -> bool {
+        ti == self.order
+    }
+
+    fn order_of(
+        &self,
+        conn: &Connection,
+        schema: &Schema,
+        sql: &[TableSql],
+        fields: &Fields,
+    ) -> Result<Row, StoreError> {
+        let order_id = text(fields, "order_id").unwrap_or_default();
+        read_row(conn, schema, sql, self.order, order_id)?.ok_or_else(|| StoreError::UnknownOrder {
+            order_id: order_id.chars().take(128).collect(),
+        })
+    }
+
+    fn require_open(order: &Row) -> Result<(), StoreError> {
+        match order.get("status").as_str() {
+            Some("closed") | Some(CANCELLED) => Err(StoreError::OrderClosed {
+                order_id: order.id.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn before_insert(
+        &self,
+        conn: &Connection,
+        schema: &Schema,
+        sql: &[TableSql],
+        ti: usize,
+        fields: &mut Fields,
+    ) -> Result<(), StoreError> {
+        check_amounts(fields)?;
+        if ti == self.order {
+            check_status(&ORDER_STATUSES, fields)?;
+            if fields.get("status").is_none_or(Value::is_null) {
+                fields.insert("status".into(), Value::Text("open".into()));
+            }
+            fields.insert("total_amount".into(), Value::Int(0));
+            fields.insert("paid_amount".into(), Value::Int(0));
+        } else if ti == self.line {
+            check_status(&LINE_STATUSES, fields)?;
+            let order = self.order_of(conn, schema, sql, fields)?;
+            Self::require_open(&order)?;
+            if fields.get("status").is_none_or(Value::is_null) {
+                fields.insert("status".into(), Value::Text("queued".into()));
+            }
+        } else if ti == self.payment {
+            // A payment is accepted on any existing order, closed or cancelled included:
+            // money a till has taken (or refunded) must always be recordable.
+            self.order_of(conn, schema, sql, fields)?;
+            if fields.get("amount").is_none_or(Value::is_null) {
+                return Err(FieldError::InvalidValue {
+                    column: "amount".into(),
+                    expected: "an integer amount in minor units (it is required)",
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn before_update(
+        &self,
+        conn: &Connection,
+        schema: &Schema,
+        sql: &[TableSql],
+        ti: usize,
+        current: &Row,
+        set: &Fields,
+    ) -> Result<(), StoreError> {
+        check_amounts(set)?;
+        if ti == self.order {
+            check_status(&ORDER_STATUSES, set)?;
+            if let Some(to) = text(set, "status") {
+                let from = current.get("status").as_str().unwrap_or("open");
+                if from != to && !transition_allowed(&ORDER_STATUSES, from, to) {
+                    return Err(StoreError::IllegalTransition {
+                        from: from.into(),
+                        to: to.into(),
+                    });
+                }
+                if to == "closed" {
+                    let total = current.get("total_amount").as_int().unwrap_or(0);
+                    let paid = current.get("paid_amount").as_int().unwrap_or(0);
+                    if paid < total {
+                        return Err(StoreError::Unpaid { total, paid });
+                    }
+                }
+            }
+            if matches!(set.get("status"), Some(Value::Null)) {
+                return Err(FieldError::InvalidValue {
+                    column: "status".into(),
+                    expected: "a status (it cannot be null)",
+                }
+                .into());
+            }
+        } else if ti == self.line {
+            check_status(&LINE_STATUSES, set)?;
+            Self::require_open(&self.order_of(conn, schema, sql, &current.fields)?)?;
+            if set.contains_key("order_id") {
+                Self::require_open(&self.order_of(conn, schema, sql, set)?)?;
+            }
+            if let Some(to) = text(set, "status") {
+                let from = current.get("status").as_str().unwrap_or("queued");
+                if from != to && !transition_allowed(&LINE_STATUSES, from, to) {
+                    return Err(StoreError::IllegalTransition {
+                        from: from.into(),
+                        to: to.into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn before_delete(
+        &self,
+        conn: &Connection,
+        schema: &Schema,
+        sql: &[TableSql],
+        ti: usize,
+        current: &Row,
+    ) -> Result<(), StoreError> {
+        if ti == self.order {
+            let lines: i64 = conn
+                .prepare_cached("SELECT (SELECT COUNT(*) FROM t_order_line WHERE order_id = ?1) + (SELECT COUNT(*) FROM t_order_payment WHERE order_id = ?1)")?
+                .query_row([&current.id], |r| r.get(0))?;
+            if lines > 0 {
+                return Err(StoreError::OrderNotEmpty {
+                    order_id: current.id.clone(),
+                });
+            }
+        } else if ti == self.line {
+            Self::require_open(&self.order_of(conn, schema, sql, &current.fields)?)?;
+        }
+        Ok(())
+    }
+
+    /// After an insert (`before` is `None`) or update: status logs and dirty totals.
+    pub(crate) fn after_write(
+        &self,
+        w: &mut Writer,
+        ti: usize,
+        before: Option<&Row>,
+        row: &Arc<Row>,
+        s: &mut Scratch<'_>,
+    ) -> Result<(), StoreError> {
+        let changed = |col: &str| before.is_none_or(|b| b.get(col) != row.get(col));
+        if ti == self.order {
+            if changed("status") {
+                self.log_status(w, self.status_log, None, row, s)?;
+            }
+        } else if ti == self.line {
+            if ["quantity", "unit_price", "status", "order_id"]
+                .into_iter()
+                .any(changed)
+            {
+                if let Some(b) = before.and_then(|b| b.get("order_id").as_str()) {
+                    s.dirty(b);
+                }
+                if let Some(o) = row.get("order_id").as_str() {
+                    s.dirty(o);
+                }
+            }
+            if changed("status") {
+                self.log_status(w, self.line_status_log, Some(&row.id), row, s)?;
+            }
+        } else if ti == self.payment
+            && let Some(o) = row.get("order_id").as_str()
+        {
+            s.dirty(o);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn after_delete(
+        &self,
+        _w: &mut Writer,
+        ti: usize,
+        row: &Row,
+        s: &mut Scratch<'_>,
+    ) -> Result<(), StoreError> {
+        if ti == self.line
+            && let Some(o) = row.get("order_id").as_str()
+        {
+            s.dirty(o);
+        }
+        Ok(())
+    }
+
+    fn log_status(
+        &self,
+        w: &mut Writer,
+        log_table: usize,
+        line_id: Option<&str>,
+        row: &Row,
+        s: &mut Scratch<'_>,
+    ) -> Result<(), StoreError> {
+        let order_id = match line_id {
+            Some(_) => row.get("order_id").clone(),
+            None => Value::Text(row.id.clone()),
+        };
+        let mut fields = Fields::new();
+        fields.insert("order_id".into(), order_id);
+        fields.insert("status".into(), row.get("status").clone());
+        fields.insert("actor".into(), Value::Text(s.actor().to_owned()));
+        if let Some(line) = line_id {
+            fields.insert("line_id".into(), Value::Text(line.to_owned()));
+        }
+        let fields = w.complete_fields(log_table, fields);
+        w.insert_row(log_table, uuid::Uuid::now_v7().to_string(), fields, s)?;
+        Ok(())
+    }
+
+    /// The order's derived totals from its live lines and its payments.
+    pub(crate) fn totals(
+        &self,
+        conn: &Connection,
+        order_id: &str,
+    ) -> Result<(i64, i64), StoreError> {
+        let overflow = |e: rusqlite::Error| match e {
+            rusqlite::Error::SqliteFailure(_, Some(m)) if m.contains("overflow") => {
+                StoreError::TooLarge("the order's total exceeds the largest amount")
+            }
+            e => e.into(),
+        };
+        let total: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(quantity * unit_price), 0) FROM t_order_line WHERE order_id = ?1 AND status IS NOT 'cancelled'",
+            )?
+            .query_row([order_id], |r| r.get(0))
+            .map_err(overflow)?;
+        let paid: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(amount), 0) FROM t_order_payment WHERE order_id = ?1",
+            )?
+            .query_row([order_id], |r| r.get(0))
+            .map_err(overflow)?;
+        Ok((total, paid))
+    }
+}

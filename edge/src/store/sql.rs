@@ -1,0 +1,273 @@
+//! The SQLite layout of the edge's database: one table per schema table (`t_<name>`), the
+//! origin log (`_log`), sealed segments (`_segments`), settings (`_meta`) and terminal tokens
+//! (`_tokens`). Builds the statements once per table and converts rows to and from SQL values.
+
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OptionalExtension, params};
+use shared::schema::{ColumnType, Schema, Table};
+use shared::{Fields, Row, Timestamp, Value};
+
+use super::error::OpenError;
+
+/// Columns every SQL table has before the user columns, in this order.
+const SYSTEM_SQL: &str = "id, version, created_at, updated_at, seq, _clock";
+const SYSTEM_SQL_COUNT: usize = 6;
+
+/// Pragmas for every connection: WAL, and a 2xx only after the fsync (`synchronous=FULL`).
+pub fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -16_000)?; // KiB
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if writer {
+        // Checkpoints run on their own connection so that no commit pays for one.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    } else {
+        conn.pragma_update(None, "query_only", true)?;
+    }
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(())
+}
+
+fn sql_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Text | ColumnType::Json => "TEXT",
+        ColumnType::Integer | ColumnType::Money | ColumnType::Bool | ColumnType::Timestamp => {
+            "INTEGER"
+        }
+    }
+}
+
+/// Quotes an identifier. Schema names are already restricted to `[a-z_][a-z0-9_]*`; quoting
+/// keeps SQL keywords (`order`, `group`) usable as names.
+pub fn quote(name: &str) -> String {
+    debug_assert!(shared::schema::is_valid_name(name));
+    format!("\"{name}\"")
+}
+
+pub fn table_name(table: &str) -> String {
+    quote(&format!("t_{table}"))
+}
+
+/// Statements of one table, built once.
+#[derive(Debug, Clone)]
+pub struct TableSql {
+    pub insert: String,
+    pub update: String,
+    pub delete: String,
+    pub select_by_id: String,
+    pub select_all: String,
+    pub select_clock: String,
+}
+
+impl TableSql {
+    pub fn new(t: &Table) -> TableSql {
+        let name = table_name(&t.name);
+        let cols: Vec<String> = t.columns.iter().map(|c| quote(&c.name)).collect();
+        let all_cols = if cols.is_empty() {
+            SYSTEM_SQL.to_owned()
+        } else {
+            format!("{SYSTEM_SQL}, {}", cols.join(", "))
+        };
+        let n = SYSTEM_SQL_COUNT + cols.len();
+        let placeholders: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+        let sets: Vec<String> =
+            std::iter::once("version = ?2, updated_at = ?3, _clock = ?4".to_owned())
+                .chain(
+                    cols.iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("{c} = ?{}", i + 5)),
+                )
+                .collect();
+        TableSql {
+            insert: format!(
+                "INSERT INTO {name} ({all_cols}) VALUES ({})",
+                placeholders.join(", ")
+            ),
+            update: format!("UPDATE {name} SET {} WHERE id = ?1", sets.join(", ")),
+            delete: format!("DELETE FROM {name} WHERE id = ?1"),
+            select_by_id: format!("SELECT {all_cols} FROM {name} WHERE id = ?1"),
+            select_all: format!("SELECT {all_cols} FROM {name}"),
+            select_clock: format!("SELECT _clock FROM {name} WHERE id = ?1"),
+        }
+    }
+}
+
+pub fn value_to_sql(v: &Value) -> SqlValue {
+    match v {
+        Value::Null => SqlValue::Null,
+        Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Value::Int(i) => SqlValue::Integer(*i),
+        Value::Timestamp(t) => SqlValue::Integer(t.0),
+        Value::Text(s) | Value::Json(s) => SqlValue::Text(s.clone()),
+    }
+}
+
+fn value_from_sql(ty: ColumnType, v: ValueRef<'_>) -> rusqlite::Result<Value> {
+    let bad = || rusqlite::Error::InvalidColumnType(0, ty.name().into(), v.data_type());
+    Ok(match (ty, v) {
+        (_, ValueRef::Null) => Value::Null,
+        (ColumnType::Text, ValueRef::Text(s)) => {
+            Value::Text(String::from_utf8(s.to_vec()).map_err(|_| bad())?)
+        }
+        (ColumnType::Json, ValueRef::Text(s)) => {
+            Value::Json(String::from_utf8(s.to_vec()).map_err(|_| bad())?)
+        }
+        (ColumnType::Integer | ColumnType::Money, ValueRef::Integer(i)) => Value::Int(i),
+        (ColumnType::Bool, ValueRef::Integer(i)) => Value::Bool(i != 0),
+        (ColumnType::Timestamp, ValueRef::Integer(i)) => Value::Timestamp(Timestamp(i)),
+        _ => return Err(bad()),
+    })
+}
+
+/// The parameters of `insert`/`update` for a row, in column order.
+pub fn row_params(t: &Table, row: &Row, clock: Option<&[u8]>) -> Vec<SqlValue> {
+    let mut p = Vec::with_capacity(SYSTEM_SQL_COUNT + t.columns.len());
+    p.push(SqlValue::Text(row.id.clone()));
+    p.push(SqlValue::Integer(row.version as i64));
+    p.push(SqlValue::Integer(row.created_at.0));
+    p.push(SqlValue::Integer(row.updated_at.0));
+    p.push(
+        row.seq
+            .map_or(SqlValue::Null, |s| SqlValue::Integer(s as i64)),
+    );
+    p.push(clock.map_or(SqlValue::Null, |c| SqlValue::Blob(c.to_vec())));
+    for c in &t.columns {
+        p.push(value_to_sql(row.get(&c.name)));
+    }
+    p
+}
+
+/// Reads a row selected with the table's column list (`select_by_id`, `select_all`).
+pub fn row_from_sql(t: &Table, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let mut fields = Fields::new();
+    for (i, c) in t.columns.iter().enumerate() {
+        fields.insert(
+            c.name.clone(),
+            value_from_sql(c.ty, r.get_ref(SYSTEM_SQL_COUNT + i)?)?,
+        );
+    }
+    Ok(Row {
+        id: r.get(0)?,
+        version: r.get::<_, i64>(1)? as u64,
+        created_at: Timestamp(r.get(2)?),
+        updated_at: Timestamp(r.get(3)?),
+        seq: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+        fields,
+    })
+}
+
+/// Creates or checks the database layout for `schema`. When the stored fingerprint equals the
+/// schema's, the layout is known to match and nothing is checked.
+pub fn migrate(conn: &Connection, schema: &Schema, branch: &str) -> Result<(), OpenError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS _log (seq INTEGER PRIMARY KEY, version INTEGER NOT NULL, entry BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS _segments (last_seq INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,
+             prev_hash BLOB NOT NULL, hash BLOB NOT NULL, bytes INTEGER NOT NULL, sealed_at INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS _tokens (hash BLOB PRIMARY KEY NOT NULL, role TEXT NOT NULL,
+             created_at INTEGER NOT NULL) WITHOUT ROWID;",
+    )?;
+    match get_meta::<String>(conn, "branch")? {
+        None => set_meta(conn, "branch", branch)?,
+        Some(stored) if stored == branch => {}
+        Some(stored) => {
+            return Err(OpenError::WrongBranch {
+                stored,
+                requested: branch.to_owned(),
+            });
+        }
+    }
+    let fingerprint = schema.fingerprint().to_vec();
+    if get_meta::<Vec<u8>>(conn, "schema_fingerprint")?.as_deref() == Some(&fingerprint[..]) {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    for t in schema.tables() {
+        let name = table_name(&t.name);
+        let existing: Vec<(String, String)> = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT name, type FROM pragma_table_info('t_{}')",
+                t.name
+            ))?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        if existing.is_empty() {
+            let mut cols = vec![
+                "id TEXT PRIMARY KEY NOT NULL".to_owned(),
+                "version INTEGER NOT NULL".to_owned(),
+                "created_at INTEGER NOT NULL".to_owned(),
+                "updated_at INTEGER NOT NULL".to_owned(),
+                "seq INTEGER".to_owned(),
+                "_clock BLOB".to_owned(),
+            ];
+            cols.extend(
+                t.columns
+                    .iter()
+                    .map(|c| format!("{} {}", quote(&c.name), sql_type(c.ty))),
+            );
+            tx.execute_batch(&format!(
+                "CREATE TABLE {name} ({}) WITHOUT ROWID",
+                cols.join(", ")
+            ))?;
+        } else {
+            for c in &t.columns {
+                match existing.iter().find(|(n, _)| *n == c.name) {
+                    None => tx.execute_batch(&format!(
+                        "ALTER TABLE {name} ADD COLUMN {} {}",
+                        quote(&c.name),
+                        sql_type(c.ty)
+                    ))?,
+                    Some((_, ty)) if ty == sql_type(c.ty) => {}
+                    Some((_, ty)) => {
+                        return Err(OpenError::Incompatible(format!(
+                            "column {}.{} is stored as {ty} but the schema declares {}; migrate the data or use a new column name",
+                            t.name,
+                            c.name,
+                            c.ty.name()
+                        )));
+                    }
+                }
+            }
+        }
+        let mut index_cols: Vec<&str> = t
+            .columns
+            .iter()
+            .filter(|c| c.indexed)
+            .map(|c| c.name.as_str())
+            .collect();
+        if let shared::HotRule::WithParent { column, .. } = &t.hot
+            && !index_cols.contains(&column.as_str())
+        {
+            index_cols.push(column);
+        }
+        for c in index_cols {
+            tx.execute_batch(&format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {name} ({})",
+                quote(&format!("i_{}_{c}", t.name)),
+                quote(c)
+            ))?;
+        }
+    }
+    set_meta(&tx, "schema_fingerprint", fingerprint)?;
+    tx.commit()?;
+    Ok(())
+}
+
+pub fn get_meta<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    key: &str,
+) -> rusqlite::Result<Option<T>> {
+    conn.prepare_cached("SELECT value FROM _meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()
+}
+
+pub fn set_meta(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO _meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+        .execute(params![key, value])?;
+    Ok(())
+}

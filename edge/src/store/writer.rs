@@ -1,0 +1,1110 @@
+//! The writer thread: it owns the write connection and performs group commit. Requests that
+//! wait in the queue are applied in one SQLite transaction, each inside its own savepoint so
+//! that one caller's failure never fails its neighbours, with one fsync for the group. Every
+//! changed row appends its entry to the origin log in the same transaction (transactional
+//! outbox); segments are sealed between requests once they are full, or old.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crdts::{CmRDT, VClock};
+use rusqlite::{Connection, params, params_from_iter};
+use shared::log::{
+    ChainHash, ENTRY_BYTES_MAX, EntryOp, LogEntry, SEGMENT_BYTES_TARGET, SEGMENT_ENTRIES_TARGET,
+    Segment, TXN_BYTES_MAX, TXN_ENTRIES_MAX, chain_hash, segment_body,
+};
+use shared::schema::{ColumnType, Owner, Schema, TableKind};
+use shared::{Fields, Hlc, HlcClock, OriginId, Row, Seq, Timestamp, Value, Version};
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::{OpenError, StoreError, TxnError};
+use super::rules::PosRules;
+use super::sql::{self, TableSql};
+use super::txn::{Applied, Change, Commit, Committed, Op, OpResult, TXN_OPS_MAX, Txn};
+use super::{Clock, Shared, StoreConfig};
+
+pub(crate) type Reply<T> = oneshot::Sender<T>;
+
+pub(crate) enum Msg {
+    Commit {
+        txn: Txn,
+        reply: Reply<Result<Committed, TxnError>>,
+    },
+    /// Periodic housekeeping: seal an old open segment, prune acked segments.
+    Tick,
+    SealNow {
+        reply: Reply<Result<(), StoreError>>,
+    },
+    SetAcked {
+        seq: Seq,
+        reply: Reply<Result<(), StoreError>>,
+    },
+}
+
+/// The origin log's position, as the writer keeps it and as readers see it.
+#[derive(Debug, Clone)]
+pub struct LogStatus {
+    /// The last committed version.
+    pub version: Version,
+    /// The last seq written to the log (0: none).
+    pub last_seq: Seq,
+    /// The last seq inside a sealed segment.
+    pub sealed_seq: Seq,
+    /// The hash of the last sealed segment (or genesis).
+    pub head: ChainHash,
+    /// Entries up to here are durable at the hub (as recorded by the sync client).
+    pub acked_seq: Seq,
+    /// Entries up to here were removed by retention.
+    pub pruned_seq: Seq,
+}
+
+/// The open (not yet sealed) segment: encoded entries `sealed_seq+1 ..= last_seq`.
+#[derive(Debug, Default)]
+pub(crate) struct OpenSegment {
+    entries: Vec<Vec<u8>>,
+    bytes: usize,
+    since: Option<Timestamp>,
+}
+
+/// What a request may need to undo in memory when its savepoint rolls back.
+struct Mark {
+    status: LogStatus,
+    open_len: usize,
+    open_bytes: usize,
+    open_since: Option<Timestamp>,
+    hlc: Hlc,
+}
+
+pub(crate) struct Writer {
+    conn: Connection,
+    schema: Arc<Schema>,
+    sql: Arc<Vec<TableSql>>,
+    origin: OriginId,
+    shared: Arc<Shared>,
+    rules: Option<PosRules>,
+    clock: Clock,
+    hlc: HlcClock,
+    status: LogStatus,
+    open: OpenSegment,
+    group_requests_max: usize,
+    segment_age_us: i64,
+    retention_us: i64,
+}
+
+/// Per-request scratch: its changes, the entries it appended, the orders whose totals it
+/// dirtied.
+pub(crate) struct Scratch<'a> {
+    actor: &'a str,
+    now: Timestamp,
+    version: Version,
+    changes: Vec<Change>,
+    entries: usize,
+    bytes: usize,
+    dirty_orders: BTreeSet<String>,
+}
+
+fn fail(op_index: usize) -> impl FnOnce(StoreError) -> TxnError {
+    move |error| TxnError {
+        op_index: Some(op_index),
+        error,
+    }
+}
+
+impl Writer {
+    pub(crate) fn open(
+        conn: Connection,
+        config: &StoreConfig,
+        schema: Arc<Schema>,
+        sql: Arc<Vec<TableSql>>,
+        shared: Arc<Shared>,
+    ) -> Result<Writer, OpenError> {
+        let origin = OriginId::from(&config.branch);
+        let (status, open, hlc) = load_log_state(&conn, &origin)?;
+        *shared.status.lock() = status.clone();
+        Ok(Writer {
+            rules: PosRules::for_schema(&schema),
+            conn,
+            schema,
+            sql,
+            origin,
+            shared,
+            clock: config.clock.clone(),
+            hlc: HlcClock::starting_after(hlc),
+            status,
+            open,
+            group_requests_max: config.group_requests_max,
+            segment_age_us: config.segment_age_ms as i64 * 1000,
+            retention_us: config.retention_ms as i64 * 1000,
+        })
+    }
+
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The writer loop: runs until every sender is gone.
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut group = Vec::with_capacity(self.group_requests_max);
+        let mut other = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Commit { txn, reply } => group.push((txn, reply)),
+                    m => other.push(m),
+                }
+                if group.len() < self.group_requests_max {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(&mut group);
+            }
+            for m in other.drain(..) {
+                self.handle_other(m);
+            }
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn handle_other(&mut self, msg: Msg) {
+        match msg {
+            Msg::Commit { .. } => unreachable!("commits are grouped"),
+            Msg::Tick => {
+                let now = (self.clock)();
+                let old = self
+                    .open
+                    .since
+                    .is_some_and(|t| now.0 - t.0 >= self.segment_age_us);
+                if old && let Err(e) = self.in_txn(|w| w.seal(now)) {
+                    tracing::error!("sealing an old segment failed: {e}");
+                }
+                if let Err(e) = self.prune(now) {
+                    tracing::error!("pruning the log failed: {e}");
+                }
+            }
+            Msg::SealNow { reply } => {
+                let now = (self.clock)();
+                let _ = reply.send(self.in_txn(|w| w.seal(now)));
+            }
+            Msg::SetAcked { seq, reply } => {
+                let _ = reply.send(self.set_acked(seq));
+            }
+        }
+    }
+
+    /// Runs `f` in its own transaction; on failure the in-memory log state is reloaded.
+    fn in_txn(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self).and_then(|()| Ok(self.conn.execute_batch("COMMIT")?)) {
+            Ok(()) => {
+                *self.shared.status.lock() = self.status.clone();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.reload();
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads the log state from the database after a failed transaction. If even that
+    /// fails the database is unusable, and continuing could corrupt the chain.
+    fn reload(&mut self) {
+        let (status, open, hlc) = load_log_state(&self.conn, &self.origin)
+            .expect("reloading the log state after a rollback");
+        self.status = status;
+        self.open = open;
+        self.hlc = HlcClock::starting_after(hlc.max(self.hlc.last()));
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<(Txn, Reply<Result<Committed, TxnError>>)>) {
+        let now = (self.clock)();
+        let started = Instant::now();
+        let mut outcomes: Vec<Result<Committed, TxnError>> = Vec::with_capacity(group.len());
+        let mut commits: Vec<Commit> = Vec::new();
+        let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = begun {
+            let error = StoreError::from(e);
+            for (_, reply) in group.drain(..) {
+                let _ = reply.send(Err(TxnError {
+                    op_index: None,
+                    error: error.clone(),
+                }));
+            }
+            return;
+        }
+        let mut sealing_failed = None;
+        for (txn, _) in group.iter() {
+            match self.apply_request(txn, now) {
+                Ok((committed, commit)) => {
+                    commits.extend(commit);
+                    outcomes.push(Ok(committed));
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+            let full = self.open.entries.len() >= SEGMENT_ENTRIES_TARGET
+                || self.open.bytes >= SEGMENT_BYTES_TARGET;
+            if full && let Err(e) = self.seal(now) {
+                sealing_failed = Some(e);
+                break;
+            }
+        }
+        let result = match sealing_failed {
+            Some(e) => Err(e),
+            // Nothing changed (every request failed or was a no-op): nothing to make durable.
+            None if commits.is_empty() => {
+                self.conn.execute_batch("COMMIT").map_err(StoreError::from)
+            }
+            None => sql::set_meta(&self.conn, "version", self.status.version.0 as i64)
+                .and_then(|()| self.conn.execute_batch("COMMIT"))
+                .map_err(StoreError::from),
+        };
+        if let Err(error) = result {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.reload();
+            tracing::error!("group commit failed: {error}");
+            for (_, reply) in group.drain(..) {
+                let _ = reply.send(Err(TxnError {
+                    op_index: None,
+                    error: error.clone(),
+                }));
+            }
+            return;
+        }
+        let elapsed = started.elapsed();
+        self.shared.metrics.record_group(
+            group.len(),
+            commits.iter().map(|c| c.changes.len()).sum(),
+            elapsed,
+        );
+        self.publish(&commits);
+        for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+        for c in commits {
+            // A send error only means nobody listens right now.
+            let _ = self.shared.commits.send(Arc::new(c));
+        }
+    }
+
+    /// Makes a group's commits visible: the hot tier in place, then the log status.
+    fn publish(&mut self, commits: &[Commit]) {
+        let mut hot = self.shared.hot.write();
+        for c in commits {
+            for ch in &c.changes {
+                let newly_hot = hot.apply(super::hot::HotChange {
+                    table: ch.table,
+                    deleted: ch.op == EntryOp::Delete,
+                    row: &ch.row,
+                });
+                if let Some((table, id)) = newly_hot {
+                    for (child, column) in hot.children_of(table).to_vec() {
+                        match load_children(
+                            &self.conn,
+                            &self.schema,
+                            &self.sql,
+                            child,
+                            &column,
+                            &id,
+                        ) {
+                            Ok(rows) => rows.into_iter().for_each(|r| hot.load(child, r)),
+                            Err(e) => tracing::error!("loading hot children failed: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        hot.set_version(self.status.version);
+        drop(hot);
+        *self.shared.status.lock() = self.status.clone();
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            status: self.status.clone(),
+            open_len: self.open.entries.len(),
+            open_bytes: self.open.bytes,
+            open_since: self.open.since,
+            hlc: self.hlc.last(),
+        }
+    }
+
+    fn restore(&mut self, m: Mark) {
+        self.status = m.status;
+        self.open.entries.truncate(m.open_len);
+        self.open.bytes = m.open_bytes;
+        self.open.since = m.open_since;
+        self.hlc = HlcClock::starting_after(m.hlc);
+    }
+
+    /// Applies one request inside its savepoint.
+    fn apply_request(
+        &mut self,
+        txn: &Txn,
+        now: Timestamp,
+    ) -> Result<(Committed, Option<Commit>), TxnError> {
+        if txn.ops.is_empty() {
+            return Err(TxnError {
+                op_index: None,
+                error: StoreError::EmptyTransaction,
+            });
+        }
+        if txn.ops.len() > TXN_OPS_MAX {
+            return Err(TxnError {
+                op_index: None,
+                error: StoreError::TooLarge("more than 1000 operations"),
+            });
+        }
+        let mark = self.mark();
+        let savepoint = |conn: &Connection, sql: &str| -> Result<(), TxnError> {
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.execute([]))
+                .map(|_| ())
+                .map_err(|e| TxnError {
+                    op_index: None,
+                    error: e.into(),
+                })
+        };
+        savepoint(&self.conn, "SAVEPOINT request")?;
+        let mut scratch = Scratch {
+            actor: &txn.actor,
+            now,
+            version: Version(self.status.version.0 + 1),
+            changes: Vec::new(),
+            entries: 0,
+            bytes: 0,
+            dirty_orders: BTreeSet::new(),
+        };
+        let mut results = Vec::with_capacity(txn.ops.len());
+        let mut outcome = Ok(());
+        for (i, op) in txn.ops.iter().enumerate() {
+            match self.apply_op(op, &mut scratch).map_err(fail(i)) {
+                Ok(r) => results.push(r),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        if outcome.is_ok() {
+            outcome = self.flush_orders(&mut scratch).map_err(|error| TxnError {
+                op_index: Some(txn.ops.len() - 1),
+                error,
+            });
+        }
+        match outcome {
+            Ok(()) => {
+                savepoint(&self.conn, "RELEASE request")?;
+                if scratch.changes.is_empty() {
+                    self.restore(mark);
+                    return Ok((
+                        Committed {
+                            version: self.status.version,
+                            results: results.into_iter().map(|(_, r)| r).collect(),
+                        },
+                        None,
+                    ));
+                }
+                self.status.version = scratch.version;
+                // Results show the final state of each row the request touched (an order's
+                // totals may have changed after the op that returned it).
+                let results = results
+                    .into_iter()
+                    .map(|(ti, mut r)| {
+                        if matches!(
+                            r.applied,
+                            Applied::Inserted | Applied::Updated | Applied::Unchanged
+                        ) && let Some(last) = scratch.changes.iter().rev().find(|c| {
+                            c.table == ti && c.row.id == r.row.id && c.op != EntryOp::Delete
+                        }) {
+                            r.row = last.row.clone();
+                        }
+                        r
+                    })
+                    .collect();
+                let commit = Commit {
+                    version: scratch.version,
+                    changes: scratch.changes,
+                };
+                Ok((
+                    Committed {
+                        version: scratch.version,
+                        results,
+                    },
+                    Some(commit),
+                ))
+            }
+            Err(e) => {
+                let rolled_back = self
+                    .conn
+                    .execute_batch("ROLLBACK TO request; RELEASE request");
+                self.restore(mark);
+                if let Err(re) = rolled_back {
+                    return Err(TxnError {
+                        op_index: None,
+                        error: re.into(),
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn table(&self, name: &str) -> Result<usize, StoreError> {
+        self.schema
+            .table_index(name)
+            .ok_or_else(|| StoreError::UnknownTable(name.chars().take(64).collect()))
+    }
+
+    fn apply_op(&mut self, op: &Op, s: &mut Scratch<'_>) -> Result<(usize, OpResult), StoreError> {
+        let ti = self.table(op_table(op))?;
+        let r = match op {
+            Op::Insert { id, fields, .. } => {
+                let t = &self.schema.tables()[ti];
+                if t.owner == Owner::Hub {
+                    return Err(StoreError::HubOwned(t.name.clone()));
+                }
+                if t.server_written {
+                    return Err(StoreError::ServerWritten(t.name.clone()));
+                }
+                let mut fields = self.check_fields(ti, fields, false)?;
+                let id = match id {
+                    Some(id) if id.is_empty() || id.len() > shared::ids::ID_BYTES_MAX => {
+                        return Err(shared::json::FieldError::InvalidValue {
+                            column: "id".into(),
+                            expected: "a non-empty string of at most 128 bytes",
+                        }
+                        .into());
+                    }
+                    Some(id) => id.clone(),
+                    None => uuid::Uuid::now_v7().to_string(),
+                };
+                if let Some(rules) = &self.rules {
+                    rules.before_insert(&self.conn, &self.schema, &self.sql, ti, &mut fields)?;
+                }
+                self.insert_row(ti, id, fields, s)
+            }
+            Op::Update {
+                id, version, set, ..
+            } => {
+                let t = &self.schema.tables()[ti];
+                if t.owner == Owner::Hub {
+                    return Err(StoreError::HubOwned(t.name.clone()));
+                }
+                if t.kind == TableKind::Log {
+                    return Err(StoreError::LogImmutable(t.name.clone()));
+                }
+                let set = self.check_fields(ti, set, true)?;
+                if self.rules.as_ref().is_some_and(|r| r.is_order(ti)) && s.dirty_orders.remove(id)
+                {
+                    self.flush_order(id, s)?;
+                }
+                let current = self.current(ti, id)?;
+                if current.version != *version {
+                    return Err(StoreError::VersionConflict {
+                        id: id.clone(),
+                        expected: *version,
+                        current: Arc::new(current),
+                    });
+                }
+                if let Some(rules) = &self.rules {
+                    rules.before_update(&self.conn, &self.schema, &self.sql, ti, &current, &set)?;
+                }
+                self.update_row(ti, current, set, s)
+            }
+            Op::Delete { id, version, .. } => {
+                let t = &self.schema.tables()[ti];
+                if t.owner == Owner::Hub {
+                    return Err(StoreError::HubOwned(t.name.clone()));
+                }
+                if t.kind == TableKind::Log {
+                    return Err(StoreError::LogImmutable(t.name.clone()));
+                }
+                let current = self.current(ti, id)?;
+                if current.version != *version {
+                    return Err(StoreError::VersionConflict {
+                        id: id.clone(),
+                        expected: *version,
+                        current: Arc::new(current),
+                    });
+                }
+                if let Some(rules) = &self.rules {
+                    rules.before_delete(&self.conn, &self.schema, &self.sql, ti, &current)?;
+                }
+                self.delete_row(ti, current, s)
+            }
+        }?;
+        Ok((ti, r))
+    }
+
+    /// Checks client fields against the table: known columns, not server-owned, right types.
+    /// For inserts, absent columns become null.
+    fn check_fields(&self, ti: usize, fields: &Fields, update: bool) -> Result<Fields, StoreError> {
+        use shared::json::FieldError;
+        let t = &self.schema.tables()[ti];
+        for (name, v) in fields {
+            let Some(c) = t.column(name) else {
+                return Err(FieldError::UnknownColumn {
+                    table: t.name.clone(),
+                    column: name.chars().take(64).collect(),
+                }
+                .into());
+            };
+            if c.server_owned {
+                return Err(FieldError::ReadOnlyColumn {
+                    column: name.clone(),
+                }
+                .into());
+            }
+            let ok = matches!(
+                (c.ty, v),
+                (_, Value::Null)
+                    | (ColumnType::Text, Value::Text(_))
+                    | (ColumnType::Json, Value::Json(_))
+                    | (ColumnType::Integer | ColumnType::Money, Value::Int(_))
+                    | (ColumnType::Bool, Value::Bool(_))
+                    | (ColumnType::Timestamp, Value::Timestamp(_))
+            );
+            if !ok {
+                return Err(FieldError::InvalidValue {
+                    column: name.clone(),
+                    expected: match c.ty {
+                        ColumnType::Money => "an integer amount in minor units",
+                        ColumnType::Integer => "an integer",
+                        ColumnType::Text => "a string",
+                        ColumnType::Json => "a JSON document",
+                        ColumnType::Bool => "true or false",
+                        ColumnType::Timestamp => "a timestamp",
+                    },
+                }
+                .into());
+            }
+        }
+        if update {
+            Ok(fields.clone())
+        } else {
+            Ok(self.complete_fields(ti, fields.clone()))
+        }
+    }
+
+    /// Adds every column the fields lack, as null: a stored row has all its columns.
+    pub(crate) fn complete_fields(&self, ti: usize, mut fields: Fields) -> Fields {
+        for c in &self.schema.tables()[ti].columns {
+            if !fields.contains_key(&c.name) {
+                fields.insert(c.name.clone(), Value::Null);
+            }
+        }
+        fields
+    }
+
+    /// Reads the current row from the write connection (it sees this group's own writes).
+    fn current(&self, ti: usize, id: &str) -> Result<Row, StoreError> {
+        read_row(&self.conn, &self.schema, &self.sql, ti, id)?.ok_or_else(|| StoreError::NotFound {
+            table: self.schema.tables()[ti].name.clone(),
+            id: id.chars().take(128).collect(),
+        })
+    }
+
+    fn next_clock(&self, ti: usize, id: &str) -> Result<Option<VClock<OriginId>>, StoreError> {
+        if self.schema.tables()[ti].owner != Owner::Shared {
+            return Ok(None);
+        }
+        let stored: Option<Option<Vec<u8>>> = self
+            .conn
+            .prepare_cached(&self.sql[ti].select_clock)?
+            .query_row([id], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        let mut clock: VClock<OriginId> = match stored.flatten() {
+            Some(bytes) => postcard::from_bytes(&bytes)
+                .map_err(|e| StoreError::Storage(format!("stored version vector: {e}")))?,
+            None => VClock::new(),
+        };
+        clock.apply(clock.inc(self.origin.clone()));
+        Ok(Some(clock))
+    }
+
+    pub(crate) fn insert_row(
+        &mut self,
+        ti: usize,
+        id: String,
+        fields: Fields,
+        s: &mut Scratch<'_>,
+    ) -> Result<OpResult, StoreError> {
+        let t = &self.schema.tables()[ti];
+        let is_log = t.kind == TableKind::Log;
+        let row = Row {
+            id,
+            version: 1,
+            created_at: s.now,
+            updated_at: s.now,
+            seq: is_log.then_some(self.status.last_seq.0 + 1),
+            fields,
+        };
+        let clock = self.next_clock(ti, &row.id)?;
+        let clock_bytes = clock
+            .as_ref()
+            .map(|c| postcard::to_stdvec(c).expect("encode clock"));
+        let inserted = self
+            .conn
+            .prepare_cached(&self.sql[ti].insert)?
+            .execute(params_from_iter(sql::row_params(
+                t,
+                &row,
+                clock_bytes.as_deref(),
+            )));
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                let existing = self.current(ti, &row.id)?;
+                if is_log && existing.fields == row.fields {
+                    return Ok(OpResult {
+                        applied: Applied::AlreadyPresent,
+                        row: Arc::new(existing),
+                    });
+                }
+                return Err(StoreError::IdConflict {
+                    table: t.name.clone(),
+                    id: row.id,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let row = Arc::new(row);
+        self.append(ti, EntryOp::Insert, row.clone(), clock, Vec::new(), s)?;
+        if let Some(rules) = self.rules.clone() {
+            rules.after_write(self, ti, None, &row, s)?;
+        }
+        Ok(OpResult {
+            applied: Applied::Inserted,
+            row,
+        })
+    }
+
+    fn update_row(
+        &mut self,
+        ti: usize,
+        current: Row,
+        set: Fields,
+        s: &mut Scratch<'_>,
+    ) -> Result<OpResult, StoreError> {
+        let changed: Vec<String> = set
+            .iter()
+            .filter(|(k, v)| current.get(k) != *v)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if changed.is_empty() {
+            return Ok(OpResult {
+                applied: Applied::Unchanged,
+                row: Arc::new(current),
+            });
+        }
+        self.write_update(ti, current, set, changed, s)
+    }
+
+    /// Writes an update (client or derived) and appends its entry.
+    fn write_update(
+        &mut self,
+        ti: usize,
+        current: Row,
+        set: Fields,
+        changed: Vec<String>,
+        s: &mut Scratch<'_>,
+    ) -> Result<OpResult, StoreError> {
+        let t = &self.schema.tables()[ti];
+        let mut row = current.clone();
+        row.version += 1;
+        row.updated_at = s.now;
+        row.fields.extend(set);
+        let clock = self.next_clock(ti, &row.id)?;
+        let clock_bytes = clock
+            .as_ref()
+            .map(|c| postcard::to_stdvec(c).expect("encode clock"));
+        self.conn
+            .prepare_cached(&self.sql[ti].update)?
+            .execute(params_from_iter(sql::row_params(
+                t,
+                &row,
+                clock_bytes.as_deref(),
+            )))?;
+        let row = Arc::new(row);
+        self.append(ti, EntryOp::Update, row.clone(), clock, changed, s)?;
+        if let Some(rules) = self.rules.clone() {
+            rules.after_write(self, ti, Some(&current), &row, s)?;
+        }
+        Ok(OpResult {
+            applied: Applied::Updated,
+            row,
+        })
+    }
+
+    fn delete_row(
+        &mut self,
+        ti: usize,
+        current: Row,
+        s: &mut Scratch<'_>,
+    ) -> Result<OpResult, StoreError> {
+        self.conn
+            .prepare_cached(&self.sql[ti].delete)?
+            .execute([&current.id])?;
+        let clock = self.next_clock(ti, &current.id)?;
+        let mut tombstone = current.clone();
+        tombstone.version += 1;
+        tombstone.updated_at = s.now;
+        let tombstone = Arc::new(tombstone);
+        self.append(ti, EntryOp::Delete, tombstone.clone(), clock, Vec::new(), s)?;
+        if let Some(rules) = self.rules.clone() {
+            rules.after_delete(self, ti, &current, s)?;
+        }
+        Ok(OpResult {
+            applied: Applied::Deleted,
+            row: tombstone,
+        })
+    }
+
+    /// Appends a change to the origin log and to the request's change list.
+    fn append(
+        &mut self,
+        ti: usize,
+        op: EntryOp,
+        row: Arc<Row>,
+        clock: Option<VClock<OriginId>>,
+        changed: Vec<String>,
+        s: &mut Scratch<'_>,
+    ) -> Result<(), StoreError> {
+        let seq = self.status.last_seq.next();
+        let entry = LogEntry {
+            origin: self.origin.clone(),
+            seq,
+            hlc: self.hlc.tick(s.now.as_millis()),
+            table: self.schema.tables()[ti].name.clone(),
+            op,
+            row_id: row.id.clone(),
+            row: (*row).clone(),
+            clock,
+            scope: None,
+        };
+        let bytes = entry.encode();
+        if bytes.len() > ENTRY_BYTES_MAX {
+            return Err(StoreError::TooLarge("a row is larger than 2 MiB"));
+        }
+        s.entries += 1;
+        s.bytes += bytes.len();
+        if s.entries > TXN_ENTRIES_MAX || s.bytes > TXN_BYTES_MAX {
+            return Err(StoreError::TooLarge(
+                "the transaction changes more than 3072 rows or 4 MiB",
+            ));
+        }
+        self.conn
+            .prepare_cached("INSERT INTO _log (seq, version, entry) VALUES (?1, ?2, ?3)")?
+            .execute(params![seq.0 as i64, s.version.0 as i64, &bytes])?;
+        self.status.last_seq = seq;
+        self.open.bytes += bytes.len();
+        self.open.entries.push(bytes);
+        self.open.since.get_or_insert(s.now);
+        s.changes.push(Change {
+            table: ti,
+            op,
+            row,
+            changed,
+        });
+        Ok(())
+    }
+
+    fn flush_orders(&mut self, s: &mut Scratch<'_>) -> Result<(), StoreError> {
+        while let Some(id) = s.dirty_orders.pop_first() {
+            self.flush_order(&id, s)?;
+        }
+        Ok(())
+    }
+
+    /// Recomputes an order's derived totals and writes them if they changed.
+    fn flush_order(&mut self, order_id: &str, s: &mut Scratch<'_>) -> Result<(), StoreError> {
+        let Some(rules) = self.rules.clone() else {
+            return Ok(());
+        };
+        let Some(current) = read_row(&self.conn, &self.schema, &self.sql, rules.order, order_id)?
+        else {
+            return Ok(()); // deleted in this request
+        };
+        let (total, paid) = rules.totals(&self.conn, order_id)?;
+        let mut set = Fields::new();
+        if current.get("total_amount") != &Value::Int(total) {
+            set.insert("total_amount".into(), Value::Int(total));
+        }
+        if current.get("paid_amount") != &Value::Int(paid) {
+            set.insert("paid_amount".into(), Value::Int(paid));
+        }
+        if set.is_empty() {
+            return Ok(());
+        }
+        let changed = set.keys().cloned().collect();
+        self.write_update(rules.order, current, set, changed, s)?;
+        Ok(())
+    }
+
+    /// Seals the open segment (inside the caller's transaction).
+    fn seal(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        if self.open.entries.is_empty() {
+            return Ok(());
+        }
+        let first = self.status.sealed_seq.next();
+        let segment = Segment::seal(
+            self.origin.clone(),
+            first,
+            self.status.head,
+            self.open.entries.iter().map(Vec::as_slice),
+        );
+        // The edge asserts the chain before it stores (and later sends) a segment.
+        assert_eq!(
+            segment.last_seq, self.status.last_seq,
+            "segment covers the open log"
+        );
+        assert_eq!(
+            segment.prev_hash, self.status.head,
+            "segment chains onto the head"
+        );
+        self.conn
+            .prepare_cached(
+                "INSERT INTO _segments (last_seq, first_seq, prev_hash, hash, bytes, sealed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                segment.last_seq.0 as i64,
+                first.0 as i64,
+                &segment.prev_hash.0[..],
+                &segment.hash.0[..],
+                segment.body.len() as i64,
+                now.0
+            ])?;
+        self.status.sealed_seq = segment.last_seq;
+        self.status.head = segment.hash;
+        self.open = OpenSegment::default();
+        Ok(())
+    }
+
+    fn set_acked(&mut self, seq: Seq) -> Result<(), StoreError> {
+        if seq > self.status.sealed_seq {
+            return Err(StoreError::Storage(format!(
+                "cannot record an ack at seq {seq}: only {} entries are sealed",
+                self.status.sealed_seq
+            )));
+        }
+        if seq <= self.status.acked_seq {
+            return Ok(()); // acks only move forward; an old ack is a stale duplicate
+        }
+        sql::set_meta(&self.conn, "acked_seq", seq.0 as i64)?;
+        self.status.acked_seq = seq;
+        *self.shared.status.lock() = self.status.clone();
+        Ok(())
+    }
+
+    /// Removes acked segments sealed longer ago than the retention period, in one
+    /// transaction. The chain head of the last removed segment is kept so that the chain
+    /// stays verifiable.
+    fn prune(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        if self.status.acked_seq <= self.status.pruned_seq {
+            return Ok(());
+        }
+        let cutoff = now.0 - self.retention_us;
+        let last: Option<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT last_seq, hash FROM _segments WHERE last_seq <= ?1 AND sealed_at <= ?2 ORDER BY last_seq DESC LIMIT 1",
+            )?
+            .query_row(params![self.status.acked_seq.0 as i64, cutoff], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        let Some((last_seq, hash)) = last else {
+            return Ok(());
+        };
+        if last_seq as u64 <= self.status.pruned_seq.0 {
+            return Ok(());
+        }
+        self.in_txn(|w| {
+            w.conn
+                .prepare_cached("DELETE FROM _log WHERE seq <= ?1")?
+                .execute([last_seq])?;
+            w.conn
+                .prepare_cached("DELETE FROM _segments WHERE last_seq <= ?1")?
+                .execute([last_seq])?;
+            sql::set_meta(&w.conn, "pruned_seq", last_seq)?;
+            sql::set_meta(&w.conn, "pruned_hash", hash)?;
+            w.status.pruned_seq = Seq(last_seq as u64);
+            Ok(())
+        })
+    }
+}
+
+fn op_table(op: &Op) -> &str {
+    match op {
+        Op::Insert { table, .. } | Op::Update { table, .. } | Op::Delete { table, .. } => table,
+    }
+}
+
+impl Scratch<'_> {
+    pub(crate) fn dirty(&mut self, order_id: &str) {
+        if !self.dirty_orders.contains(order_id) {
+            self.dirty_orders.insert(order_id.to_owned());
+        }
+    }
+    pub(crate) fn actor(&self) -> &str {
+        self.actor
+    }
+}
+
+pub(crate) fn read_row(
+    conn: &Connection,
+    schema: &Schema,
+    sql: &[TableSql],
+    ti: usize,
+    id: &str,
+) -> Result<Option<Row>, StoreError> {
+    let t = &schema.tables()[ti];
+    let mut stmt = conn.prepare_cached(&sql[ti].select_by_id)?;
+    let mut rows = stmt.query([id])?;
+    match rows.next()? {
+        Some(r) => Ok(Some(sql::row_from_sql(t, r)?)),
+        None => Ok(None),
+    }
+}
+
+fn load_children(
+    conn: &Connection,
+    schema: &Schema,
+    sql: &[TableSql],
+    child: usize,
+    column: &str,
+    parent_id: &str,
+) -> Result<Vec<Arc<Row>>, StoreError> {
+    let t = &schema.tables()[child];
+    let q = format!(
+        "{} WHERE {} = ?1",
+        sql[child].select_all,
+        sql::quote(column)
+    );
+    let mut stmt = conn.prepare_cached(&q)?;
+    let rows = stmt
+        .query_map([parent_id], |r| sql::row_from_sql(t, r).map(Arc::new))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Loads the log position from the database: the last sealed segment, the open tail (checked
+/// to be contiguous), the last stamp, and the acked and pruned watermarks.
+pub(crate) fn load_log_state(
+    conn: &Connection,
+    origin: &OriginId,
+) -> Result<(LogStatus, OpenSegment, Hlc), OpenError> {
+    let corrupt = |m: String| OpenError::Corrupt(m);
+    let version = sql::get_meta::<i64>(conn, "version")?.unwrap_or(0) as u64;
+    let acked = sql::get_meta::<i64>(conn, "acked_seq")?.unwrap_or(0) as u64;
+    let pruned = sql::get_meta::<i64>(conn, "pruned_seq")?.unwrap_or(0) as u64;
+    let pruned_hash = match sql::get_meta::<Vec<u8>>(conn, "pruned_hash")? {
+        Some(h) => ChainHash(
+            h.try_into()
+                .map_err(|_| corrupt("pruned hash is not 32 bytes".into()))?,
+        ),
+        None => ChainHash::genesis(origin),
+    };
+    let last_segment: Option<(i64, i64, Vec<u8>, Vec<u8>)> = conn
+        .query_row(
+            "SELECT last_seq, first_seq, prev_hash, hash FROM _segments ORDER BY last_seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    let (sealed, head) = match last_segment {
+        Some((last, first, prev, hash)) => {
+            let hash = ChainHash(
+                hash.try_into()
+                    .map_err(|_| corrupt("segment hash is not 32 bytes".into()))?,
+            );
+            let prev = ChainHash(
+                prev.try_into()
+                    .map_err(|_| corrupt("segment hash is not 32 bytes".into()))?,
+            );
+            // Recompute the newest segment from the log: a cheap check that the tail of the
+            // chain survived whatever stopped the process.
+            let bodies: Vec<Vec<u8>> = conn
+                .prepare("SELECT entry FROM _log WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq")?
+                .query_map([first, last], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            if bodies.len() as i64 != last - first + 1 {
+                return Err(corrupt(format!("segment {first}..={last} lacks entries")));
+            }
+            let body = segment_body(bodies.iter().map(Vec::as_slice));
+            if chain_hash(&prev, &body) != hash {
+                return Err(corrupt(format!(
+                    "segment {first}..={last} does not match its hash"
+                )));
+            }
+            (last as u64, hash)
+        }
+        None => (pruned, pruned_hash),
+    };
+    let mut open = OpenSegment::default();
+    let mut last_seq = sealed;
+    let mut hlc = Hlc::default();
+    {
+        let mut stmt = conn.prepare("SELECT seq, entry FROM _log WHERE seq > ?1 ORDER BY seq")?;
+        let mut rows = stmt.query([sealed as i64])?;
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            let bytes: Vec<u8> = r.get(1)?;
+            if seq as u64 != last_seq + 1 {
+                return Err(corrupt(format!(
+                    "the log jumps from seq {last_seq} to {seq}"
+                )));
+            }
+            last_seq = seq as u64;
+            let entry =
+                LogEntry::decode(&bytes).map_err(|e| corrupt(format!("entry {seq}: {e}")))?;
+            hlc = entry.hlc;
+            open.since.get_or_insert(entry.row.updated_at);
+            open.bytes += bytes.len();
+            open.entries.push(bytes);
+        }
+    }
+    if open.entries.is_empty() && sealed > pruned {
+        let bytes: Vec<u8> = conn.query_row(
+            "SELECT entry FROM _log WHERE seq = ?1",
+            [sealed as i64],
+            |r| r.get(0),
+        )?;
+        hlc = LogEntry::decode(&bytes)
+            .map_err(|e| corrupt(format!("entry {sealed}: {e}")))?
+            .hlc;
+    }
+    Ok((
+        LogStatus {
+            version: Version(version),
+            last_seq: Seq(last_seq),
+            sealed_seq: Seq(sealed),
+            head,
+            acked_seq: Seq(acked),
+            pruned_seq: Seq(pruned),
+        },
+        open,
+        hlc,
+    ))
+}
