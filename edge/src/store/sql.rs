@@ -73,12 +73,14 @@ impl TableSql {
         };
         let n = SYSTEM_SQL_COUNT + cols.len();
         let placeholders: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+        // Same parameter positions as `row_params`; `created_at` (?3) and `seq` (?5) never
+        // change after the insert.
         let sets: Vec<String> =
-            std::iter::once("version = ?2, updated_at = ?3, _clock = ?4".to_owned())
+            std::iter::once("version = ?2, updated_at = ?4, _clock = ?6".to_owned())
                 .chain(
                     cols.iter()
                         .enumerate()
-                        .map(|(i, c)| format!("{c} = ?{}", i + 5)),
+                        .map(|(i, c)| format!("{c} = ?{}", i + 7)),
                 )
                 .collect();
         TableSql {

@@ -1,0 +1,479 @@
+//! The store through its API: the pos rules, CAS, idempotent log inserts, group isolation, the
+//! lost-update scenario, segments and retention.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use edge::store::{Applied, Op, Txn};
+use shared::{Seq, Value};
+
+#[test]
+fn order_lifecycle_derives_totals_and_logs_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert(
+            "order_header",
+            "o1",
+            &[("table_id", text("T4"))],
+        )))
+        .unwrap();
+    store
+        .commit_blocking(txn(insert(
+            "order_line",
+            "l1",
+            &[
+                ("order_id", text("o1")),
+                ("quantity", Value::Int(2)),
+                ("unit_price", Value::Int(1250)),
+            ],
+        )))
+        .unwrap();
+    let o = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(o.get("total_amount"), &Value::Int(2500));
+    assert_eq!(o.get("status"), &text("open"));
+    // Closing while unpaid is refused.
+    let e = store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            o.version,
+            &[("status", text("closed"))],
+        )))
+        .unwrap_err();
+    assert_eq!(e.error.code(), "unpaid");
+    store
+        .commit_blocking(txn(insert(
+            "order_payment",
+            "p1",
+            &[
+                ("order_id", text("o1")),
+                ("amount", Value::Int(2500)),
+                ("method", text("cash")),
+            ],
+        )))
+        .unwrap();
+    let o = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(o.get("paid_amount"), &Value::Int(2500));
+    let closed = store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            o.version,
+            &[("status", text("closed"))],
+        )))
+        .unwrap();
+    assert_eq!(closed.results[0].row.get("status"), &text("closed"));
+    // A closed order leaves the hot tier but is still readable.
+    let snap = store
+        .snapshot(Some(&["order_header", "order_line"]))
+        .unwrap();
+    assert!(snap.tables.iter().all(|(_, rows)| rows.is_empty()));
+    assert_eq!(
+        store
+            .get("order_header", "o1")
+            .unwrap()
+            .unwrap()
+            .get("status"),
+        &text("closed")
+    );
+    let logs = store.scan("order_status_log").unwrap();
+    let mut statuses: Vec<_> = logs.iter().map(|r| r.get("status").clone()).collect();
+    statuses.sort();
+    assert_eq!(statuses, vec![text("closed"), text("open")]);
+    assert_eq!(store.scan("order_line_status_log").unwrap().len(), 1);
+    // Reopening is an illegal move.
+    let o = store.get("order_header", "o1").unwrap().unwrap();
+    let e = store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            o.version,
+            &[("status", text("open"))],
+        )))
+        .unwrap_err();
+    assert_eq!(e.error.code(), "illegal_transition");
+}
+
+#[test]
+fn errors_name_the_rule_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    let before = store.version();
+    let check = |op: Op, code: &str| {
+        let e = store.commit_blocking(txn(op)).unwrap_err();
+        assert_eq!(e.error.code(), code);
+        assert_eq!(e.op_index, Some(0));
+    };
+    check(
+        insert("order_line", "l1", &[("order_id", text("nope"))]),
+        "unknown_order",
+    );
+    check(
+        insert(
+            "order_payment",
+            "p1",
+            &[("order_id", text("nope")), ("amount", Value::Int(1))],
+        ),
+        "unknown_order",
+    );
+    check(
+        insert("order_payment", "p1", &[("order_id", text("o1"))]),
+        "invalid_value",
+    );
+    check(
+        insert(
+            "order_payment",
+            "p1",
+            &[("order_id", text("o1")), ("amount", text("12"))],
+        ),
+        "invalid_value",
+    );
+    check(
+        insert("order_header", "o2", &[("total_amount", Value::Int(5))]),
+        "read_only_column",
+    );
+    check(
+        insert("order_header", "o2", &[("colour", text("red"))]),
+        "unknown_column",
+    );
+    check(
+        insert("order_header", "o2", &[("status", text("eaten"))]),
+        "invalid_value",
+    );
+    check(insert("order_header", "o1", &[]), "id_conflict");
+    check(
+        insert("menu_item", "m1", &[("name", text("Soup"))]),
+        "hub_owned",
+    );
+    check(
+        insert("order_status_log", "s1", &[("order_id", text("o1"))]),
+        "forbidden",
+    );
+    check(insert("no_such_table", "x", &[]), "unknown_table");
+    check(
+        update("order_header", "o1", 7, &[("notes", text("x"))]),
+        "version_conflict",
+    );
+    check(
+        update("order_header", "zz", 1, &[("notes", text("x"))]),
+        "not_found",
+    );
+    check(
+        update("order_header", "o1", 1, &[("status", Value::Null)]),
+        "invalid_value",
+    );
+    check(
+        Op::Delete {
+            table: "order_payment".into(),
+            id: "p".into(),
+            version: 1,
+        },
+        "log_immutable",
+    );
+    check(
+        insert(
+            "order_line",
+            "l1",
+            &[
+                ("order_id", text("o1")),
+                ("quantity", Value::Int(10_000_000)),
+            ],
+        ),
+        "invalid_value",
+    );
+    let e = store.commit_blocking(Txn::new("t", vec![])).unwrap_err();
+    assert_eq!(e.error.code(), "empty_transaction");
+    assert_eq!(store.version(), before);
+    assert_eq!(store.scan("order_line").unwrap().len(), 0);
+    assert_eq!(store.log_status().last_seq, Seq(2)); // the order and its status log
+}
+
+#[test]
+fn a_version_conflict_returns_the_current_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            1,
+            &[("notes", text("a"))],
+        )))
+        .unwrap();
+    let e = store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            1,
+            &[("notes", text("b"))],
+        )))
+        .unwrap_err();
+    match e.error {
+        edge::store::StoreError::VersionConflict { current, .. } => {
+            assert_eq!(current.version, 2);
+            assert_eq!(current.get("notes"), &text("a"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_retried_payment_is_applied_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    let pay = || {
+        insert(
+            "order_payment",
+            "p1",
+            &[("order_id", text("o1")), ("amount", Value::Int(700))],
+        )
+    };
+    let first = store.commit_blocking(txn(pay())).unwrap();
+    assert_eq!(first.results[0].applied, Applied::Inserted);
+    let seq = store.log_status().last_seq;
+    let again = store.commit_blocking(txn(pay())).unwrap();
+    assert_eq!(again.results[0].applied, Applied::AlreadyPresent);
+    assert_eq!(again.results[0].row.seq, first.results[0].row.seq);
+    assert_eq!(store.log_status().last_seq, seq);
+    let e = store
+        .commit_blocking(txn(insert(
+            "order_payment",
+            "p1",
+            &[("order_id", text("o1")), ("amount", Value::Int(701))],
+        )))
+        .unwrap_err();
+    assert_eq!(e.error.code(), "id_conflict");
+    assert_eq!(
+        store
+            .get("order_header", "o1")
+            .unwrap()
+            .unwrap()
+            .get("paid_amount"),
+        &Value::Int(700)
+    );
+}
+
+#[test]
+fn a_batch_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let e = store
+        .commit_blocking(Txn::new(
+            "t",
+            vec![
+                insert("order_header", "o1", &[]),
+                insert(
+                    "order_line",
+                    "l1",
+                    &[
+                        ("order_id", text("o1")),
+                        ("quantity", Value::Int(1)),
+                        ("unit_price", Value::Int(5)),
+                    ],
+                ),
+                insert("order_line", "l2", &[("order_id", text("o9"))]),
+            ],
+        ))
+        .unwrap_err();
+    assert_eq!(e.op_index, Some(2));
+    assert!(store.get("order_header", "o1").unwrap().is_none());
+    assert_eq!(store.log_status().last_seq, Seq(0));
+    let ok = store
+        .commit_blocking(Txn::new(
+            "t",
+            vec![
+                insert("order_header", "o1", &[]),
+                insert(
+                    "order_line",
+                    "l1",
+                    &[
+                        ("order_id", text("o1")),
+                        ("quantity", Value::Int(1)),
+                        ("unit_price", Value::Int(5)),
+                    ],
+                ),
+                insert(
+                    "order_line",
+                    "l2",
+                    &[
+                        ("order_id", text("o1")),
+                        ("quantity", Value::Int(3)),
+                        ("unit_price", Value::Int(5)),
+                    ],
+                ),
+            ],
+        ))
+        .unwrap();
+    // One derived header update for the whole batch, shown in the result.
+    assert_eq!(ok.results[0].row.get("total_amount"), &Value::Int(20));
+    assert_eq!(ok.results[0].row.version, 2);
+}
+
+#[test]
+fn group_neighbours_are_isolated_from_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    // Many concurrent requests, a third of them bound to fail: every good one lands.
+    let handles: Vec<_> = (0..60)
+        .map(|i| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let order = if i % 3 == 0 { "missing" } else { "o1" };
+                let r = store.commit_blocking(txn(insert(
+                    "order_payment",
+                    &format!("p{i}"),
+                    &[("order_id", text(order)), ("amount", Value::Int(1))],
+                )));
+                (i, r.is_ok())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, ok) = h.join().unwrap();
+        assert_eq!(ok, i % 3 != 0, "request {i}");
+    }
+    assert_eq!(store.scan("order_payment").unwrap().len(), 40);
+    assert_eq!(
+        store
+            .get("order_header", "o1")
+            .unwrap()
+            .unwrap()
+            .get("paid_amount"),
+        &Value::Int(40)
+    );
+    store.seal_blocking().unwrap();
+    store.verify_log().unwrap();
+}
+
+/// The seed system's lost update: a cashier adds a payment while a waiter adds a line to the
+/// same order, concurrently, many times. Both always land and the totals are right.
+#[test]
+fn cashier_and_waiter_never_lose_each_others_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    const ORDERS: usize = 40;
+    const ROUNDS: usize = 10;
+    for o in 0..ORDERS {
+        store
+            .commit_blocking(txn(insert("order_header", &format!("o{o}"), &[])))
+            .unwrap();
+    }
+    let barrier = Arc::new(std::sync::Barrier::new(2 * ORDERS));
+    let mut handles = Vec::new();
+    for o in 0..ORDERS {
+        for role in ["cashier", "waiter"] {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            handles.push(std::thread::spawn(move || {
+                barrier.wait();
+                for r in 0..ROUNDS {
+                    let op = if role == "cashier" {
+                        insert(
+                            "order_payment",
+                            &format!("p{o}-{r}"),
+                            &[
+                                ("order_id", text(&format!("o{o}"))),
+                                ("amount", Value::Int(100)),
+                            ],
+                        )
+                    } else {
+                        insert(
+                            "order_line",
+                            &format!("l{o}-{r}"),
+                            &[
+                                ("order_id", text(&format!("o{o}"))),
+                                ("quantity", Value::Int(2)),
+                                ("unit_price", Value::Int(75)),
+                            ],
+                        )
+                    };
+                    store.commit_blocking(Txn::single(role, op)).unwrap();
+                }
+            }));
+        }
+    }
+    handles.into_iter().for_each(|h| h.join().unwrap());
+    for o in 0..ORDERS {
+        let order = store
+            .get("order_header", &format!("o{o}"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(order.get("paid_amount"), &Value::Int(100 * ROUNDS as i64));
+        assert_eq!(order.get("total_amount"), &Value::Int(150 * ROUNDS as i64));
+    }
+    assert_eq!(store.scan("order_payment").unwrap().len(), ORDERS * ROUNDS);
+    assert_eq!(store.scan("order_line").unwrap().len(), ORDERS * ROUNDS);
+}
+
+#[test]
+fn segments_chain_survive_reopen_and_prune_only_after_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.retention_ms = 0;
+    let store = edge::store::Store::open(config.clone()).unwrap();
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    for i in 0..1500 {
+        store
+            .commit_blocking(txn(insert(
+                "order_payment",
+                &format!("p{i}"),
+                &[("order_id", text("o1")), ("amount", Value::Int(1))],
+            )))
+            .unwrap();
+    }
+    let status = store.log_status();
+    assert!(status.sealed_seq >= Seq(1024), "{status:?}");
+    store.seal_blocking().unwrap();
+    let sealed = store.verify_log().unwrap();
+    assert_eq!(sealed, store.log_status().last_seq);
+    let segs = store.segments_after(Seq(0), 100).unwrap();
+    assert!(segs.len() >= 2);
+    assert_eq!(segs[0].first_seq, Seq(1));
+    // Acks beyond what is sealed are refused; the ack is recorded, then pruning removes it.
+    assert!(store.set_acked_blocking(Seq(sealed.0 + 1)).is_err());
+    store.set_acked_blocking(segs[0].last_seq).unwrap();
+    store.close();
+    drop(store);
+
+    let store = edge::store::Store::open(config).unwrap();
+    assert_eq!(store.log_status().acked_seq, segs[0].last_seq);
+    assert_eq!(store.log_status().last_seq, sealed);
+    // Housekeeping prunes the acked segment (retention 0) but nothing after it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.log_status().pruned_seq < segs[0].last_seq {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pruning never happened"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(store.log_status().pruned_seq, segs[0].last_seq);
+    store.verify_log().unwrap();
+    let page = store.log_page(Seq(0), 10).unwrap();
+    assert_eq!(page.entries[0].1.seq, segs[0].last_seq.next());
+    assert_eq!(
+        store
+            .get("order_header", "o1")
+            .unwrap()
+            .unwrap()
+            .get("paid_amount"),
+        &Value::Int(1500)
+    );
+}
