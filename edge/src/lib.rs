@@ -1,4 +1,6 @@
 //! Outpost's branch edge node: the durable store (SQLite + hot tier) that serves the branch's
-//! terminals and keeps the origin log the sync client sends to the hub.
+//! terminals and keeps the origin log the sync client sends to the hub, and the HTTP server.
 
+pub mod server;
 pub mod store;
+pub mod tokens;

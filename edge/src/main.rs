@@ -1,1 +1,153 @@
-fn main() {}
+//! `outpost-edge`: the branch edge node's command line (CONTRACT.md section 1).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use edge::server::{ServeConfig, StartError, open_data_dir};
+use shared::{BranchId, Role, Schema};
+
+#[derive(Parser)]
+#[command(
+    name = "outpost-edge",
+    version,
+    about = "Outpost branch edge: serves the branch's terminals, syncs with the hub"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the branch's terminals (initialises an empty data dir).
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, value_parser = parse_branch)]
+        branch: BranchId,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        http: SocketAddr,
+        /// The hub's QUIC address (requires --identity).
+        #[arg(long, requires = "identity")]
+        hub: Option<SocketAddr>,
+        /// The branch identity issued by `outpost-hub enroll`.
+        #[arg(long, requires = "hub")]
+        identity: Option<PathBuf>,
+        /// A schema file to use instead of the built-in `pos` module.
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Print a new bearer token for a terminal role on stdout.
+    Token {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+    },
+}
+
+fn parse_branch(s: &str) -> Result<BranchId, String> {
+    BranchId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s)
+        .ok_or_else(|| "role must be one of admin, manager, cashier, waiter, kitchen".into())
+}
+
+fn load_schema(path: Option<&PathBuf>) -> Result<Arc<Schema>, StartError> {
+    match path {
+        None => Ok(Arc::new(shared::pos::schema())),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| StartError(format!("cannot read schema {}: {e}", p.display())))?;
+            Schema::from_json(&text)
+                .map(Arc::new)
+                .map_err(|e| StartError(format!("{}: {e}", p.display())))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), StartError> {
+    match cli.command {
+        Command::Serve {
+            data_dir,
+            branch,
+            http,
+            hub,
+            identity: _,
+            schema,
+        } => {
+            if hub.is_some() {
+                return Err(StartError(
+                    "syncing with a hub (--hub) is not available in this build yet; run without --hub for a standalone edge".into(),
+                ));
+            }
+            let schema = load_schema(schema.as_ref())?;
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| StartError(format!("cannot start the runtime: {e}")))?;
+            runtime.block_on(edge::server::serve(ServeConfig {
+                data_dir,
+                branch,
+                http,
+                schema,
+            }))
+        }
+        Command::Token { data_dir, role } => {
+            if !data_dir.join("edge.db").exists() {
+                return Err(StartError(format!(
+                    "{} holds no edge database; run `outpost-edge serve --data-dir {}` first",
+                    data_dir.display(),
+                    data_dir.display()
+                )));
+            }
+            let branch = stored_branch(&data_dir)?;
+            let store = open_data_dir(&data_dir, &branch, Arc::new(shared::pos::schema()))?;
+            let token = store
+                .create_token(role)
+                .map_err(|e| StartError(format!("cannot create the token: {e}")))?;
+            store.close();
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+/// The branch a data dir belongs to, read from its database.
+fn stored_branch(data_dir: &std::path::Path) -> Result<BranchId, StartError> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("edge.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .map_err(|e| StartError(format!("cannot open {}: {e}", data_dir.display())))?;
+    let branch: String = conn
+        .query_row("SELECT value FROM _meta WHERE key = 'branch'", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| {
+            StartError(format!(
+                "{} is not an edge data dir: {e}",
+                data_dir.display()
+            ))
+        })?;
+    BranchId::parse(&branch).map_err(|e| StartError(e.to_string()))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outpost-edge: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

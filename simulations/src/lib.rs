@@ -1,1 +1,5 @@
-//! Outpost simulations.
+//! Outpost's simulations: the demo (a branch's rush hour on a real edge store). The
+//! deterministic protocol simulator and the real-network partition harness live here too as
+//! they land.
+
+pub mod demo;

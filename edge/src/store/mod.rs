@@ -7,7 +7,7 @@
 
 mod error;
 mod hot;
-mod metrics;
+pub mod metrics;
 mod rules;
 mod sql;
 mod txn;
@@ -481,6 +481,20 @@ impl Store {
             ));
         }
         Ok(after)
+    }
+
+    /// Creates a terminal token for `role` (see [`crate::tokens`]) on a short-lived connection:
+    /// tokens are local to this edge and never enter the replicated log.
+    pub fn create_token(&self, role: shared::Role) -> Result<String, StoreError> {
+        let conn = open_connection(&self.inner.config, true)
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        crate::tokens::create(&conn, role, (self.inner.config.clock)().0)
+            .map_err(|e| StoreError::Storage(e.to_string()))
+    }
+
+    /// The role of a bearer token, if it is known.
+    pub fn token_role(&self, token: &str) -> Result<Option<shared::Role>, StoreError> {
+        Ok(self.with_reader(|conn| crate::tokens::lookup(conn, token))?)
     }
 
     /// Stops the writer after the requests already queued, and waits for it.

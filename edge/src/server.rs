@@ -1,0 +1,252 @@
+//! `outpost-edge serve`: initialises the data dir, opens the store, serves HTTP on loopback
+//! (health and metrics here; the terminal API builds on this router), writes `ports.json`, and
+//! shuts down cleanly on SIGTERM/SIGINT (in-flight requests finish, the writer drains).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use shared::{BranchId, Role, Schema};
+
+use crate::store::{Store, StoreConfig, metrics};
+
+/// Everything `serve` needs, parsed from the command line.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub branch: BranchId,
+    pub http: SocketAddr,
+    pub schema: Arc<Schema>,
+}
+
+/// A fatal start-up problem: printed as one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+#[derive(Clone)]
+struct App {
+    store: Store,
+    branch: BranchId,
+}
+
+/// Writes `path` readable by the owner only.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+/// Opens the data dir's store, creating the dir and the admin token on first start.
+pub fn open_data_dir(
+    data_dir: &Path,
+    branch: &BranchId,
+    schema: Arc<Schema>,
+) -> Result<Store, StartError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        StartError(format!(
+            "cannot create data dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let store = Store::open(StoreConfig::new(
+        data_dir.join("edge.db"),
+        branch.clone(),
+        schema,
+    ))
+    .map_err(|e| {
+        StartError(format!(
+            "cannot open the store in {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let token_path = data_dir.join("admin.token");
+    if !token_path.exists() {
+        let token = store
+            .create_token(Role::Admin)
+            .map_err(|e| StartError(format!("cannot create the admin token: {e}")))?;
+        write_private(&token_path, &format!("{token}\n"))
+            .map_err(|e| StartError(format!("cannot write {}: {e}", token_path.display())))?;
+    }
+    eprintln!("admin token: {}", token_path.display());
+    Ok(store)
+}
+
+pub fn router(store: Store, branch: BranchId) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(prometheus))
+        .with_state(App { store, branch })
+}
+
+async fn healthz(State(app): State<App>) -> impl IntoResponse {
+    let status = app.store.log_status();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "role": "edge",
+        "branch": app.branch.as_str(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "hub": "standalone",
+        "unsynced": status.last_seq.0 - status.acked_seq.0,
+    }))
+}
+
+async fn prometheus(State(app): State<App>) -> impl IntoResponse {
+    let m = app.store.metrics();
+    let status = app.store.log_status();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter(
+        "outpost_commit_groups_total",
+        "Group commits (one fsync each).",
+        m.groups.load(Relaxed),
+    );
+    counter(
+        "outpost_commit_requests_total",
+        "Transactions committed or refused in groups.",
+        m.requests.load(Relaxed),
+    );
+    counter(
+        "outpost_commit_rows_total",
+        "Rows changed by committed transactions.",
+        m.rows.load(Relaxed),
+    );
+    let mut histogram = |name: &str,
+                         help: &str,
+                         bounds: &[u64; 8],
+                         counts: &[std::sync::atomic::AtomicU64; 8],
+                         sum: Option<u64>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, c) in bounds.iter().zip(counts) {
+            cumulative += c.load(Relaxed);
+            let le = if *b == u64::MAX {
+                "+Inf".to_owned()
+            } else {
+                b.to_string()
+            };
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        if let Some(sum) = sum {
+            let _ = writeln!(out, "{name}_sum {sum}");
+        }
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    };
+    histogram(
+        "outpost_commit_group_size",
+        "Requests per group commit.",
+        &metrics::GROUP_SIZE_BUCKETS,
+        &m.group_size,
+        None,
+    );
+    histogram(
+        "outpost_commit_latency_us",
+        "Group commit latency including the fsync, in microseconds.",
+        &metrics::COMMIT_US_BUCKETS,
+        &m.commit_us,
+        Some(m.commit_us_sum.load(Relaxed)),
+    );
+    let mut gauge = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(
+        "outpost_commit_version",
+        "Last committed version.",
+        status.version.0,
+    );
+    gauge(
+        "outpost_log_last_seq",
+        "Last seq in the origin log.",
+        status.last_seq.0,
+    );
+    gauge(
+        "outpost_log_sealed_seq",
+        "Last seq in a sealed segment.",
+        status.sealed_seq.0,
+    );
+    gauge(
+        "outpost_log_acked_seq",
+        "Last seq acknowledged by the hub.",
+        status.acked_seq.0,
+    );
+    gauge(
+        "outpost_log_unsynced_entries",
+        "Entries not yet acknowledged by the hub.",
+        status.last_seq.0 - status.acked_seq.0,
+    );
+    gauge(
+        "outpost_hot_rows",
+        "Rows in the in-memory hot tier.",
+        app.store.hot_rows() as u64,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// Runs the edge until a shutdown signal.
+pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
+    let store = open_data_dir(&config.data_dir, &config.branch, config.schema.clone())?;
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.http)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| StartError(format!("cannot read the bound address: {e}")))?;
+    let ports = serde_json::json!({ "http": bound.to_string() }).to_string();
+    let ports_path = config.data_dir.join("ports.json");
+    let tmp = config.data_dir.join("ports.json.tmp");
+    std::fs::write(&tmp, ports)
+        .and_then(|()| std::fs::rename(&tmp, &ports_path))
+        .map_err(|e| StartError(format!("cannot write {}: {e}", ports_path.display())))?;
+    tracing::info!(branch = %config.branch, http = %bound, "edge serving");
+    axum::serve(listener, router(store.clone(), config.branch.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| StartError(format!("server failed: {e}")))?;
+    // The writer answers every queued request before it stops.
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .map_err(|e| StartError(format!("store did not close: {e}")))?;
+    tracing::info!("edge stopped");
+    Ok(())
+}
