@@ -83,6 +83,43 @@ impl LogEntry {
     }
 }
 
+/// A borrowed view of a [`LogEntry`] that encodes to exactly the same bytes, so a writer can
+/// encode an entry without cloning its row.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LogEntryRef<'a> {
+    pub origin: &'a OriginId,
+    pub seq: Seq,
+    pub hlc: Hlc,
+    pub table: &'a str,
+    pub op: EntryOp,
+    pub row_id: &'a str,
+    pub row: &'a Row,
+    pub clock: Option<&'a VClock<OriginId>>,
+    pub scope: Option<&'a BranchId>,
+}
+
+impl LogEntryRef<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("postcard encodes log entries")
+    }
+}
+
+impl<'a> From<&'a LogEntry> for LogEntryRef<'a> {
+    fn from(e: &'a LogEntry) -> Self {
+        LogEntryRef {
+            origin: &e.origin,
+            seq: e.seq,
+            hlc: e.hlc,
+            table: &e.table,
+            op: e.op,
+            row_id: &e.row_id,
+            row: &e.row,
+            clock: e.clock.as_ref(),
+            scope: e.scope.as_ref(),
+        }
+    }
+}
+
 /// A position in a chain: the hash of the last segment (or the origin's genesis hash).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChainHash(pub [u8; 32]);

@@ -113,6 +113,13 @@ proptest! {
     }
 
     #[test]
+    fn borrowed_entries_encode_identically(es in entries(8)) {
+        for e in &es {
+            prop_assert_eq!(shared::log::LogEntryRef::from(e).encode(), e.encode());
+        }
+    }
+
+    #[test]
     fn segment_body_equals_postcard_of_the_entries(es in entries(8)) {
         let s = &chain(&es, es.len())[0];
         prop_assert_eq!(&s.body, &postcard::to_stdvec(&es).unwrap());

@@ -315,7 +315,8 @@ impl PosRules {
             fields.insert("line_id".into(), Value::Text(line.to_owned()));
         }
         let fields = w.complete_fields(log_table, fields);
-        w.insert_row(log_table, uuid::Uuid::now_v7().to_string(), fields, s)?;
+        let id = w.new_id(s.now);
+        w.insert_row(log_table, id, fields, s)?;
         Ok(())
     }
 

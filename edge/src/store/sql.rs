@@ -2,7 +2,7 @@
 //! origin log (`_log`), sealed segments (`_segments`), settings (`_meta`) and terminal tokens
 //! (`_tokens`). Builds the statements once per table and converts rows to and from SQL values.
 
-use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::schema::{ColumnType, Schema, Table};
 use shared::{Fields, Row, Timestamp, Value};
@@ -124,20 +124,33 @@ fn value_from_sql(ty: ColumnType, v: ValueRef<'_>) -> rusqlite::Result<Value> {
     })
 }
 
-/// The parameters of `insert`/`update` for a row, in column order.
-pub fn row_params(t: &Table, row: &Row, clock: Option<&[u8]>) -> Vec<SqlValue> {
+/// Borrows a column value as an SQL parameter.
+pub fn value_ref(v: &Value) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(match v {
+        Value::Null => ValueRef::Null,
+        Value::Bool(b) => ValueRef::Integer(i64::from(*b)),
+        Value::Int(i) => ValueRef::Integer(*i),
+        Value::Timestamp(t) => ValueRef::Integer(t.0),
+        Value::Text(s) | Value::Json(s) => ValueRef::Text(s.as_bytes()),
+    })
+}
+
+/// The parameters of `insert`/`update` for a row, in column order, borrowed from the row.
+pub fn row_params<'a>(t: &Table, row: &'a Row, clock: Option<&'a [u8]>) -> Vec<ToSqlOutput<'a>> {
     let mut p = Vec::with_capacity(SYSTEM_SQL_COUNT + t.columns.len());
-    p.push(SqlValue::Text(row.id.clone()));
-    p.push(SqlValue::Integer(row.version as i64));
-    p.push(SqlValue::Integer(row.created_at.0));
-    p.push(SqlValue::Integer(row.updated_at.0));
-    p.push(
+    p.push(ToSqlOutput::Borrowed(ValueRef::Text(row.id.as_bytes())));
+    p.push(ToSqlOutput::Borrowed(ValueRef::Integer(row.version as i64)));
+    p.push(ToSqlOutput::Borrowed(ValueRef::Integer(row.created_at.0)));
+    p.push(ToSqlOutput::Borrowed(ValueRef::Integer(row.updated_at.0)));
+    p.push(ToSqlOutput::Borrowed(
         row.seq
-            .map_or(SqlValue::Null, |s| SqlValue::Integer(s as i64)),
-    );
-    p.push(clock.map_or(SqlValue::Null, |c| SqlValue::Blob(c.to_vec())));
+            .map_or(ValueRef::Null, |s| ValueRef::Integer(s as i64)),
+    ));
+    p.push(ToSqlOutput::Borrowed(
+        clock.map_or(ValueRef::Null, ValueRef::Blob),
+    ));
     for c in &t.columns {
-        p.push(value_to_sql(row.get(&c.name)));
+        p.push(value_ref(row.get(&c.name)));
     }
     p
 }

@@ -11,8 +11,8 @@ use std::time::Instant;
 use crdts::{CmRDT, VClock};
 use rusqlite::{Connection, params, params_from_iter};
 use shared::log::{
-    ChainHash, ENTRY_BYTES_MAX, EntryOp, LogEntry, SEGMENT_BYTES_TARGET, SEGMENT_ENTRIES_TARGET,
-    Segment, TXN_BYTES_MAX, TXN_ENTRIES_MAX, chain_hash, segment_body,
+    ChainHash, ENTRY_BYTES_MAX, EntryOp, LogEntry, LogEntryRef, SEGMENT_BYTES_TARGET,
+    SEGMENT_ENTRIES_TARGET, Segment, TXN_BYTES_MAX, TXN_ENTRIES_MAX, chain_hash, segment_body,
 };
 use shared::schema::{ColumnType, Owner, Schema, TableKind};
 use shared::{Fields, Hlc, HlcClock, OriginId, Row, Seq, Timestamp, Value, Version};
@@ -87,6 +87,7 @@ pub(crate) struct Writer {
     hlc: HlcClock,
     status: LogStatus,
     open: OpenSegment,
+    ids: IdGen,
     group_requests_max: usize,
     segment_age_us: i64,
     retention_us: i64,
@@ -96,12 +97,38 @@ pub(crate) struct Writer {
 /// dirtied.
 pub(crate) struct Scratch<'a> {
     actor: &'a str,
-    now: Timestamp,
+    pub(crate) now: Timestamp,
     version: Version,
     changes: Vec<Change>,
     entries: usize,
     bytes: usize,
+    /// Whether a statement of this request changed the database.
+    wrote: bool,
     dirty_orders: BTreeSet<String>,
+}
+
+/// Why a request did not apply.
+enum RequestError {
+    Failed(TxnError),
+    /// It failed after writing, without a savepoint to undo its writes.
+    NeedsSavepoint,
+}
+
+enum GroupError {
+    Store(StoreError),
+    NeedsSavepoints,
+}
+
+impl From<StoreError> for GroupError {
+    fn from(e: StoreError) -> Self {
+        GroupError::Store(e)
+    }
+}
+
+impl From<rusqlite::Error> for GroupError {
+    fn from(e: rusqlite::Error) -> Self {
+        GroupError::Store(e.into())
+    }
 }
 
 fn fail(op_index: usize) -> impl FnOnce(StoreError) -> TxnError {
@@ -133,6 +160,7 @@ impl Writer {
             hlc: HlcClock::starting_after(hlc),
             status,
             open,
+            ids: IdGen::new(),
             group_requests_max: config.group_requests_max,
             segment_age_us: config.segment_age_ms as i64 * 1000,
             retention_us: config.retention_ms as i64 * 1000,
@@ -223,50 +251,39 @@ impl Writer {
         self.hlc = HlcClock::starting_after(hlc.max(self.hlc.last()));
     }
 
+    /// Commits a group. Single-operation requests run without a savepoint, since nearly
+    /// every failure (validation, a CAS conflict, a missing order) happens before they write;
+    /// savepoints cost a page copy per touched page. If such a request fails after writing,
+    /// the whole group is rolled back and re-run with a savepoint around every request.
     fn commit_group(&mut self, group: &mut Vec<(Txn, Reply<Result<Committed, TxnError>>)>) {
         let now = (self.clock)();
         let started = Instant::now();
         let mut outcomes: Vec<Result<Committed, TxnError>> = Vec::with_capacity(group.len());
         let mut commits: Vec<Commit> = Vec::new();
-        let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = begun {
-            let error = StoreError::from(e);
-            for (_, reply) in group.drain(..) {
-                let _ = reply.send(Err(TxnError {
-                    op_index: None,
-                    error: error.clone(),
-                }));
-            }
-            return;
-        }
-        let mut sealing_failed = None;
-        for (txn, _) in group.iter() {
-            match self.apply_request(txn, now) {
-                Ok((committed, commit)) => {
-                    commits.extend(commit);
-                    outcomes.push(Ok(committed));
+        let mut result = Ok(());
+        for careful in [false, true] {
+            outcomes.clear();
+            commits.clear();
+            result = self.try_group(group, now, careful, &mut outcomes, &mut commits);
+            match result {
+                Err(GroupError::NeedsSavepoints) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    self.reload();
                 }
-                Err(e) => outcomes.push(Err(e)),
-            }
-            let full = self.open.entries.len() >= SEGMENT_ENTRIES_TARGET
-                || self.open.bytes >= SEGMENT_BYTES_TARGET;
-            if full && let Err(e) = self.seal(now) {
-                sealing_failed = Some(e);
-                break;
+                _ => break,
             }
         }
-        let result = match sealing_failed {
-            Some(e) => Err(e),
-            // Nothing changed (every request failed or was a no-op): nothing to make durable.
-            None if commits.is_empty() => {
-                self.conn.execute_batch("COMMIT").map_err(StoreError::from)
+        let error = match result {
+            Ok(()) => None,
+            Err(GroupError::Store(e)) => Some(e),
+            Err(GroupError::NeedsSavepoints) => {
+                unreachable!("with savepoints every request fails alone")
             }
-            None => sql::set_meta(&self.conn, "version", self.status.version.0 as i64)
-                .and_then(|()| self.conn.execute_batch("COMMIT"))
-                .map_err(StoreError::from),
         };
-        if let Err(error) = result {
-            let _ = self.conn.execute_batch("ROLLBACK");
+        if let Some(error) = error {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
             self.reload();
             tracing::error!("group commit failed: {error}");
             for (_, reply) in group.drain(..) {
@@ -291,6 +308,39 @@ impl Writer {
             // A send error only means nobody listens right now.
             let _ = self.shared.commits.send(Arc::new(c));
         }
+    }
+
+    /// One attempt at a group: BEGIN, every request, seals, COMMIT.
+    fn try_group(
+        &mut self,
+        group: &[(Txn, Reply<Result<Committed, TxnError>>)],
+        now: Timestamp,
+        careful: bool,
+        outcomes: &mut Vec<Result<Committed, TxnError>>,
+        commits: &mut Vec<Commit>,
+    ) -> Result<(), GroupError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        for (txn, _) in group {
+            match self.apply_request(txn, now, careful) {
+                Ok((committed, commit)) => {
+                    commits.extend(commit);
+                    outcomes.push(Ok(committed));
+                }
+                Err(RequestError::Failed(e)) => outcomes.push(Err(e)),
+                Err(RequestError::NeedsSavepoint) => return Err(GroupError::NeedsSavepoints),
+            }
+            let full = self.open.entries.len() >= SEGMENT_ENTRIES_TARGET
+                || self.open.bytes >= SEGMENT_BYTES_TARGET;
+            if full {
+                self.seal(now)?;
+            }
+        }
+        if !commits.is_empty() {
+            sql::set_meta(&self.conn, "version", self.status.version.0 as i64)?;
+        }
+        // Nothing changed (every request failed or was a no-op): COMMIT writes nothing.
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
     }
 
     /// Makes a group's commits visible: the hot tier in place, then the log status.
@@ -343,35 +393,31 @@ impl Writer {
         self.hlc = HlcClock::starting_after(m.hlc);
     }
 
-    /// Applies one request inside its savepoint.
+    /// Applies one request: inside a savepoint when it has several operations or `careful`
+    /// is set; otherwise a failure after a write asks for the careful re-run.
     fn apply_request(
         &mut self,
         txn: &Txn,
         now: Timestamp,
-    ) -> Result<(Committed, Option<Commit>), TxnError> {
-        if txn.ops.is_empty() {
-            return Err(TxnError {
+        careful: bool,
+    ) -> Result<(Committed, Option<Commit>), RequestError> {
+        let whole = |error| {
+            RequestError::Failed(TxnError {
                 op_index: None,
-                error: StoreError::EmptyTransaction,
-            });
+                error,
+            })
+        };
+        if txn.ops.is_empty() {
+            return Err(whole(StoreError::EmptyTransaction));
         }
         if txn.ops.len() > TXN_OPS_MAX {
-            return Err(TxnError {
-                op_index: None,
-                error: StoreError::TooLarge("more than 1000 operations"),
-            });
+            return Err(whole(StoreError::TooLarge("more than 1000 operations")));
         }
+        let savepoint = careful || txn.ops.len() > 1;
         let mark = self.mark();
-        let savepoint = |conn: &Connection, sql: &str| -> Result<(), TxnError> {
-            conn.prepare_cached(sql)
-                .and_then(|mut s| s.execute([]))
-                .map(|_| ())
-                .map_err(|e| TxnError {
-                    op_index: None,
-                    error: e.into(),
-                })
-        };
-        savepoint(&self.conn, "SAVEPOINT request")?;
+        if savepoint {
+            self.exec_cached("SAVEPOINT request").map_err(whole)?;
+        }
         let mut scratch = Scratch {
             actor: &txn.actor,
             now,
@@ -379,6 +425,7 @@ impl Writer {
             changes: Vec::new(),
             entries: 0,
             bytes: 0,
+            wrote: false,
             dirty_orders: BTreeSet::new(),
         };
         let mut results = Vec::with_capacity(txn.ops.len());
@@ -398,62 +445,61 @@ impl Writer {
                 error,
             });
         }
-        match outcome {
-            Ok(()) => {
-                savepoint(&self.conn, "RELEASE request")?;
-                if scratch.changes.is_empty() {
-                    self.restore(mark);
-                    return Ok((
-                        Committed {
-                            version: self.status.version,
-                            results: results.into_iter().map(|(_, r)| r).collect(),
-                        },
-                        None,
-                    ));
-                }
-                self.status.version = scratch.version;
-                // Results show the final state of each row the request touched (an order's
-                // totals may have changed after the op that returned it).
-                let results = results
-                    .into_iter()
-                    .map(|(ti, mut r)| {
-                        if matches!(
-                            r.applied,
-                            Applied::Inserted | Applied::Updated | Applied::Unchanged
-                        ) && let Some(last) = scratch.changes.iter().rev().find(|c| {
-                            c.table == ti && c.row.id == r.row.id && c.op != EntryOp::Delete
-                        }) {
-                            r.row = last.row.clone();
-                        }
-                        r
-                    })
-                    .collect();
-                let commit = Commit {
-                    version: scratch.version,
-                    changes: scratch.changes,
-                };
-                Ok((
-                    Committed {
-                        version: scratch.version,
-                        results,
-                    },
-                    Some(commit),
-                ))
+        if let Err(e) = outcome {
+            self.restore(mark);
+            if savepoint {
+                self.exec_cached("ROLLBACK TO request")
+                    .and_then(|()| self.exec_cached("RELEASE request"))
+                    .map_err(whole)?;
+            } else if scratch.wrote {
+                return Err(RequestError::NeedsSavepoint);
             }
-            Err(e) => {
-                let rolled_back = self
-                    .conn
-                    .execute_batch("ROLLBACK TO request; RELEASE request");
-                self.restore(mark);
-                if let Err(re) = rolled_back {
-                    return Err(TxnError {
-                        op_index: None,
-                        error: re.into(),
+            return Err(RequestError::Failed(e));
+        }
+        if savepoint {
+            self.exec_cached("RELEASE request").map_err(whole)?;
+        }
+        if scratch.changes.is_empty() {
+            self.restore(mark);
+            return Ok((
+                Committed {
+                    version: self.status.version,
+                    results: results.into_iter().map(|(_, r)| r).collect(),
+                },
+                None,
+            ));
+        }
+        self.status.version = scratch.version;
+        // Results show the final state of each row: only an order's derived totals can change
+        // after the operation that returned it.
+        if let Some(order) = self.rules.as_ref().map(|r| r.order) {
+            for (ti, r) in &mut results {
+                if *ti == order && r.applied != Applied::Deleted {
+                    let last = scratch.changes.iter().rev().find(|c| {
+                        c.table == order && c.row.id == r.row.id && c.op != EntryOp::Delete
                     });
+                    if let Some(last) = last {
+                        r.row = last.row.clone();
+                    }
                 }
-                Err(e)
             }
         }
+        let commit = Commit {
+            version: scratch.version,
+            changes: scratch.changes,
+        };
+        Ok((
+            Committed {
+                version: scratch.version,
+                results: results.into_iter().map(|(_, r)| r).collect(),
+            },
+            Some(commit),
+        ))
+    }
+
+    fn exec_cached(&self, sql: &str) -> Result<(), StoreError> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
     }
 
     fn table(&self, name: &str) -> Result<usize, StoreError> {
@@ -483,7 +529,7 @@ impl Writer {
                         .into());
                     }
                     Some(id) => id.clone(),
-                    None => uuid::Uuid::now_v7().to_string(),
+                    None => self.ids.next(s.now),
                 };
                 if let Some(rules) = &self.rules {
                     rules.before_insert(&self.conn, &self.schema, &self.sql, ti, &mut fields)?;
@@ -594,6 +640,10 @@ impl Writer {
     }
 
     /// Adds every column the fields lack, as null: a stored row has all its columns.
+    pub(crate) fn new_id(&mut self, now: Timestamp) -> String {
+        self.ids.next(now)
+    }
+
     pub(crate) fn complete_fields(&self, ti: usize, mut fields: Fields) -> Fields {
         for c in &self.schema.tables()[ti].columns {
             if !fields.contains_key(&c.name) {
@@ -663,7 +713,7 @@ impl Writer {
                 clock_bytes.as_deref(),
             )));
         match inserted {
-            Ok(_) => {}
+            Ok(_) => s.wrote = true,
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
             {
@@ -738,6 +788,7 @@ impl Writer {
                 &row,
                 clock_bytes.as_deref(),
             )))?;
+        s.wrote = true;
         let row = Arc::new(row);
         self.append(ti, EntryOp::Update, row.clone(), clock, changed, s)?;
         if let Some(rules) = self.rules.clone() {
@@ -755,10 +806,12 @@ impl Writer {
         current: Row,
         s: &mut Scratch<'_>,
     ) -> Result<OpResult, StoreError> {
+        // The version vector is read before the row (and its `_clock`) is gone.
+        let clock = self.next_clock(ti, &current.id)?;
         self.conn
             .prepare_cached(&self.sql[ti].delete)?
             .execute([&current.id])?;
-        let clock = self.next_clock(ti, &current.id)?;
+        s.wrote = true;
         let mut tombstone = current.clone();
         tombstone.version += 1;
         tombstone.updated_at = s.now;
@@ -784,15 +837,15 @@ impl Writer {
         s: &mut Scratch<'_>,
     ) -> Result<(), StoreError> {
         let seq = self.status.last_seq.next();
-        let entry = LogEntry {
-            origin: self.origin.clone(),
+        let entry = LogEntryRef {
+            origin: &self.origin,
             seq,
             hlc: self.hlc.tick(s.now.as_millis()),
-            table: self.schema.tables()[ti].name.clone(),
+            table: &self.schema.tables()[ti].name,
             op,
-            row_id: row.id.clone(),
-            row: (*row).clone(),
-            clock,
+            row_id: &row.id,
+            row: &row,
+            clock: clock.as_ref(),
             scope: None,
         };
         let bytes = entry.encode();
@@ -948,6 +1001,46 @@ impl Writer {
             w.status.pruned_seq = Seq(last_seq as u64);
             Ok(())
         })
+    }
+}
+
+/// UUIDv7 ids for rows the server names: the commit's millisecond and 74 bits from a
+/// xorshift generator seeded from the OS once, so that naming a row costs no system call.
+pub(crate) struct IdGen {
+    state: u64,
+}
+
+impl IdGen {
+    fn new() -> IdGen {
+        let mut seed = [0u8; 8];
+        // Without OS randomness, fall back to the time: ids stay unique within this edge
+        // because the primary key rejects a repeat, which only fails that one request.
+        if getrandom::fill(&mut seed).is_err() {
+            seed = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64)
+                .to_le_bytes();
+        }
+        IdGen {
+            state: u64::from_le_bytes(seed) | 1,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    pub(crate) fn next(&mut self, now: Timestamp) -> String {
+        let mut bytes = [0u8; 10];
+        bytes[..8].copy_from_slice(&self.next_u64().to_le_bytes());
+        bytes[8..].copy_from_slice(&self.next_u64().to_le_bytes()[..2]);
+        uuid::Builder::from_unix_timestamp_millis(now.as_millis(), &bytes)
+            .into_uuid()
+            .to_string()
     }
 }
 
