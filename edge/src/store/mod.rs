@@ -5,6 +5,7 @@
 //! A `Store` is cheap to clone; all clones share one writer. Writes go through [`Store::commit`]
 //! (async) or [`Store::commit_blocking`]; both return only after the group's fsync.
 
+mod chunk;
 mod error;
 mod hot;
 pub mod metrics;
@@ -393,26 +394,20 @@ impl Store {
     /// Entries of the origin log after `after`, at most `limit` (≤ [`LOG_PAGE_MAX`]).
     pub fn log_page(&self, after: Seq, limit: usize) -> Result<LogPage, StoreError> {
         let limit = limit.min(LOG_PAGE_MAX);
-        self.with_reader(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT version, entry FROM _log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let mut rows = stmt.query(rusqlite::params![after.0 as i64, limit as i64 + 1])?;
-            let mut entries = Vec::with_capacity(limit);
-            let mut has_more = false;
-            while let Some(r) = rows.next()? {
-                if entries.len() == limit {
-                    has_more = true;
-                    break;
-                }
-                let version: i64 = r.get(0)?;
-                let bytes: Vec<u8> = r.get(1)?;
-                let entry = LogEntry::decode(&bytes)
-                    .map_err(|e| StoreError::Storage(format!("log entry does not decode: {e}")))?;
-                entries.push((Version(version as u64), entry));
-            }
-            Ok(LogPage { entries, has_more })
-        })
+        let raw = self.with_reader(|conn| {
+            writer::read_entries_max(conn, after.next(), Seq(u64::MAX >> 1), limit + 1)
+        })?;
+        let has_more = raw.len() > limit;
+        let entries = raw
+            .into_iter()
+            .take(limit)
+            .map(|(_, version, bytes)| {
+                LogEntry::decode(&bytes)
+                    .map(|e| (version, e))
+                    .map_err(|e| StoreError::Storage(format!("log entry does not decode: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(LogPage { entries, has_more })
     }
 
     /// Sealed segments whose entries come after `after`, at most `max` of them, rebuilt from
@@ -430,10 +425,10 @@ impl Store {
                 .collect::<rusqlite::Result<_>>()?;
             let mut out = Vec::with_capacity(heads.len());
             for (first, last, prev, hash) in heads {
-                let entries: Vec<Vec<u8>> = conn
-                    .prepare_cached("SELECT entry FROM _log WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq")?
-                    .query_map([first, last], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                let entries = writer::read_entries(conn, Seq(first as u64), Seq(last as u64))?;
+                if entries.len() as i64 != last - first + 1 {
+                    return Err(StoreError::Storage(format!("segment {first}..={last} lacks entries")));
+                }
                 let hash32 = |v: Vec<u8>| {
                     v.try_into()
                         .map(ChainHash)
@@ -445,7 +440,7 @@ impl Store {
                     last_seq: Seq(last as u64),
                     prev_hash: hash32(prev)?,
                     hash: hash32(hash)?,
-                    body: shared::log::segment_body(entries.iter().map(Vec::as_slice)),
+                    body: shared::log::segment_body(entries.iter().map(|(_, _, b)| b.as_slice())),
                 });
             }
             Ok(out)

@@ -19,6 +19,7 @@ use shared::{Fields, Hlc, HlcClock, OriginId, Row, Seq, Timestamp, Value, Versio
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::{OpenError, StoreError, TxnError};
+use super::chunk;
 use super::rules::PosRules;
 use super::sql::{self, TableSql};
 use super::txn::{Applied, Change, Commit, Committed, Op, OpResult, TXN_OPS_MAX, Txn};
@@ -59,10 +60,13 @@ pub struct LogStatus {
     pub pruned_seq: Seq,
 }
 
-/// The open (not yet sealed) segment: encoded entries `sealed_seq+1 ..= last_seq`.
+/// The open (not yet sealed) segment: encoded entries `sealed_seq+1 ..= last_seq` with their
+/// commit versions. Entries from `flushed` on are not yet written to `_log`; they are written
+/// as one chunk at the end of the group (or when the segment is sealed).
 #[derive(Debug, Default)]
 pub(crate) struct OpenSegment {
-    entries: Vec<Vec<u8>>,
+    entries: Vec<(Version, Vec<u8>)>,
+    flushed: usize,
     bytes: usize,
     since: Option<Timestamp>,
 }
@@ -336,6 +340,7 @@ impl Writer {
             }
         }
         if !commits.is_empty() {
+            self.flush_chunk()?;
             sql::set_meta(&self.conn, "version", self.status.version.0 as i64)?;
         }
         // Nothing changed (every request failed or was a no-op): COMMIT writes nothing.
@@ -387,6 +392,7 @@ impl Writer {
 
     fn restore(&mut self, m: Mark) {
         self.status = m.status;
+        debug_assert!(m.open_len >= self.open.flushed, "chunks are flushed between requests");
         self.open.entries.truncate(m.open_len);
         self.open.bytes = m.open_bytes;
         self.open.since = m.open_since;
@@ -859,12 +865,9 @@ impl Writer {
                 "the transaction changes more than 3072 rows or 4 MiB",
             ));
         }
-        self.conn
-            .prepare_cached("INSERT INTO _log (seq, version, entry) VALUES (?1, ?2, ?3)")?
-            .execute(params![seq.0 as i64, s.version.0 as i64, &bytes])?;
         self.status.last_seq = seq;
         self.open.bytes += bytes.len();
-        self.open.entries.push(bytes);
+        self.open.entries.push((s.version, bytes));
         self.open.since.get_or_insert(s.now);
         s.changes.push(Change {
             table: ti,
@@ -907,17 +910,36 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes the entries appended since the last flush as one `_log` chunk.
+    fn flush_chunk(&mut self) -> Result<(), StoreError> {
+        let pending = &self.open.entries[self.open.flushed..];
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let first = self.status.sealed_seq.0 + 1 + self.open.flushed as u64;
+        let last = first + pending.len() as u64 - 1;
+        debug_assert_eq!(last, self.status.last_seq.0);
+        let blob = chunk::encode(pending.iter().map(|(v, b)| (*v, b.as_slice())));
+        self.conn
+            .prepare_cached("INSERT INTO _log (last_seq, first_seq, chunk) VALUES (?1, ?2, ?3)")?
+            .execute(params![last as i64, first as i64, blob])?;
+        self.open.flushed = self.open.entries.len();
+        Ok(())
+    }
+
     /// Seals the open segment (inside the caller's transaction).
     fn seal(&mut self, now: Timestamp) -> Result<(), StoreError> {
         if self.open.entries.is_empty() {
             return Ok(());
         }
+        // A chunk never straddles a segment boundary, so pruning removes whole chunks.
+        self.flush_chunk()?;
         let first = self.status.sealed_seq.next();
         let segment = Segment::seal(
             self.origin.clone(),
             first,
             self.status.head,
-            self.open.entries.iter().map(Vec::as_slice),
+            self.open.entries.iter().map(|(_, b)| b.as_slice()),
         );
         // The edge asserts the chain before it stores (and later sends) a segment.
         assert_eq!(
@@ -991,7 +1013,7 @@ impl Writer {
         }
         self.in_txn(|w| {
             w.conn
-                .prepare_cached("DELETE FROM _log WHERE seq <= ?1")?
+                .prepare_cached("DELETE FROM _log WHERE last_seq <= ?1")?
                 .execute([last_seq])?;
             w.conn
                 .prepare_cached("DELETE FROM _segments WHERE last_seq <= ?1")?
@@ -1098,6 +1120,48 @@ fn load_children(
     Ok(rows)
 }
 
+/// Reads entries `from..=to` of the origin log: `(seq, commit version, entry bytes)`.
+pub(crate) fn read_entries(
+    conn: &Connection,
+    from: Seq,
+    to: Seq,
+) -> Result<Vec<(Seq, Version, Vec<u8>)>, StoreError> {
+    read_entries_max(conn, from, to, usize::MAX)
+}
+
+/// Like [`read_entries`], stopping after `max` entries.
+pub(crate) fn read_entries_max(
+    conn: &Connection,
+    from: Seq,
+    to: Seq,
+    max: usize,
+) -> Result<Vec<(Seq, Version, Vec<u8>)>, StoreError> {
+    let mut out = Vec::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT first_seq, chunk FROM _log WHERE last_seq >= ?1 AND first_seq <= ?2 ORDER BY last_seq",
+    )?;
+    let mut rows = stmt.query(params![from.0 as i64, to.0 as i64])?;
+    while let Some(r) = rows.next()? {
+        let first: i64 = r.get(0)?;
+        let blob = r
+            .get_ref(1)?
+            .as_blob()
+            .map_err(|e| StoreError::Storage(format!("log chunk at seq {first}: {e}")))?;
+        let entries = chunk::decode(blob)
+            .ok_or_else(|| StoreError::Storage(format!("log chunk at seq {first} is damaged")))?;
+        for (i, (version, bytes)) in entries.into_iter().enumerate() {
+            let seq = Seq(first as u64 + i as u64);
+            if seq >= from && seq <= to {
+                if out.len() == max {
+                    return Ok(out);
+                }
+                out.push((seq, version, bytes.to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Loads the log position from the database: the last sealed segment, the open tail (checked
 /// to be contiguous), the last stamp, and the acked and pruned watermarks.
 pub(crate) fn load_log_state(
@@ -1138,14 +1202,12 @@ pub(crate) fn load_log_state(
             );
             // Recompute the newest segment from the log: a cheap check that the tail of the
             // chain survived whatever stopped the process.
-            let bodies: Vec<Vec<u8>> = conn
-                .prepare("SELECT entry FROM _log WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq")?
-                .query_map([first, last], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            if bodies.len() as i64 != last - first + 1 {
+            let entries = read_entries(conn, Seq(first as u64), Seq(last as u64))
+                .map_err(|e| corrupt(e.to_string()))?;
+            if entries.len() as i64 != last - first + 1 {
                 return Err(corrupt(format!("segment {first}..={last} lacks entries")));
             }
-            let body = segment_body(bodies.iter().map(Vec::as_slice));
+            let body = segment_body(entries.iter().map(|(_, _, b)| b.as_slice()));
             if chain_hash(&prev, &body) != hash {
                 return Err(corrupt(format!(
                     "segment {first}..={last} does not match its hash"
@@ -1156,35 +1218,25 @@ pub(crate) fn load_log_state(
         None => (pruned, pruned_hash),
     };
     let mut open = OpenSegment::default();
-    let mut last_seq = sealed;
     let mut hlc = Hlc::default();
-    {
-        let mut stmt = conn.prepare("SELECT seq, entry FROM _log WHERE seq > ?1 ORDER BY seq")?;
-        let mut rows = stmt.query([sealed as i64])?;
-        while let Some(r) = rows.next()? {
-            let seq: i64 = r.get(0)?;
-            let bytes: Vec<u8> = r.get(1)?;
-            if seq as u64 != last_seq + 1 {
-                return Err(corrupt(format!(
-                    "the log jumps from seq {last_seq} to {seq}"
-                )));
-            }
-            last_seq = seq as u64;
-            let entry =
-                LogEntry::decode(&bytes).map_err(|e| corrupt(format!("entry {seq}: {e}")))?;
-            hlc = entry.hlc;
-            open.since.get_or_insert(entry.row.updated_at);
-            open.bytes += bytes.len();
-            open.entries.push(bytes);
+    let tail = read_entries(conn, Seq(sealed + 1), Seq(u64::MAX >> 1)).map_err(|e| corrupt(e.to_string()))?;
+    let mut last_seq = sealed;
+    for (seq, version, bytes) in tail {
+        if seq.0 != last_seq + 1 {
+            return Err(corrupt(format!("the log jumps from seq {last_seq} to {seq}")));
         }
+        last_seq = seq.0;
+        let entry = LogEntry::decode(&bytes).map_err(|e| corrupt(format!("entry {seq}: {e}")))?;
+        hlc = entry.hlc;
+        open.since.get_or_insert(entry.row.updated_at);
+        open.bytes += bytes.len();
+        open.entries.push((version, bytes));
     }
+    open.flushed = open.entries.len();
     if open.entries.is_empty() && sealed > pruned {
-        let bytes: Vec<u8> = conn.query_row(
-            "SELECT entry FROM _log WHERE seq = ?1",
-            [sealed as i64],
-            |r| r.get(0),
-        )?;
-        hlc = LogEntry::decode(&bytes)
+        let last = read_entries(conn, Seq(sealed), Seq(sealed)).map_err(|e| corrupt(e.to_string()))?;
+        let (_, _, bytes) = last.first().ok_or_else(|| corrupt(format!("entry {sealed} is missing")))?;
+        hlc = LogEntry::decode(bytes)
             .map_err(|e| corrupt(format!("entry {sealed}: {e}")))?
             .hlc;
     }
