@@ -9,6 +9,7 @@ mod chunk;
 mod error;
 mod hot;
 pub mod metrics;
+mod prepare;
 mod rules;
 mod sql;
 mod txn;
@@ -262,23 +263,30 @@ impl Store {
         }
     }
 
-    /// Commits a transaction; returns after the group's fsync.
+    /// Commits a transaction; returns after the group's fsync. Checks against the schema
+    /// happen here, in the caller's task, before the transaction queues for the writer.
     pub async fn commit(&self, txn: Txn) -> Result<Committed, TxnError> {
+        let txn = prepare::prepare(self.schema(), txn)?;
         let (reply, rx) = oneshot::channel();
         let tx = self.sender().map_err(|_| Self::closed())?;
         tx.send(Msg::Commit { txn, reply })
             .await
             .map_err(|_| Self::closed())?;
-        rx.await.map_err(|_| Self::closed())?
+        let (result, spent) = rx.await.map_err(|_| Self::closed())?;
+        drop(spent);
+        result
     }
 
     /// Commits a transaction from a thread outside any async runtime.
     pub fn commit_blocking(&self, txn: Txn) -> Result<Committed, TxnError> {
+        let txn = prepare::prepare(self.schema(), txn)?;
         let (reply, rx) = oneshot::channel();
         let tx = self.sender().map_err(|_| Self::closed())?;
         tx.blocking_send(Msg::Commit { txn, reply })
             .map_err(|_| Self::closed())?;
-        rx.blocking_recv().map_err(|_| Self::closed())?
+        let (result, spent) = rx.blocking_recv().map_err(|_| Self::closed())?;
+        drop(spent);
+        result
     }
 
     fn request_blocking<T>(

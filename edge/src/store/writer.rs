@@ -14,23 +14,28 @@ use shared::log::{
     ChainHash, ENTRY_BYTES_MAX, EntryOp, LogEntry, LogEntryRef, SEGMENT_BYTES_TARGET,
     SEGMENT_ENTRIES_TARGET, Segment, TXN_BYTES_MAX, TXN_ENTRIES_MAX, chain_hash, segment_body,
 };
-use shared::schema::{ColumnType, Owner, Schema, TableKind};
+use shared::schema::{Owner, Schema, TableKind};
 use shared::{Fields, Hlc, HlcClock, OriginId, Row, Seq, Timestamp, Value, Version};
 use tokio::sync::{mpsc, oneshot};
 
-use super::error::{OpenError, StoreError, TxnError};
 use super::chunk;
+use super::error::{OpenError, StoreError, TxnError};
+use super::prepare::{self, Prepared, PreparedOp};
 use super::rules::PosRules;
 use super::sql::{self, TableSql};
-use super::txn::{Applied, Change, Commit, Committed, Op, OpResult, TXN_OPS_MAX, Txn};
+use super::txn::{Applied, Change, Commit, Committed, OpResult};
 use super::{Clock, Shared, StoreConfig};
 
 pub(crate) type Reply<T> = oneshot::Sender<T>;
 
+/// A commit's answer. The transaction travels back so that the caller's thread, not the
+/// writer, frees it.
+pub(crate) type Answer = (Result<Committed, TxnError>, Prepared);
+
 pub(crate) enum Msg {
     Commit {
-        txn: Txn,
-        reply: Reply<Result<Committed, TxnError>>,
+        txn: Prepared,
+        reply: Reply<Answer>,
     },
     /// Periodic housekeeping: seal an old open segment, prune acked segments.
     Tick,
@@ -259,7 +264,7 @@ impl Writer {
     /// every failure (validation, a CAS conflict, a missing order) happens before they write;
     /// savepoints cost a page copy per touched page. If such a request fails after writing,
     /// the whole group is rolled back and re-run with a savepoint around every request.
-    fn commit_group(&mut self, group: &mut Vec<(Txn, Reply<Result<Committed, TxnError>>)>) {
+    fn commit_group(&mut self, group: &mut Vec<(Prepared, Reply<Answer>)>) {
         let now = (self.clock)();
         let started = Instant::now();
         let mut outcomes: Vec<Result<Committed, TxnError>> = Vec::with_capacity(group.len());
@@ -290,11 +295,12 @@ impl Writer {
             }
             self.reload();
             tracing::error!("group commit failed: {error}");
-            for (_, reply) in group.drain(..) {
-                let _ = reply.send(Err(TxnError {
+            for (txn, reply) in group.drain(..) {
+                let failed = Err(TxnError {
                     op_index: None,
                     error: error.clone(),
-                }));
+                });
+                let _ = reply.send((failed, txn));
             }
             return;
         }
@@ -305,8 +311,8 @@ impl Writer {
             elapsed,
         );
         self.publish(&commits);
-        for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
-            let _ = reply.send(outcome);
+        for ((txn, reply), outcome) in group.drain(..).zip(outcomes.drain(..)) {
+            let _ = reply.send((outcome, txn));
         }
         for c in commits {
             // A send error only means nobody listens right now.
@@ -317,7 +323,7 @@ impl Writer {
     /// One attempt at a group: BEGIN, every request, seals, COMMIT.
     fn try_group(
         &mut self,
-        group: &[(Txn, Reply<Result<Committed, TxnError>>)],
+        group: &[(Prepared, Reply<Answer>)],
         now: Timestamp,
         careful: bool,
         outcomes: &mut Vec<Result<Committed, TxnError>>,
@@ -392,7 +398,10 @@ impl Writer {
 
     fn restore(&mut self, m: Mark) {
         self.status = m.status;
-        debug_assert!(m.open_len >= self.open.flushed, "chunks are flushed between requests");
+        debug_assert!(
+            m.open_len >= self.open.flushed,
+            "chunks are flushed between requests"
+        );
         self.open.entries.truncate(m.open_len);
         self.open.bytes = m.open_bytes;
         self.open.since = m.open_since;
@@ -403,7 +412,7 @@ impl Writer {
     /// is set; otherwise a failure after a write asks for the careful re-run.
     fn apply_request(
         &mut self,
-        txn: &Txn,
+        txn: &Prepared,
         now: Timestamp,
         careful: bool,
     ) -> Result<(Committed, Option<Commit>), RequestError> {
@@ -413,12 +422,6 @@ impl Writer {
                 error,
             })
         };
-        if txn.ops.is_empty() {
-            return Err(whole(StoreError::EmptyTransaction));
-        }
-        if txn.ops.len() > TXN_OPS_MAX {
-            return Err(whole(StoreError::TooLarge("more than 1000 operations")));
-        }
         let savepoint = careful || txn.ops.len() > 1;
         let mark = self.mark();
         if savepoint {
@@ -476,8 +479,8 @@ impl Writer {
             ));
         }
         self.status.version = scratch.version;
-        // Results show the final state of each row: only an order's derived totals can change
-        // after the operation that returned it.
+        // Each result shows its row as its operation left it, except orders: their totals are
+        // derived at the end of the request, and the result shows them.
         if let Some(order) = self.rules.as_ref().map(|r| r.order) {
             for (ti, r) in &mut results {
                 if *ti == order && r.applied != Applied::Deleted {
@@ -508,56 +511,26 @@ impl Writer {
         Ok(())
     }
 
-    fn table(&self, name: &str) -> Result<usize, StoreError> {
-        self.schema
-            .table_index(name)
-            .ok_or_else(|| StoreError::UnknownTable(name.chars().take(64).collect()))
-    }
-
-    fn apply_op(&mut self, op: &Op, s: &mut Scratch<'_>) -> Result<(usize, OpResult), StoreError> {
-        let ti = self.table(op_table(op))?;
+    fn apply_op(
+        &mut self,
+        op: &PreparedOp,
+        s: &mut Scratch<'_>,
+    ) -> Result<(usize, OpResult), StoreError> {
+        let ti = op.table();
         let r = match op {
-            Op::Insert { id, fields, .. } => {
-                let t = &self.schema.tables()[ti];
-                if t.owner == Owner::Hub {
-                    return Err(StoreError::HubOwned(t.name.clone()));
-                }
-                if t.server_written {
-                    return Err(StoreError::ServerWritten(t.name.clone()));
-                }
-                let mut fields = self.check_fields(ti, fields, false)?;
-                let id = match id {
-                    Some(id) if id.is_empty() || id.len() > shared::ids::ID_BYTES_MAX => {
-                        return Err(shared::json::FieldError::InvalidValue {
-                            column: "id".into(),
-                            expected: "a non-empty string of at most 128 bytes",
-                        }
-                        .into());
-                    }
-                    Some(id) => id.clone(),
-                    None => self.ids.next(s.now),
-                };
+            PreparedOp::Insert { id, fields, .. } => {
+                let mut fields = fields.clone();
                 if let Some(rules) = &self.rules {
                     rules.before_insert(&self.conn, &self.schema, &self.sql, ti, &mut fields)?;
                 }
-                self.insert_row(ti, id, fields, s)
+                self.insert_row(ti, id.clone(), fields, s)
             }
-            Op::Update {
+            PreparedOp::Update {
                 id, version, set, ..
             } => {
-                let t = &self.schema.tables()[ti];
-                if t.owner == Owner::Hub {
-                    return Err(StoreError::HubOwned(t.name.clone()));
-                }
-                if t.kind == TableKind::Log {
-                    return Err(StoreError::LogImmutable(t.name.clone()));
-                }
-                let set = self.check_fields(ti, set, true)?;
-                if self.rules.as_ref().is_some_and(|r| r.is_order(ti)) && s.dirty_orders.remove(id)
-                {
-                    self.flush_order(id, s)?;
-                }
                 let current = self.current(ti, id)?;
+                // The client's version is compared with the row as the client could have seen
+                // it: totals this request dirtied are derived below, in the same update.
                 if current.version != *version {
                     return Err(StoreError::VersionConflict {
                         id: id.clone(),
@@ -565,19 +538,24 @@ impl Writer {
                         current: Arc::new(current),
                     });
                 }
+                let mut set = set.clone();
+                let mut fresh = current.clone();
+                if let Some(rules) = self.rules.clone()
+                    && rules.is_order(ti)
+                    && s.dirty_orders.remove(id)
+                {
+                    let (total, paid) = rules.totals(&self.conn, id)?;
+                    for (col, v) in [("total_amount", total), ("paid_amount", paid)] {
+                        fresh.fields.insert(col.into(), Value::Int(v));
+                        set.insert(col.into(), Value::Int(v));
+                    }
+                }
                 if let Some(rules) = &self.rules {
-                    rules.before_update(&self.conn, &self.schema, &self.sql, ti, &current, &set)?;
+                    rules.before_update(&self.conn, &self.schema, &self.sql, ti, &fresh, &set)?;
                 }
                 self.update_row(ti, current, set, s)
             }
-            Op::Delete { id, version, .. } => {
-                let t = &self.schema.tables()[ti];
-                if t.owner == Owner::Hub {
-                    return Err(StoreError::HubOwned(t.name.clone()));
-                }
-                if t.kind == TableKind::Log {
-                    return Err(StoreError::LogImmutable(t.name.clone()));
-                }
+            PreparedOp::Delete { id, version, .. } => {
                 let current = self.current(ti, id)?;
                 if current.version != *version {
                     return Err(StoreError::VersionConflict {
@@ -595,68 +573,12 @@ impl Writer {
         Ok((ti, r))
     }
 
-    /// Checks client fields against the table: known columns, not server-owned, right types.
-    /// For inserts, absent columns become null.
-    fn check_fields(&self, ti: usize, fields: &Fields, update: bool) -> Result<Fields, StoreError> {
-        use shared::json::FieldError;
-        let t = &self.schema.tables()[ti];
-        for (name, v) in fields {
-            let Some(c) = t.column(name) else {
-                return Err(FieldError::UnknownColumn {
-                    table: t.name.clone(),
-                    column: name.chars().take(64).collect(),
-                }
-                .into());
-            };
-            if c.server_owned {
-                return Err(FieldError::ReadOnlyColumn {
-                    column: name.clone(),
-                }
-                .into());
-            }
-            let ok = matches!(
-                (c.ty, v),
-                (_, Value::Null)
-                    | (ColumnType::Text, Value::Text(_))
-                    | (ColumnType::Json, Value::Json(_))
-                    | (ColumnType::Integer | ColumnType::Money, Value::Int(_))
-                    | (ColumnType::Bool, Value::Bool(_))
-                    | (ColumnType::Timestamp, Value::Timestamp(_))
-            );
-            if !ok {
-                return Err(FieldError::InvalidValue {
-                    column: name.clone(),
-                    expected: match c.ty {
-                        ColumnType::Money => "an integer amount in minor units",
-                        ColumnType::Integer => "an integer",
-                        ColumnType::Text => "a string",
-                        ColumnType::Json => "a JSON document",
-                        ColumnType::Bool => "true or false",
-                        ColumnType::Timestamp => "a timestamp",
-                    },
-                }
-                .into());
-            }
-        }
-        if update {
-            Ok(fields.clone())
-        } else {
-            Ok(self.complete_fields(ti, fields.clone()))
-        }
-    }
-
-    /// Adds every column the fields lack, as null: a stored row has all its columns.
     pub(crate) fn new_id(&mut self, now: Timestamp) -> String {
         self.ids.next(now)
     }
 
-    pub(crate) fn complete_fields(&self, ti: usize, mut fields: Fields) -> Fields {
-        for c in &self.schema.tables()[ti].columns {
-            if !fields.contains_key(&c.name) {
-                fields.insert(c.name.clone(), Value::Null);
-            }
-        }
-        fields
+    pub(crate) fn complete_fields(&self, ti: usize, fields: Fields) -> Fields {
+        prepare::complete_fields(&self.schema, ti, fields)
     }
 
     /// Reads the current row from the write connection (it sees this group's own writes).
@@ -1066,12 +988,6 @@ impl IdGen {
     }
 }
 
-fn op_table(op: &Op) -> &str {
-    match op {
-        Op::Insert { table, .. } | Op::Update { table, .. } | Op::Delete { table, .. } => table,
-    }
-}
-
 impl Scratch<'_> {
     pub(crate) fn dirty(&mut self, order_id: &str) {
         if !self.dirty_orders.contains(order_id) {
@@ -1219,11 +1135,14 @@ pub(crate) fn load_log_state(
     };
     let mut open = OpenSegment::default();
     let mut hlc = Hlc::default();
-    let tail = read_entries(conn, Seq(sealed + 1), Seq(u64::MAX >> 1)).map_err(|e| corrupt(e.to_string()))?;
+    let tail = read_entries(conn, Seq(sealed + 1), Seq(u64::MAX >> 1))
+        .map_err(|e| corrupt(e.to_string()))?;
     let mut last_seq = sealed;
     for (seq, version, bytes) in tail {
         if seq.0 != last_seq + 1 {
-            return Err(corrupt(format!("the log jumps from seq {last_seq} to {seq}")));
+            return Err(corrupt(format!(
+                "the log jumps from seq {last_seq} to {seq}"
+            )));
         }
         last_seq = seq.0;
         let entry = LogEntry::decode(&bytes).map_err(|e| corrupt(format!("entry {seq}: {e}")))?;
@@ -1234,8 +1153,11 @@ pub(crate) fn load_log_state(
     }
     open.flushed = open.entries.len();
     if open.entries.is_empty() && sealed > pruned {
-        let last = read_entries(conn, Seq(sealed), Seq(sealed)).map_err(|e| corrupt(e.to_string()))?;
-        let (_, _, bytes) = last.first().ok_or_else(|| corrupt(format!("entry {sealed} is missing")))?;
+        let last =
+            read_entries(conn, Seq(sealed), Seq(sealed)).map_err(|e| corrupt(e.to_string()))?;
+        let (_, _, bytes) = last
+            .first()
+            .ok_or_else(|| corrupt(format!("entry {sealed} is missing")))?;
         hlc = LogEntry::decode(bytes)
             .map_err(|e| corrupt(format!("entry {sealed}: {e}")))?
             .hlc;

@@ -1,0 +1,191 @@
+//! Checks a transaction against the schema in the caller's thread, before it reaches the
+//! writer: tables exist, the operation is allowed for the table's kind and owner, columns exist
+//! and hold the right types, inserts get an id and every column. The writer then does only
+//! what needs its state (compare-and-set, rules, the log), so pure validation never occupies
+//! the single writer thread.
+
+use shared::json::FieldError;
+use shared::schema::{ColumnType, Owner, Schema, TableKind};
+use shared::{Fields, Value};
+
+use super::error::{StoreError, TxnError};
+use super::txn::{Op, TXN_OPS_MAX, Txn};
+
+/// A checked operation, by table index.
+#[derive(Debug)]
+pub(crate) enum PreparedOp {
+    /// `fields` holds every column of the table.
+    Insert {
+        ti: usize,
+        id: String,
+        fields: Fields,
+    },
+    Update {
+        ti: usize,
+        id: String,
+        version: u64,
+        set: Fields,
+    },
+    Delete {
+        ti: usize,
+        id: String,
+        version: u64,
+    },
+}
+
+impl PreparedOp {
+    pub(crate) fn table(&self) -> usize {
+        match self {
+            PreparedOp::Insert { ti, .. }
+            | PreparedOp::Update { ti, .. }
+            | PreparedOp::Delete { ti, .. } => *ti,
+        }
+    }
+}
+
+/// A checked transaction. Only [`prepare`] makes one.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub actor: String,
+    pub ops: Vec<PreparedOp>,
+}
+
+fn table_index(schema: &Schema, name: &str) -> Result<usize, StoreError> {
+    schema
+        .table_index(name)
+        .ok_or_else(|| StoreError::UnknownTable(name.chars().take(64).collect()))
+}
+
+/// Checks client fields: known columns, not server-owned, values of the column's type.
+fn check_fields(schema: &Schema, ti: usize, fields: &Fields) -> Result<(), StoreError> {
+    let t = &schema.tables()[ti];
+    for (name, v) in fields {
+        let Some(c) = t.column(name) else {
+            return Err(FieldError::UnknownColumn {
+                table: t.name.clone(),
+                column: name.chars().take(64).collect(),
+            }
+            .into());
+        };
+        if c.server_owned {
+            return Err(FieldError::ReadOnlyColumn {
+                column: name.clone(),
+            }
+            .into());
+        }
+        let ok = matches!(
+            (c.ty, v),
+            (_, Value::Null)
+                | (ColumnType::Text, Value::Text(_))
+                | (ColumnType::Json, Value::Json(_))
+                | (ColumnType::Integer | ColumnType::Money, Value::Int(_))
+                | (ColumnType::Bool, Value::Bool(_))
+                | (ColumnType::Timestamp, Value::Timestamp(_))
+        );
+        if !ok {
+            return Err(FieldError::InvalidValue {
+                column: name.clone(),
+                expected: match c.ty {
+                    ColumnType::Money => "an integer amount in minor units",
+                    ColumnType::Integer => "an integer",
+                    ColumnType::Text => "a string",
+                    ColumnType::Json => "a JSON document",
+                    ColumnType::Bool => "true or false",
+                    ColumnType::Timestamp => "a timestamp",
+                },
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Adds every column the fields lack, as null: a stored row has all its columns.
+pub(crate) fn complete_fields(schema: &Schema, ti: usize, mut fields: Fields) -> Fields {
+    for c in &schema.tables()[ti].columns {
+        if !fields.contains_key(&c.name) {
+            fields.insert(c.name.clone(), Value::Null);
+        }
+    }
+    fields
+}
+
+fn prepare_op(schema: &Schema, op: Op) -> Result<PreparedOp, StoreError> {
+    let (table, mutating) = match &op {
+        Op::Insert { table, .. } => (table, false),
+        Op::Update { table, .. } | Op::Delete { table, .. } => (table, true),
+    };
+    let ti = table_index(schema, table)?;
+    let t = &schema.tables()[ti];
+    if t.owner == Owner::Hub {
+        return Err(StoreError::HubOwned(t.name.clone()));
+    }
+    if mutating && t.kind == TableKind::Log {
+        return Err(StoreError::LogImmutable(t.name.clone()));
+    }
+    Ok(match op {
+        Op::Insert { id, fields, .. } => {
+            if t.server_written {
+                return Err(StoreError::ServerWritten(t.name.clone()));
+            }
+            check_fields(schema, ti, &fields)?;
+            let id = match id {
+                Some(id) if id.is_empty() || id.len() > shared::ids::ID_BYTES_MAX => {
+                    return Err(FieldError::InvalidValue {
+                        column: "id".into(),
+                        expected: "a non-empty string of at most 128 bytes",
+                    }
+                    .into());
+                }
+                Some(id) => id,
+                None => uuid::Uuid::now_v7().to_string(),
+            };
+            PreparedOp::Insert {
+                ti,
+                id,
+                fields: complete_fields(schema, ti, fields),
+            }
+        }
+        Op::Update {
+            id, version, set, ..
+        } => {
+            check_fields(schema, ti, &set)?;
+            PreparedOp::Update {
+                ti,
+                id,
+                version,
+                set,
+            }
+        }
+        Op::Delete { id, version, .. } => PreparedOp::Delete { ti, id, version },
+    })
+}
+
+/// Checks a whole transaction; the error names the first bad operation.
+pub(crate) fn prepare(schema: &Schema, txn: Txn) -> Result<Prepared, TxnError> {
+    let whole = |error| TxnError {
+        op_index: None,
+        error,
+    };
+    if txn.ops.is_empty() {
+        return Err(whole(StoreError::EmptyTransaction));
+    }
+    if txn.ops.len() > TXN_OPS_MAX {
+        return Err(whole(StoreError::TooLarge("more than 1000 operations")));
+    }
+    let ops = txn
+        .ops
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| {
+            prepare_op(schema, op).map_err(|error| TxnError {
+                op_index: Some(i),
+                error,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Prepared {
+        actor: txn.actor,
+        ops,
+    })
+}
