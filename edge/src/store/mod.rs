@@ -204,7 +204,17 @@ impl Store {
             commits,
             metrics: StoreMetrics::default(),
         });
-        let writer = Writer::open(conn, &config, schema.clone(), sql.clone(), shared.clone())?;
+        /// Groups committed but not yet answered; beyond it the writer waits.
+        const DELIVERIES_MAX: usize = 64;
+        let (deliveries, to_answer) = crossbeam_channel::bounded(DELIVERIES_MAX);
+        let writer = Writer::open(
+            conn,
+            &config,
+            schema.clone(),
+            sql.clone(),
+            shared.clone(),
+            deliveries,
+        )?;
         debug_assert!(writer.conn().is_autocommit());
         let readers = (0..config.readers.max(1))
             .map(|_| open_connection(&config, false))
@@ -214,6 +224,12 @@ impl Store {
         let writer_thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))?;
+        let answerer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("store-answer".into())
+                .spawn(move || writer::answer(to_answer, shared))?
+        };
         let housekeeping = {
             let conn = open_connection(&config, true)?;
             let tx = tx.clone();
@@ -234,7 +250,7 @@ impl Store {
                     available: Condvar::new(),
                 },
                 tx: Mutex::new(Some(tx)),
-                threads: Mutex::new(vec![writer_thread, housekeeping]),
+                threads: Mutex::new(vec![writer_thread, answerer, housekeeping]),
                 stopping,
             }),
         })

@@ -48,6 +48,33 @@ pub(crate) enum Msg {
     },
 }
 
+/// A committed group's answers and its commits for the feed. Waking hundreds of waiting
+/// callers costs a system call each; a separate thread does it so that the writer can start
+/// the next group at once.
+pub(crate) struct Delivery {
+    answers: Vec<(Reply<Answer>, Answer)>,
+    commits: Vec<Commit>,
+}
+
+impl Delivery {
+    pub(crate) fn deliver(self, shared: &Shared) {
+        for (reply, answer) in self.answers {
+            let _ = reply.send(answer);
+        }
+        for c in self.commits {
+            // A send error only means nobody listens right now.
+            let _ = shared.commits.send(Arc::new(c));
+        }
+    }
+}
+
+/// Answers groups in commit order until the writer hangs up.
+pub(crate) fn answer(rx: crossbeam_channel::Receiver<Delivery>, shared: Arc<Shared>) {
+    for d in rx {
+        d.deliver(&shared);
+    }
+}
+
 /// The origin log's position, as the writer keeps it and as readers see it.
 #[derive(Debug, Clone)]
 pub struct LogStatus {
@@ -97,6 +124,7 @@ pub(crate) struct Writer {
     status: LogStatus,
     open: OpenSegment,
     ids: IdGen,
+    deliveries: crossbeam_channel::Sender<Delivery>,
     group_requests_max: usize,
     segment_age_us: i64,
     retention_us: i64,
@@ -154,6 +182,7 @@ impl Writer {
         schema: Arc<Schema>,
         sql: Arc<Vec<TableSql>>,
         shared: Arc<Shared>,
+        deliveries: crossbeam_channel::Sender<Delivery>,
     ) -> Result<Writer, OpenError> {
         let origin = OriginId::from(&config.branch);
         let (status, open, hlc) = load_log_state(&conn, &origin)?;
@@ -170,6 +199,7 @@ impl Writer {
             status,
             open,
             ids: IdGen::new(),
+            deliveries,
             group_requests_max: config.group_requests_max,
             segment_age_us: config.segment_age_ms as i64 * 1000,
             retention_us: config.retention_ms as i64 * 1000,
@@ -268,12 +298,12 @@ impl Writer {
         let now = (self.clock)();
         let started = Instant::now();
         let mut outcomes: Vec<Result<Committed, TxnError>> = Vec::with_capacity(group.len());
-        let mut commits: Vec<Commit> = Vec::new();
+        let commits = &mut Vec::new();
         let mut result = Ok(());
         for careful in [false, true] {
             outcomes.clear();
             commits.clear();
-            result = self.try_group(group, now, careful, &mut outcomes, &mut commits);
+            result = self.try_group(group, now, careful, &mut outcomes, commits);
             match result {
                 Err(GroupError::NeedsSavepoints) => {
                     let _ = self.conn.execute_batch("ROLLBACK");
@@ -310,13 +340,19 @@ impl Writer {
             commits.iter().map(|c| c.changes.len()).sum(),
             elapsed,
         );
-        self.publish(&commits);
-        for ((txn, reply), outcome) in group.drain(..).zip(outcomes.drain(..)) {
-            let _ = reply.send((outcome, txn));
-        }
-        for c in commits {
-            // A send error only means nobody listens right now.
-            let _ = self.shared.commits.send(Arc::new(c));
+        self.publish(commits);
+        let answers = group
+            .drain(..)
+            .zip(outcomes.drain(..))
+            .map(|((txn, reply), outcome)| (reply, (outcome, txn)))
+            .collect();
+        let delivery = Delivery {
+            answers,
+            commits: std::mem::take(commits),
+        };
+        if let Err(undelivered) = self.deliveries.send(delivery) {
+            // The answering thread is gone (only while stopping): answer here.
+            undelivered.into_inner().deliver(&self.shared);
         }
     }
 
