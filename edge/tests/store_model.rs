@@ -797,7 +797,7 @@ fn op_target(op: &Op) -> (&str, &str) {
 fn mrow(r: &Row) -> MRow {
     MRow {
         version: r.version,
-        fields: r.fields.clone(),
+        fields: r.fields(),
     }
 }
 
@@ -886,9 +886,9 @@ fn check(store: &Store, model: &Model, touched: &[(String, String)], ctx: &str) 
         .map(|r| {
             assert_eq!(r.version, 1);
             (
-                get_text(&r.fields, "order_id").into(),
-                get_text(&r.fields, "status").into(),
-                get_text(&r.fields, "actor").into(),
+                get_text(&r.fields(), "order_id").into(),
+                get_text(&r.fields(), "status").into(),
+                get_text(&r.fields(), "actor").into(),
             )
         })
         .collect();
@@ -903,10 +903,10 @@ fn check(store: &Store, model: &Model, touched: &[(String, String)], ctx: &str) 
         .map(|r| {
             assert_eq!(r.version, 1);
             (
-                get_text(&r.fields, "line_id").into(),
-                get_text(&r.fields, "order_id").into(),
-                get_text(&r.fields, "status").into(),
-                get_text(&r.fields, "actor").into(),
+                get_text(&r.fields(), "line_id").into(),
+                get_text(&r.fields(), "order_id").into(),
+                get_text(&r.fields(), "status").into(),
+                get_text(&r.fields(), "actor").into(),
             )
         })
         .collect();
@@ -983,7 +983,7 @@ fn check_log_replays(store: &Store, model: &Model) {
                     let old = replayed.remove(&key);
                     let old = old.unwrap_or_else(|| panic!("delete of a missing row {key:?}"));
                     assert!(e.row.version > old.version, "tombstone of {key:?}");
-                    assert_eq!(e.row.fields, old.fields, "tombstone of {key:?}");
+                    assert_eq!(e.row.fields(), old.fields(), "tombstone of {key:?}");
                 }
             }
         }

@@ -62,7 +62,7 @@ pub fn value_to_json(v: &Value) -> Json {
 /// A stored row as a JSON object: `id`, `version`, `created_at`, `updated_at`, `seq` (log
 /// tables), then the user columns.
 pub fn row_to_json(row: &Row) -> Map<String, Json> {
-    let mut m = Map::with_capacity(row.fields.len() + 5);
+    let mut m = Map::with_capacity(row.values.len() + 5);
     m.insert("id".into(), Json::String(row.id.clone()));
     m.insert("version".into(), Json::from(row.version));
     m.insert(
@@ -76,8 +76,8 @@ pub fn row_to_json(row: &Row) -> Map<String, Json> {
     if let Some(seq) = row.seq {
         m.insert("seq".into(), Json::from(seq));
     }
-    for (k, v) in &row.fields {
-        m.insert(k.clone(), value_to_json(v));
+    for (k, v) in row.iter() {
+        m.insert(k.to_owned(), value_to_json(v));
     }
     m
 }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::hlc::Hlc;
 use crate::ids::{BranchId, OriginId, Seq};
-use crate::value::Row;
+use crate::schema::Schema;
+use crate::value::{Row, RowWire, RowWireRef};
 
 /// Largest encoded entry accepted, in bytes (one row; the HTTP body limit is 1 MiB).
 pub const ENTRY_BYTES_MAX: usize = 2 * 1024 * 1024;
@@ -51,7 +52,7 @@ impl EntryOp {
 }
 
 /// One changed row in an origin's log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogEntry {
     pub origin: OriginId,
     pub seq: Seq,
@@ -68,18 +69,57 @@ pub struct LogEntry {
     pub scope: Option<BranchId>,
 }
 
+/// The encoded form of a [`LogEntry`]: the row's columns by position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntryWire {
+    pub origin: OriginId,
+    pub seq: Seq,
+    pub hlc: Hlc,
+    pub table: String,
+    pub op: EntryOp,
+    pub row_id: String,
+    pub row: RowWire,
+    pub clock: Option<VClock<OriginId>>,
+    pub scope: Option<BranchId>,
+}
+
+impl LogEntryWire {
+    /// Resolves the table against `schema` and names the row's columns.
+    pub fn attach(self, schema: &Schema) -> Result<LogEntry, SegmentError> {
+        let ti = schema
+            .table_index(&self.table)
+            .ok_or_else(|| SegmentError::UnknownTable(self.table.chars().take(64).collect()))?;
+        let row = self.row.attach(schema.columns(ti)).ok_or_else(|| {
+            SegmentError::Decode(format!("a row of {} has too many values", self.table))
+        })?;
+        Ok(LogEntry {
+            origin: self.origin,
+            seq: self.seq,
+            hlc: self.hlc,
+            table: self.table,
+            op: self.op,
+            row_id: self.row_id,
+            row,
+            clock: self.clock,
+            scope: self.scope,
+        })
+    }
+}
+
 impl LogEntry {
     /// The entry's postcard encoding, as stored and as carried inside segment bodies.
     pub fn encode(&self) -> Vec<u8> {
-        // Encoding into a Vec cannot fail for these plain data types.
-        postcard::to_stdvec(self).expect("postcard encodes log entries")
+        LogEntryRef::from(self).encode()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<LogEntry, SegmentError> {
+    /// Decodes an entry; `schema` names the row's columns.
+    pub fn decode(bytes: &[u8], schema: &Schema) -> Result<LogEntry, SegmentError> {
         if bytes.len() > ENTRY_BYTES_MAX {
             return Err(SegmentError::TooLarge);
         }
-        postcard::from_bytes(bytes).map_err(|e| SegmentError::Decode(e.to_string()))
+        let wire: LogEntryWire =
+            postcard::from_bytes(bytes).map_err(|e| SegmentError::Decode(e.to_string()))?;
+        wire.attach(schema)
     }
 }
 
@@ -93,7 +133,7 @@ pub struct LogEntryRef<'a> {
     pub table: &'a str,
     pub op: EntryOp,
     pub row_id: &'a str,
-    pub row: &'a Row,
+    pub row: RowWireRef<'a>,
     pub clock: Option<&'a VClock<OriginId>>,
     pub scope: Option<&'a BranchId>,
 }
@@ -113,7 +153,7 @@ impl<'a> From<&'a LogEntry> for LogEntryRef<'a> {
             table: &e.table,
             op: e.op,
             row_id: &e.row_id,
-            row: &e.row,
+            row: e.row.wire(),
             clock: e.clock.as_ref(),
             scope: e.scope.as_ref(),
         }
@@ -155,6 +195,8 @@ pub enum SegmentError {
     TooLarge,
     #[error("segment body does not decode: {0}")]
     Decode(String),
+    #[error("segment names a table the receiver does not have: {0}")]
+    UnknownTable(String),
     #[error("segment entries are not the contiguous seqs {first}..={last} of origin {origin}")]
     BadSequence {
         origin: String,
@@ -219,7 +261,11 @@ impl Segment {
     /// Verifies the segment against the receiver's chain head `expected_prev` and returns its
     /// decoded entries: the hash over the received bytes, the chain link, the limits, and that
     /// the entries are exactly `first_seq..=last_seq` of `origin`, in order.
-    pub fn verify(&self, expected_prev: &ChainHash) -> Result<Vec<LogEntry>, SegmentError> {
+    pub fn verify(
+        &self,
+        expected_prev: &ChainHash,
+        schema: &Schema,
+    ) -> Result<Vec<LogEntry>, SegmentError> {
         if self.body.len() > SEGMENT_BYTES_MAX {
             return Err(SegmentError::TooLarge);
         }
@@ -246,8 +292,9 @@ impl Segment {
         }
         let mut entries = Vec::with_capacity(count);
         for i in 0..count as u64 {
-            let (entry, tail) = postcard::take_from_bytes::<LogEntry>(rest)
+            let (wire, tail) = postcard::take_from_bytes::<LogEntryWire>(rest)
                 .map_err(|e| SegmentError::Decode(e.to_string()))?;
+            let entry = wire.attach(schema)?;
             if entry.origin != self.origin || entry.seq != Seq(self.first_seq.0 + i) {
                 return Err(bad_sequence());
             }
@@ -267,10 +314,11 @@ impl Segment {
 pub fn verify_chain<'a>(
     mut head: ChainHash,
     segments: impl IntoIterator<Item = &'a Segment>,
+    schema: &Schema,
 ) -> Result<ChainHash, SegmentError> {
     let mut next_seq = None;
     for s in segments {
-        s.verify(&head)?;
+        s.verify(&head, schema)?;
         if next_seq.is_some_and(|n| n != s.first_seq) {
             return Err(SegmentError::ChainBreak);
         }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::value::Value;
+use crate::value::{Columns, Value};
 
 /// Most tables a module may declare.
 pub const TABLES_MAX: usize = 256;
@@ -203,6 +203,11 @@ impl Table {
         self.columns.iter().find(|c| c.name == name)
     }
 
+    /// The position of a user column.
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
     /// Whether `role` may perform `access` on this table. Kind and owner limits (log rows are
     /// immutable, hub-owned tables are read-only at the edge) are checked by the store.
     pub fn allows(&self, role: Role, access: Access<'_>) -> bool {
@@ -251,6 +256,8 @@ pub struct Schema {
     module: String,
     tables: Vec<Table>,
     by_name: HashMap<String, usize>,
+    /// Per table, its user column names, shared by every row of the table.
+    columns: Vec<Columns>,
     fingerprint: [u8; 32],
 }
 
@@ -370,10 +377,15 @@ impl Schema {
         // The fingerprint only decides whether start-up re-checks the database layout; a
         // change in Debug formatting merely costs one re-check.
         let fingerprint = *blake3::hash(format!("{module}\n{tables:?}").as_bytes()).as_bytes();
+        let columns = tables
+            .iter()
+            .map(|t| t.columns.iter().map(|c| c.name.clone()).collect())
+            .collect();
         Ok(Schema {
             module: module.to_owned(),
             tables,
             by_name,
+            columns,
             fingerprint,
         })
     }
@@ -388,6 +400,11 @@ impl Schema {
 
     pub fn table(&self, name: &str) -> Option<&Table> {
         self.by_name.get(name).map(|&i| &self.tables[i])
+    }
+
+    /// The user column names of table `ti`, shared by its rows.
+    pub fn columns(&self, ti: usize) -> &Columns {
+        &self.columns[ti]
     }
 
     /// Index of a table in [`Schema::tables`].

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -75,12 +76,16 @@ impl Value {
     }
 }
 
-/// The user columns of a row, by name. Every column of the table is present (absent ones
-/// are [`Value::Null`]) once a row is stored.
+/// User columns by name: how callers describe a row to insert or the columns to update.
 pub type Fields = BTreeMap<String, Value>;
 
-/// A stored row: the server-maintained columns and the user columns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The names of a table's user columns, shared by all its rows.
+pub type Columns = Arc<[String]>;
+
+/// A stored row: the server-maintained columns and the user columns, positionally, in the
+/// table's column order. Each row shares its table's column names, so `get` works by name;
+/// encodings carry only the values (see [`RowWire`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
     pub id: String,
     /// Row version: 1 on insert, +1 per update.
@@ -89,12 +94,103 @@ pub struct Row {
     pub updated_at: Timestamp,
     /// For log tables: the origin-log seq of the entry that inserted it.
     pub seq: Option<u64>,
-    pub fields: Fields,
+    pub columns: Columns,
+    /// One value per column, in `columns` order.
+    pub values: Vec<Value>,
 }
 
 impl Row {
+    /// The value of a column by name; `Null` for a name the table lacks.
     pub fn get(&self, column: &str) -> &Value {
-        self.fields.get(column).unwrap_or(&Value::Null)
+        const NULL: &Value = &Value::Null;
+        match self.columns.iter().position(|c| c == column) {
+            Some(i) => self.values.get(i).unwrap_or(NULL),
+            None => NULL,
+        }
+    }
+
+    /// Sets a column by name; returns false when the table has no such column.
+    pub fn set(&mut self, column: &str, value: Value) -> bool {
+        match self.columns.iter().position(|c| c == column) {
+            Some(i) => {
+                self.values[i] = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The user columns as a map by name.
+    pub fn fields(&self) -> Fields {
+        self.columns
+            .iter()
+            .cloned()
+            .zip(self.values.iter().cloned())
+            .collect()
+    }
+
+    /// Iterates `(column name, value)`.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.columns
+            .iter()
+            .map(String::as_str)
+            .zip(self.values.iter())
+    }
+
+    /// The row's encoding (values only, names come from the schema).
+    pub fn wire(&self) -> RowWireRef<'_> {
+        RowWireRef {
+            id: &self.id,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            seq: self.seq,
+            values: &self.values,
+        }
+    }
+}
+
+/// A row as encoded in the log and on the wire: its user columns by position only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowWire {
+    pub id: String,
+    pub version: u64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub seq: Option<u64>,
+    pub values: Vec<Value>,
+}
+
+/// Borrowed [`RowWire`]: encodes to the same bytes.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RowWireRef<'a> {
+    pub id: &'a str,
+    pub version: u64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub seq: Option<u64>,
+    pub values: &'a [Value],
+}
+
+impl RowWire {
+    /// Attaches the table's column names. A row encoded when the table had fewer columns
+    /// (columns are only ever appended) gets nulls for the new ones; a row with more values
+    /// than the table has columns is refused.
+    pub fn attach(self, columns: &Columns) -> Option<Row> {
+        let mut values = self.values;
+        if values.len() > columns.len() {
+            return None;
+        }
+        values.resize(columns.len(), Value::Null);
+        Some(Row {
+            id: self.id,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            seq: self.seq,
+            columns: columns.clone(),
+            values,
+        })
     }
 }
 

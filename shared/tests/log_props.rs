@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 
 use crdts::{CmRDT, VClock};
 use proptest::prelude::*;
-use shared::log::{ChainHash, EntryOp, LogEntry, Segment, SegmentError, verify_chain};
-use shared::{BranchId, Hlc, OriginId, Row, Seq, Timestamp, Value};
+use shared::log::{
+    ChainHash, EntryOp, LogEntry, LogEntryWire, Segment, SegmentError, verify_chain,
+};
+use shared::{BranchId, Hlc, OriginId, Row, Schema, Seq, Timestamp, Value};
 
 fn value() -> impl Strategy<Value = Value> {
     prop_oneof![
@@ -19,21 +21,30 @@ fn value() -> impl Strategy<Value = Value> {
     ]
 }
 
+fn schema() -> Schema {
+    shared::pos::schema()
+}
+
+/// A row of `order_payment` (the table the generated entries name), with arbitrary values.
 fn row() -> impl Strategy<Value = Row> {
+    let columns = schema()
+        .columns(schema().table_index("order_payment").unwrap())
+        .clone();
     (
         "[a-z0-9]{1,10}",
         1u64..1000,
         any::<i64>(),
         proptest::option::of(any::<u64>()),
-        proptest::collection::btree_map("[a-z_]{1,8}", value(), 0..6),
+        proptest::collection::vec(value(), columns.len()),
     )
-        .prop_map(|(id, version, t, seq, fields)| Row {
+        .prop_map(move |(id, version, t, seq, values)| Row {
             id,
             version,
             created_at: Timestamp(t),
             updated_at: Timestamp(t),
             seq,
-            fields,
+            columns: columns.clone(),
+            values,
         })
 }
 
@@ -108,7 +119,7 @@ proptest! {
     #[test]
     fn entries_round_trip(es in entries(8)) {
         for e in &es {
-            prop_assert_eq!(&LogEntry::decode(&e.encode()).unwrap(), e);
+            prop_assert_eq!(&LogEntry::decode(&e.encode(), &schema()).unwrap(), e);
         }
     }
 
@@ -122,8 +133,9 @@ proptest! {
     #[test]
     fn segment_body_equals_postcard_of_the_entries(es in entries(8)) {
         let s = &chain(&es, es.len())[0];
-        prop_assert_eq!(&s.body, &postcard::to_stdvec(&es).unwrap());
-        let back = s.verify(&ChainHash::genesis(&es[0].origin)).unwrap();
+        let wires: Vec<LogEntryWire> = es.iter().map(|e| postcard::from_bytes(&e.encode()).unwrap()).collect();
+        prop_assert_eq!(&s.body, &postcard::to_stdvec(&wires).unwrap());
+        let back = s.verify(&ChainHash::genesis(&es[0].origin), &schema()).unwrap();
         prop_assert_eq!(back, es);
     }
 
@@ -131,7 +143,7 @@ proptest! {
     fn chains_verify_and_segments_round_trip(es in entries(20), size in 1usize..6) {
         let segs = chain(&es, size);
         let genesis = ChainHash::genesis(&es[0].origin);
-        let head = verify_chain(genesis, &segs).unwrap();
+        let head = verify_chain(genesis, &segs, &schema()).unwrap();
         prop_assert_eq!(head, segs.last().unwrap().hash);
         for s in &segs {
             let bytes = postcard::to_stdvec(s).unwrap();
@@ -144,7 +156,7 @@ proptest! {
         let mut s = chain(&es, es.len()).remove(0);
         let i = at.index(s.body.len());
         s.body[i] ^= flip;
-        prop_assert_eq!(s.verify(&ChainHash::genesis(&es[0].origin)).unwrap_err(), SegmentError::HashMismatch);
+        prop_assert_eq!(s.verify(&ChainHash::genesis(&es[0].origin), &schema()).unwrap_err(), SegmentError::HashMismatch);
     }
 
     #[test]
@@ -152,15 +164,15 @@ proptest! {
         prop_assume!(es.len() >= 2);
         let genesis = ChainHash::genesis(&es[0].origin);
         let mut s = chain(&es, es.len()).remove(0);
-        let mut fewer = es.clone();
+        let mut fewer: Vec<LogEntryWire> = es.iter().map(|e| postcard::from_bytes(&e.encode()).unwrap()).collect();
         fewer.remove(at.index(es.len()));
         // The sender re-encodes without the entry but keeps the header and hash: hash fails.
         let forged = Segment { body: postcard::to_stdvec(&fewer).unwrap(), ..s.clone() };
-        prop_assert!(forged.verify(&genesis).is_err());
+        prop_assert!(forged.verify(&genesis, &schema()).is_err());
         // Re-hashed honestly, the gap in seqs is still caught.
         s.body = postcard::to_stdvec(&fewer).unwrap();
         s.hash = shared::log::chain_hash(&genesis, &s.body);
-        prop_assert!(s.verify(&genesis).is_err());
+        prop_assert!(s.verify(&genesis, &schema()).is_err());
     }
 
     #[test]
@@ -172,17 +184,17 @@ proptest! {
         let mut swapped = segs.clone();
         swapped.swap(i, j);
         let genesis = ChainHash::genesis(&es[0].origin);
-        prop_assert_eq!(verify_chain(genesis, &swapped).unwrap_err(), SegmentError::ChainBreak);
+        prop_assert_eq!(verify_chain(genesis, &swapped, &schema()).unwrap_err(), SegmentError::ChainBreak);
         let mut dropped = segs.clone();
         dropped.remove(i.min(segs.len() - 2));
-        prop_assert!(verify_chain(genesis, &dropped).is_err());
+        prop_assert!(verify_chain(genesis, &dropped, &schema()).is_err());
     }
 
     #[test]
     fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = LogEntry::decode(&bytes);
+        let _ = LogEntry::decode(&bytes, &schema());
         if let Ok(s) = postcard::from_bytes::<Segment>(&bytes) {
-            let _ = s.verify(&ChainHash([0; 32]));
+            let _ = s.verify(&ChainHash([0; 32]), &schema());
         }
     }
 }

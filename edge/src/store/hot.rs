@@ -211,21 +211,23 @@ impl HotTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::{Fields, Timestamp, pos};
+    use shared::{Timestamp, pos};
 
-    fn row(id: &str, fields: &[(&str, &str)]) -> Arc<Row> {
-        let fields: Fields = fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), Value::Text(v.to_string())))
-            .collect();
-        Arc::new(Row {
+    fn row(s: &Schema, table: usize, id: &str, fields: &[(&str, &str)]) -> Arc<Row> {
+        let columns = s.columns(table).clone();
+        let mut row = Row {
             id: id.into(),
             version: 1,
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
             seq: None,
-            fields,
-        })
+            values: vec![Value::Null; columns.len()],
+            columns,
+        };
+        for (k, v) in fields {
+            assert!(row.set(k, Value::Text(v.to_string())));
+        }
+        Arc::new(row)
     }
 
     #[test]
@@ -236,20 +238,20 @@ mod tests {
             s.table_index("order_line").unwrap(),
         );
         let mut h = HotTier::new(&s, Version(0));
-        let open = row("o1", &[("status", "open")]);
+        let open = row(&s, o, "o1", &[("status", "open")]);
         let parent = h.apply(HotChange {
             table: o,
             deleted: false,
             row: &open,
         });
         assert_eq!(parent, Some((o, "o1".to_string())));
-        let line = row("l1", &[("order_id", "o1"), ("station_id", "grill")]);
+        let line = row(&s, l, "l1", &[("order_id", "o1"), ("station_id", "grill")]);
         h.apply(HotChange {
             table: l,
             deleted: false,
             row: &line,
         });
-        let orphan = row("l2", &[("order_id", "nope")]);
+        let orphan = row(&s, l, "l2", &[("order_id", "nope")]);
         h.apply(HotChange {
             table: l,
             deleted: false,
@@ -260,7 +262,7 @@ mod tests {
             .lookup(l, "station_id", &Value::Text("grill".into()))
             .unwrap();
         assert_eq!(grill.len(), 1);
-        let closed = row("o1", &[("status", "closed")]);
+        let closed = row(&s, o, "o1", &[("status", "closed")]);
         h.apply(HotChange {
             table: o,
             deleted: false,

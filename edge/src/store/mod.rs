@@ -200,7 +200,9 @@ impl Store {
         let (commits, _) = broadcast::channel(COMMIT_FEED_CAPACITY);
         let shared = Arc::new(Shared {
             hot: RwLock::new(hot),
-            status: Mutex::new(writer::load_log_state(&conn, &OriginId::from(&config.branch))?.0),
+            status: Mutex::new(
+                writer::load_log_state(&conn, &OriginId::from(&config.branch), &schema)?.0,
+            ),
             commits,
             metrics: StoreMetrics::default(),
         });
@@ -370,12 +372,11 @@ impl Store {
     /// Every row of a table, from SQLite (tests and tools; terminals use snapshots and queries).
     pub fn scan(&self, table: &str) -> Result<Vec<Row>, StoreError> {
         let ti = self.table_index(table)?;
-        let t = &self.schema().tables()[ti];
         self.with_reader(|conn| {
             let mut stmt =
                 conn.prepare_cached(&format!("{} ORDER BY id", self.inner.sql[ti].select_all))?;
             let rows = stmt
-                .query_map([], |r| sql::row_from_sql(t, r))?
+                .query_map([], |r| sql::row_from_sql(self.schema(), ti, r))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -426,7 +427,7 @@ impl Store {
             .into_iter()
             .take(limit)
             .map(|(_, version, bytes)| {
-                LogEntry::decode(&bytes)
+                LogEntry::decode(&bytes, self.schema())
                     .map(|e| (version, e))
                     .map_err(|e| StoreError::Storage(format!("log entry does not decode: {e}")))
             })
@@ -490,7 +491,7 @@ impl Store {
             let segs = self.segments_after(after, 64)?;
             let Some(last) = segs.last() else { break };
             after = last.last_seq;
-            head = verify_chain(head, &segs).map_err(|e| {
+            head = verify_chain(head, &segs, self.schema()).map_err(|e| {
                 StoreError::Storage(format!("log chain at seq {}: {e}", segs[0].first_seq))
             })?;
         }
@@ -579,7 +580,7 @@ fn load_hot(
         let mut stmt = conn.prepare(&query)?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(params), |r| {
-                sql::row_from_sql(t, r)
+                sql::row_from_sql(schema, ti, r)
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         for r in rows {
@@ -594,7 +595,7 @@ fn load_hot(
             let mut stmt = conn.prepare(&q)?;
             for pid in parent_ids {
                 let rows = stmt
-                    .query_map([&pid], |r| sql::row_from_sql(t, r))?
+                    .query_map([&pid], |r| sql::row_from_sql(schema, ti, r))?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 for r in rows {
                     hot.load(ti, Arc::new(r));

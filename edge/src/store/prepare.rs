@@ -14,11 +14,11 @@ use super::txn::{Op, TXN_OPS_MAX, Txn};
 /// A checked operation, by table index.
 #[derive(Debug)]
 pub(crate) enum PreparedOp {
-    /// `fields` holds every column of the table.
+    /// `values` holds every column of the table, in order.
     Insert {
         ti: usize,
         id: String,
-        fields: Fields,
+        values: Vec<Value>,
     },
     Update {
         ti: usize,
@@ -31,6 +31,9 @@ pub(crate) enum PreparedOp {
         id: String,
         version: u64,
     },
+    /// An operation that failed its checks. It is reported when the writer reaches it, so a
+    /// batch's error is always its first failing operation's, in order.
+    Invalid(StoreError),
 }
 
 impl PreparedOp {
@@ -39,6 +42,7 @@ impl PreparedOp {
             PreparedOp::Insert { ti, .. }
             | PreparedOp::Update { ti, .. }
             | PreparedOp::Delete { ti, .. } => *ti,
+            PreparedOp::Invalid(_) => usize::MAX,
         }
     }
 }
@@ -100,16 +104,6 @@ fn check_fields(schema: &Schema, ti: usize, fields: &Fields) -> Result<(), Store
     Ok(())
 }
 
-/// Adds every column the fields lack, as null: a stored row has all its columns.
-pub(crate) fn complete_fields(schema: &Schema, ti: usize, mut fields: Fields) -> Fields {
-    for c in &schema.tables()[ti].columns {
-        if !fields.contains_key(&c.name) {
-            fields.insert(c.name.clone(), Value::Null);
-        }
-    }
-    fields
-}
-
 fn prepare_op(schema: &Schema, op: Op) -> Result<PreparedOp, StoreError> {
     let (table, mutating) = match &op {
         Op::Insert { table, .. } => (table, false),
@@ -140,11 +134,13 @@ fn prepare_op(schema: &Schema, op: Op) -> Result<PreparedOp, StoreError> {
                 Some(id) => id,
                 None => uuid::Uuid::now_v7().to_string(),
             };
-            PreparedOp::Insert {
-                ti,
-                id,
-                fields: complete_fields(schema, ti, fields),
+            let mut values = vec![Value::Null; t.columns.len()];
+            for (name, v) in fields {
+                // check_fields found every name among the columns.
+                let i = t.column_index(&name).expect("checked column");
+                values[i] = v;
             }
+            PreparedOp::Insert { ti, id, values }
         }
         Op::Update {
             id, version, set, ..
@@ -173,17 +169,18 @@ pub(crate) fn prepare(schema: &Schema, txn: Txn) -> Result<Prepared, TxnError> {
     if txn.ops.len() > TXN_OPS_MAX {
         return Err(whole(StoreError::TooLarge("more than 1000 operations")));
     }
-    let ops = txn
+    let ops: Vec<PreparedOp> = txn
         .ops
         .into_iter()
-        .enumerate()
-        .map(|(i, op)| {
-            prepare_op(schema, op).map_err(|error| TxnError {
-                op_index: Some(i),
-                error,
-            })
-        })
-        .collect::<Result<_, _>>()?;
+        .map(|op| prepare_op(schema, op).unwrap_or_else(PreparedOp::Invalid))
+        .collect();
+    // Nothing can fail before the first operation: report it without queueing.
+    if let Some(PreparedOp::Invalid(error)) = ops.first() {
+        return Err(TxnError {
+            op_index: Some(0),
+            error: error.clone(),
+        });
+    }
     Ok(Prepared {
         actor: txn.actor,
         ops,

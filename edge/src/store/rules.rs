@@ -31,12 +31,34 @@ pub(crate) struct PosRules {
     line_status_log: usize,
 }
 
-fn text<'a>(row_or_fields: &'a Fields, col: &str) -> Option<&'a str> {
-    row_or_fields.get(col).and_then(Value::as_str)
+/// Read access by column name to a row or to an update's `set`.
+trait Columns {
+    fn value(&self, col: &str) -> Option<&Value>;
 }
 
-fn bounded(fields: &Fields, col: &str, max: i64, expected: &'static str) -> Result<(), StoreError> {
-    match fields.get(col) {
+impl Columns for Fields {
+    fn value(&self, col: &str) -> Option<&Value> {
+        self.get(col)
+    }
+}
+
+impl Columns for Row {
+    fn value(&self, col: &str) -> Option<&Value> {
+        Some(self.get(col))
+    }
+}
+
+fn text<'a>(row_or_fields: &'a impl Columns, col: &str) -> Option<&'a str> {
+    row_or_fields.value(col).and_then(Value::as_str)
+}
+
+fn bounded(
+    fields: &impl Columns,
+    col: &str,
+    max: i64,
+    expected: &'static str,
+) -> Result<(), StoreError> {
+    match fields.value(col) {
         Some(Value::Int(v)) if v.abs() > max => Err(FieldError::InvalidValue {
             column: col.into(),
             expected,
@@ -46,7 +68,7 @@ fn bounded(fields: &Fields, col: &str, max: i64, expected: &'static str) -> Resu
     }
 }
 
-fn check_amounts(fields: &Fields) -> Result<(), StoreError> {
+fn check_amounts(fields: &impl Columns) -> Result<(), StoreError> {
     const MONEY: &str = "an amount of at most 100000000000 minor units";
     bounded(fields, "unit_price", MONEY_ABS_MAX, MONEY)?;
     bounded(fields, "amount", MONEY_ABS_MAX, MONEY)?;
@@ -58,8 +80,8 @@ fn check_amounts(fields: &Fields) -> Result<(), StoreError> {
     )
 }
 
-fn check_status(chain: &[&str], fields: &Fields) -> Result<(), StoreError> {
-    match fields.get("status") {
+fn check_status(chain: &[&str], fields: &impl Columns) -> Result<(), StoreError> {
+    match fields.value("status") {
         None | Some(Value::Null) => Ok(()),
         Some(Value::Text(s)) if status_known(chain, s) => Ok(()),
         Some(_) => Err(FieldError::InvalidValue {
@@ -111,7 +133,7 @@ impl PosRules {
         conn: &Connection,
         schema: &Schema,
         sql: &[TableSql],
-        fields: &Fields,
+        fields: &impl Columns,
     ) -> Result<Row, StoreError> {
         let order_id = text(fields, "order_id").unwrap_or_default();
         read_row(conn, schema, sql, self.order, order_id)?.ok_or_else(|| StoreError::UnknownOrder {
@@ -134,28 +156,28 @@ impl PosRules {
         schema: &Schema,
         sql: &[TableSql],
         ti: usize,
-        fields: &mut Fields,
+        row: &mut Row,
     ) -> Result<(), StoreError> {
-        check_amounts(fields)?;
+        check_amounts(row)?;
         if ti == self.order {
-            check_status(&ORDER_STATUSES, fields)?;
-            if fields.get("status").is_none_or(Value::is_null) {
-                fields.insert("status".into(), Value::Text("open".into()));
+            check_status(&ORDER_STATUSES, row)?;
+            if row.get("status").is_null() {
+                row.set("status", Value::Text("open".into()));
             }
-            fields.insert("total_amount".into(), Value::Int(0));
-            fields.insert("paid_amount".into(), Value::Int(0));
+            row.set("total_amount", Value::Int(0));
+            row.set("paid_amount", Value::Int(0));
         } else if ti == self.line {
-            check_status(&LINE_STATUSES, fields)?;
-            let order = self.order_of(conn, schema, sql, fields)?;
+            check_status(&LINE_STATUSES, row)?;
+            let order = self.order_of(conn, schema, sql, row)?;
             Self::require_open(&order)?;
-            if fields.get("status").is_none_or(Value::is_null) {
-                fields.insert("status".into(), Value::Text("queued".into()));
+            if row.get("status").is_null() {
+                row.set("status", Value::Text("queued".into()));
             }
         } else if ti == self.payment {
             // A payment is accepted on any existing order, closed or cancelled included:
             // money a till has taken (or refunded) must always be recordable.
-            self.order_of(conn, schema, sql, fields)?;
-            if fields.get("amount").is_none_or(Value::is_null) {
+            self.order_of(conn, schema, sql, row)?;
+            if row.get("amount").is_null() {
                 return Err(FieldError::InvalidValue {
                     column: "amount".into(),
                     expected: "an integer amount in minor units (it is required)",
@@ -203,7 +225,7 @@ impl PosRules {
             }
         } else if ti == self.line {
             check_status(&LINE_STATUSES, set)?;
-            Self::require_open(&self.order_of(conn, schema, sql, &current.fields)?)?;
+            Self::require_open(&self.order_of(conn, schema, sql, current)?)?;
             if set.contains_key("order_id") {
                 Self::require_open(&self.order_of(conn, schema, sql, set)?)?;
             }
@@ -238,7 +260,7 @@ impl PosRules {
                 });
             }
         } else if ti == self.line {
-            Self::require_open(&self.order_of(conn, schema, sql, &current.fields)?)?;
+            Self::require_open(&self.order_of(conn, schema, sql, current)?)?;
         }
         Ok(())
     }
@@ -314,9 +336,9 @@ impl PosRules {
         if let Some(line) = line_id {
             fields.insert("line_id".into(), Value::Text(line.to_owned()));
         }
-        let fields = w.complete_fields(log_table, fields);
         let id = w.new_id(s.now);
-        w.insert_row(log_table, id, fields, s)?;
+        let row = w.new_row_from(log_table, id, fields, s.now);
+        w.insert_row(log_table, row, s)?;
         Ok(())
     }
 

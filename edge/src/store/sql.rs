@@ -5,7 +5,7 @@
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::schema::{ColumnType, Schema, Table};
-use shared::{Fields, Row, Timestamp, Value};
+use shared::{Row, Timestamp, Value};
 
 use super::error::OpenError;
 
@@ -149,20 +149,19 @@ pub fn row_params<'a>(t: &Table, row: &'a Row, clock: Option<&'a [u8]>) -> Vec<T
     p.push(ToSqlOutput::Borrowed(
         clock.map_or(ValueRef::Null, ValueRef::Blob),
     ));
-    for c in &t.columns {
-        p.push(value_ref(row.get(&c.name)));
+    debug_assert_eq!(row.values.len(), t.columns.len());
+    for v in &row.values {
+        p.push(value_ref(v));
     }
     p
 }
 
 /// Reads a row selected with the table's column list (`select_by_id`, `select_all`).
-pub fn row_from_sql(t: &Table, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    let mut fields = Fields::new();
+pub fn row_from_sql(schema: &Schema, ti: usize, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let t = &schema.tables()[ti];
+    let mut values = Vec::with_capacity(t.columns.len());
     for (i, c) in t.columns.iter().enumerate() {
-        fields.insert(
-            c.name.clone(),
-            value_from_sql(c.ty, r.get_ref(SYSTEM_SQL_COUNT + i)?)?,
-        );
+        values.push(value_from_sql(c.ty, r.get_ref(SYSTEM_SQL_COUNT + i)?)?);
     }
     Ok(Row {
         id: r.get(0)?,
@@ -170,7 +169,8 @@ pub fn row_from_sql(t: &Table, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         created_at: Timestamp(r.get(2)?),
         updated_at: Timestamp(r.get(3)?),
         seq: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
-        fields,
+        columns: schema.columns(ti).clone(),
+        values,
     })
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chunk;
 use super::error::{OpenError, StoreError, TxnError};
-use super::prepare::{self, Prepared, PreparedOp};
+use super::prepare::{Prepared, PreparedOp};
 use super::rules::PosRules;
 use super::sql::{self, TableSql};
 use super::txn::{Applied, Change, Commit, Committed, OpResult};
@@ -185,7 +185,7 @@ impl Writer {
         deliveries: crossbeam_channel::Sender<Delivery>,
     ) -> Result<Writer, OpenError> {
         let origin = OriginId::from(&config.branch);
-        let (status, open, hlc) = load_log_state(&conn, &origin)?;
+        let (status, open, hlc) = load_log_state(&conn, &origin, &schema)?;
         *shared.status.lock() = status.clone();
         Ok(Writer {
             rules: PosRules::for_schema(&schema),
@@ -283,7 +283,7 @@ impl Writer {
     /// Reloads the log state from the database after a failed transaction. If even that
     /// fails the database is unusable, and continuing could corrupt the chain.
     fn reload(&mut self) {
-        let (status, open, hlc) = load_log_state(&self.conn, &self.origin)
+        let (status, open, hlc) = load_log_state(&self.conn, &self.origin, &self.schema)
             .expect("reloading the log state after a rollback");
         self.status = status;
         self.open = open;
@@ -554,12 +554,13 @@ impl Writer {
     ) -> Result<(usize, OpResult), StoreError> {
         let ti = op.table();
         let r = match op {
-            PreparedOp::Insert { id, fields, .. } => {
-                let mut fields = fields.clone();
+            PreparedOp::Invalid(error) => return Err(error.clone()),
+            PreparedOp::Insert { id, values, .. } => {
+                let mut row = self.new_row(ti, id.clone(), values.clone(), s.now);
                 if let Some(rules) = &self.rules {
-                    rules.before_insert(&self.conn, &self.schema, &self.sql, ti, &mut fields)?;
+                    rules.before_insert(&self.conn, &self.schema, &self.sql, ti, &mut row)?;
                 }
-                self.insert_row(ti, id.clone(), fields, s)
+                self.insert_row(ti, row, s)
             }
             PreparedOp::Update {
                 id, version, set, ..
@@ -582,7 +583,7 @@ impl Writer {
                 {
                     let (total, paid) = rules.totals(&self.conn, id)?;
                     for (col, v) in [("total_amount", total), ("paid_amount", paid)] {
-                        fresh.fields.insert(col.into(), Value::Int(v));
+                        fresh.set(col, Value::Int(v));
                         set.insert(col.into(), Value::Int(v));
                     }
                 }
@@ -613,8 +614,37 @@ impl Writer {
         self.ids.next(now)
     }
 
-    pub(crate) fn complete_fields(&self, ti: usize, fields: Fields) -> Fields {
-        prepare::complete_fields(&self.schema, ti, fields)
+    /// A new row of table `ti` (version 1, created now) with the named values; the other
+    /// columns are null.
+    pub(crate) fn new_row_from(
+        &self,
+        ti: usize,
+        id: String,
+        fields: Fields,
+        now: Timestamp,
+    ) -> Row {
+        let mut row = self.new_row(
+            ti,
+            id,
+            vec![Value::Null; self.schema.tables()[ti].columns.len()],
+            now,
+        );
+        for (k, v) in fields {
+            row.set(&k, v);
+        }
+        row
+    }
+
+    fn new_row(&self, ti: usize, id: String, values: Vec<Value>, now: Timestamp) -> Row {
+        Row {
+            id,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            seq: None,
+            columns: self.schema.columns(ti).clone(),
+            values,
+        }
     }
 
     /// Reads the current row from the write connection (it sees this group's own writes).
@@ -650,20 +680,12 @@ impl Writer {
     pub(crate) fn insert_row(
         &mut self,
         ti: usize,
-        id: String,
-        fields: Fields,
+        mut row: Row,
         s: &mut Scratch<'_>,
     ) -> Result<OpResult, StoreError> {
         let t = &self.schema.tables()[ti];
         let is_log = t.kind == TableKind::Log;
-        let row = Row {
-            id,
-            version: 1,
-            created_at: s.now,
-            updated_at: s.now,
-            seq: is_log.then_some(self.status.last_seq.0 + 1),
-            fields,
-        };
+        row.seq = is_log.then_some(self.status.last_seq.0 + 1);
         let clock = self.next_clock(ti, &row.id)?;
         let clock_bytes = clock
             .as_ref()
@@ -682,7 +704,7 @@ impl Writer {
                 if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
             {
                 let existing = self.current(ti, &row.id)?;
-                if is_log && existing.fields == row.fields {
+                if is_log && existing.values == row.values {
                     return Ok(OpResult {
                         applied: Applied::AlreadyPresent,
                         row: Arc::new(existing),
@@ -740,7 +762,9 @@ impl Writer {
         let mut row = current.clone();
         row.version += 1;
         row.updated_at = s.now;
-        row.fields.extend(set);
+        for (k, v) in set {
+            row.set(&k, v);
+        }
         let clock = self.next_clock(ti, &row.id)?;
         let clock_bytes = clock
             .as_ref()
@@ -808,7 +832,7 @@ impl Writer {
             table: &self.schema.tables()[ti].name,
             op,
             row_id: &row.id,
-            row: &row,
+            row: row.wire(),
             clock: clock.as_ref(),
             scope: None,
         };
@@ -1042,11 +1066,10 @@ pub(crate) fn read_row(
     ti: usize,
     id: &str,
 ) -> Result<Option<Row>, StoreError> {
-    let t = &schema.tables()[ti];
     let mut stmt = conn.prepare_cached(&sql[ti].select_by_id)?;
     let mut rows = stmt.query([id])?;
     match rows.next()? {
-        Some(r) => Ok(Some(sql::row_from_sql(t, r)?)),
+        Some(r) => Ok(Some(sql::row_from_sql(schema, ti, r)?)),
         None => Ok(None),
     }
 }
@@ -1059,7 +1082,6 @@ fn load_children(
     column: &str,
     parent_id: &str,
 ) -> Result<Vec<Arc<Row>>, StoreError> {
-    let t = &schema.tables()[child];
     let q = format!(
         "{} WHERE {} = ?1",
         sql[child].select_all,
@@ -1067,7 +1089,9 @@ fn load_children(
     );
     let mut stmt = conn.prepare_cached(&q)?;
     let rows = stmt
-        .query_map([parent_id], |r| sql::row_from_sql(t, r).map(Arc::new))?
+        .query_map([parent_id], |r| {
+            sql::row_from_sql(schema, child, r).map(Arc::new)
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
@@ -1119,6 +1143,7 @@ pub(crate) fn read_entries_max(
 pub(crate) fn load_log_state(
     conn: &Connection,
     origin: &OriginId,
+    schema: &Schema,
 ) -> Result<(LogStatus, OpenSegment, Hlc), OpenError> {
     let corrupt = |m: String| OpenError::Corrupt(m);
     let version = sql::get_meta::<i64>(conn, "version")?.unwrap_or(0) as u64;
@@ -1181,7 +1206,8 @@ pub(crate) fn load_log_state(
             )));
         }
         last_seq = seq.0;
-        let entry = LogEntry::decode(&bytes).map_err(|e| corrupt(format!("entry {seq}: {e}")))?;
+        let entry =
+            LogEntry::decode(&bytes, schema).map_err(|e| corrupt(format!("entry {seq}: {e}")))?;
         hlc = entry.hlc;
         open.since.get_or_insert(entry.row.updated_at);
         open.bytes += bytes.len();
@@ -1194,7 +1220,7 @@ pub(crate) fn load_log_state(
         let (_, _, bytes) = last
             .first()
             .ok_or_else(|| corrupt(format!("entry {sealed} is missing")))?;
-        hlc = LogEntry::decode(bytes)
+        hlc = LogEntry::decode(bytes, schema)
             .map_err(|e| corrupt(format!("entry {sealed}: {e}")))?
             .hlc;
     }
