@@ -477,3 +477,153 @@ fn segments_chain_survive_reopen_and_prune_only_after_ack() {
         &Value::Int(1500)
     );
 }
+
+#[test]
+fn the_commit_feed_is_gap_free_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut feed = store.subscribe();
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    let handles: Vec<_> = (0..16)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let op = insert(
+                        "order_payment",
+                        &format!("p{t}-{i}"),
+                        &[("order_id", text("o1")), ("amount", Value::Int(1))],
+                    );
+                    store.commit_blocking(txn(op)).unwrap();
+                }
+            })
+        })
+        .collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+    let last = store.version();
+    let mut expected = 1;
+    while expected <= last.0 {
+        let commit = feed.try_recv().expect("every commit is in the feed");
+        assert_eq!(commit.version.0, expected);
+        // A payment's commit carries the payment and the order's new paid amount.
+        if expected > 1 {
+            assert_eq!(commit.changes.len(), 2);
+        }
+        expected += 1;
+    }
+    assert_eq!(last.0, 1601);
+}
+
+#[test]
+fn the_hot_tier_holds_open_orders_not_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for o in 0..300 {
+        let id = format!("o{o}");
+        store
+            .commit_blocking(Txn::new(
+                "t",
+                vec![
+                    insert("order_header", &id, &[]),
+                    insert(
+                        "order_line",
+                        &format!("{id}-l"),
+                        &[
+                            ("order_id", text(&id)),
+                            ("quantity", Value::Int(1)),
+                            ("unit_price", Value::Int(10)),
+                        ],
+                    ),
+                    insert(
+                        "order_payment",
+                        &format!("{id}-p"),
+                        &[("order_id", text(&id)), ("amount", Value::Int(10))],
+                    ),
+                ],
+            ))
+            .unwrap();
+        // All but every tenth order is served and closed.
+        if o % 10 != 0 {
+            let order = store.get("order_header", &id).unwrap().unwrap();
+            store
+                .commit_blocking(txn(update(
+                    "order_header",
+                    &id,
+                    order.version,
+                    &[("status", text("closed"))],
+                )))
+                .unwrap();
+        }
+    }
+    // 30 open orders, each with a line and a payment; closed history lives in SQLite only.
+    assert_eq!(store.hot_rows(), 90);
+    let snap = store.snapshot(Some(&["order_header"])).unwrap();
+    assert_eq!(snap.tables[0].1.len(), 30);
+    assert_eq!(store.scan("order_header").unwrap().len(), 300);
+    // A restart rebuilds the same hot tier with targeted queries.
+    store.close();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.hot_rows(), 90);
+    assert_eq!(
+        store
+            .get("order_line", "o1-l")
+            .unwrap()
+            .unwrap()
+            .get("quantity"),
+        &Value::Int(1)
+    );
+}
+
+#[test]
+fn schema_changes_migrate_and_bad_ones_are_refused() {
+    use edge::store::Store;
+    use shared::schema::{Column, ColumnType, Schema};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    store.close();
+    drop(store);
+
+    // An added column: the table gains it, old rows read it as null.
+    let with = |ty: ColumnType| {
+        let pos = shared::pos::schema();
+        let mut tables = pos.tables().to_vec();
+        tables[0].columns.push(Column {
+            name: "loyalty_id".into(),
+            ty,
+            indexed: true,
+            server_owned: false,
+        });
+        std::sync::Arc::new(Schema::new("pos", tables).unwrap())
+    };
+    let mut cfg = config(dir.path());
+    cfg.schema = with(ColumnType::Text);
+    let store = Store::open(cfg.clone()).unwrap();
+    let o = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(o.get("loyalty_id"), &Value::Null);
+    store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            o.version,
+            &[("loyalty_id", text("L7"))],
+        )))
+        .unwrap();
+    store.close();
+    drop(store);
+
+    // The same column with another type is a clear error, not a silent reinterpretation.
+    cfg.schema = with(ColumnType::Integer);
+    let err = Store::open(cfg.clone()).err().expect("refused");
+    assert!(err.to_string().contains("loyalty_id"), "{err}");
+    // Another branch's database is refused.
+    let mut other = config(dir.path());
+    other.branch = shared::BranchId::parse("B002").unwrap();
+    let err = Store::open(other).err().expect("refused");
+    assert!(err.to_string().contains("B001"), "{err}");
+}

@@ -103,6 +103,8 @@ pub(crate) struct Shared {
     pub status: Mutex<LogStatus>,
     pub commits: broadcast::Sender<Arc<Commit>>,
     pub metrics: StoreMetrics,
+    /// Groups handed to the answering thread and not yet answered.
+    pub deliveries_pending: std::sync::atomic::AtomicUsize,
 }
 
 /// A small pool of read-only connections.
@@ -205,6 +207,7 @@ impl Store {
             ),
             commits,
             metrics: StoreMetrics::default(),
+            deliveries_pending: std::sync::atomic::AtomicUsize::new(0),
         });
         /// Groups committed but not yet answered; beyond it the writer waits.
         const DELIVERIES_MAX: usize = 64;

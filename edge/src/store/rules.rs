@@ -96,6 +96,24 @@ fn check_status(chain: &[&str], fields: &impl Columns) -> Result<(), StoreError>
     }
 }
 
+/// What a line adds to its order's total: quantity × unit price, nothing when cancelled.
+/// Quantity and price are bounded, so the product fits; sums are kept in i128 until written.
+fn line_amount(line: &Row) -> i128 {
+    if line.get("status").as_str() == Some(CANCELLED) {
+        return 0;
+    }
+    let q = line.get("quantity").as_int().unwrap_or(0);
+    let p = line.get("unit_price").as_int().unwrap_or(0);
+    i128::from(q) * i128::from(p)
+}
+
+/// Applies a change to a derived total, refusing a result outside i64.
+pub(crate) fn add_amount(current: &Value, delta: i128) -> Result<i64, StoreError> {
+    let now = i128::from(current.as_int().unwrap_or(0));
+    i64::try_from(now + delta)
+        .map_err(|_| StoreError::TooLarge("the order's total exceeds the largest amount"))
+}
+
 impl PosRules {
     /// The rules apply to a module named `pos` that has the tables they need.
     pub(crate) fn for_schema(schema: &Schema) -> Option<PosRules> {
@@ -280,16 +298,15 @@ impl PosRules {
                 self.log_status(w, self.status_log, None, row, s)?;
             }
         } else if ti == self.line {
-            if ["quantity", "unit_price", "status", "order_id"]
-                .into_iter()
-                .any(changed)
+            // Totals change by the line's contribution: what it no longer adds to its old
+            // order, and what it now adds to its (possibly new) order.
+            if let Some(b) = before
+                && let Some(o) = b.get("order_id").as_str()
             {
-                if let Some(b) = before.and_then(|b| b.get("order_id").as_str()) {
-                    s.dirty(b);
-                }
-                if let Some(o) = row.get("order_id").as_str() {
-                    s.dirty(o);
-                }
+                s.add_to_order(o, -line_amount(b), 0);
+            }
+            if let Some(o) = row.get("order_id").as_str() {
+                s.add_to_order(o, line_amount(row), 0);
             }
             if changed("status") {
                 self.log_status(w, self.line_status_log, Some(&row.id), row, s)?;
@@ -297,7 +314,7 @@ impl PosRules {
         } else if ti == self.payment
             && let Some(o) = row.get("order_id").as_str()
         {
-            s.dirty(o);
+            s.add_to_order(o, 0, i128::from(row.get("amount").as_int().unwrap_or(0)));
         }
         Ok(())
     }
@@ -312,7 +329,7 @@ impl PosRules {
         if ti == self.line
             && let Some(o) = row.get("order_id").as_str()
         {
-            s.dirty(o);
+            s.add_to_order(o, -line_amount(row), 0);
         }
         Ok(())
     }
@@ -340,32 +357,5 @@ impl PosRules {
         let row = w.new_row_from(log_table, id, fields, s.now);
         w.insert_row(log_table, row, s)?;
         Ok(())
-    }
-
-    /// The order's derived totals from its live lines and its payments.
-    pub(crate) fn totals(
-        &self,
-        conn: &Connection,
-        order_id: &str,
-    ) -> Result<(i64, i64), StoreError> {
-        let overflow = |e: rusqlite::Error| match e {
-            rusqlite::Error::SqliteFailure(_, Some(m)) if m.contains("overflow") => {
-                StoreError::TooLarge("the order's total exceeds the largest amount")
-            }
-            e => e.into(),
-        };
-        let total: i64 = conn
-            .prepare_cached(
-                "SELECT COALESCE(SUM(quantity * unit_price), 0) FROM t_order_line WHERE order_id = ?1 AND status IS NOT 'cancelled'",
-            )?
-            .query_row([order_id], |r| r.get(0))
-            .map_err(overflow)?;
-        let paid: i64 = conn
-            .prepare_cached(
-                "SELECT COALESCE(SUM(amount), 0) FROM t_order_payment WHERE order_id = ?1",
-            )?
-            .query_row([order_id], |r| r.get(0))
-            .map_err(overflow)?;
-        Ok((total, paid))
     }
 }

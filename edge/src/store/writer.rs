@@ -4,8 +4,9 @@
 //! changed row appends its entry to the origin log in the same transaction (transactional
 //! outbox); segments are sealed between requests once they are full, or old.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crdts::{CmRDT, VClock};
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::chunk;
 use super::error::{OpenError, StoreError, TxnError};
 use super::prepare::{Prepared, PreparedOp};
-use super::rules::PosRules;
+use super::rules::{self, PosRules};
 use super::sql::{self, TableSql};
 use super::txn::{Applied, Change, Commit, Committed, OpResult};
 use super::{Clock, Shared, StoreConfig};
@@ -48,6 +49,9 @@ pub(crate) enum Msg {
     },
 }
 
+/// Groups up to this size are answered by the writer itself.
+const DELIVER_INLINE_MAX: usize = 4;
+
 /// A committed group's answers and its commits for the feed. Waking hundreds of waiting
 /// callers costs a system call each; a separate thread does it so that the writer can start
 /// the next group at once.
@@ -72,6 +76,7 @@ impl Delivery {
 pub(crate) fn answer(rx: crossbeam_channel::Receiver<Delivery>, shared: Arc<Shared>) {
     for d in rx {
         d.deliver(&shared);
+        shared.deliveries_pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -141,7 +146,9 @@ pub(crate) struct Scratch<'a> {
     bytes: usize,
     /// Whether a statement of this request changed the database.
     wrote: bool,
-    dirty_orders: BTreeSet<String>,
+    /// Per order, the change to its `total_amount` and `paid_amount` this request made,
+    /// written once per order when the request ends (or when the order itself is updated).
+    order_deltas: BTreeMap<String, (i128, i128)>,
 }
 
 /// Why a request did not apply.
@@ -350,9 +357,23 @@ impl Writer {
             answers,
             commits: std::mem::take(commits),
         };
+        // A small group is answered here: handing it over would cost the waiting callers a
+        // thread hop for nothing, as there is no queue behind them to start on.
+        // Only when the answering thread has nothing left, so the feed stays in commit order.
+        let idle = self.shared.deliveries_pending.load(Ordering::Acquire) == 0;
+        if delivery.answers.len() <= DELIVER_INLINE_MAX && idle {
+            delivery.deliver(&self.shared);
+            return;
+        }
+        self.shared
+            .deliveries_pending
+            .fetch_add(1, Ordering::AcqRel);
         if let Err(undelivered) = self.deliveries.send(delivery) {
             // The answering thread is gone (only while stopping): answer here.
             undelivered.into_inner().deliver(&self.shared);
+            self.shared
+                .deliveries_pending
+                .fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -471,7 +492,7 @@ impl Writer {
             entries: 0,
             bytes: 0,
             wrote: false,
-            dirty_orders: BTreeSet::new(),
+            order_deltas: BTreeMap::new(),
         };
         let mut results = Vec::with_capacity(txn.ops.len());
         let mut outcome = Ok(());
@@ -577,14 +598,13 @@ impl Writer {
                 }
                 let mut set = set.clone();
                 let mut fresh = current.clone();
-                if let Some(rules) = self.rules.clone()
-                    && rules.is_order(ti)
-                    && s.dirty_orders.remove(id)
+                if self.rules.as_ref().is_some_and(|r| r.is_order(ti))
+                    && let Some((total, paid)) = s.order_deltas.remove(id)
                 {
-                    let (total, paid) = rules.totals(&self.conn, id)?;
-                    for (col, v) in [("total_amount", total), ("paid_amount", paid)] {
-                        fresh.set(col, Value::Int(v));
-                        set.insert(col.into(), Value::Int(v));
+                    for (col, delta) in [("total_amount", total), ("paid_amount", paid)] {
+                        let v = Value::Int(rules::add_amount(current.get(col), delta)?);
+                        fresh.set(col, v.clone());
+                        set.insert(col.into(), v);
                     }
                 }
                 if let Some(rules) = &self.rules {
@@ -861,14 +881,19 @@ impl Writer {
     }
 
     fn flush_orders(&mut self, s: &mut Scratch<'_>) -> Result<(), StoreError> {
-        while let Some(id) = s.dirty_orders.pop_first() {
-            self.flush_order(&id, s)?;
+        while let Some((id, delta)) = s.order_deltas.pop_first() {
+            self.flush_order(&id, delta, s)?;
         }
         Ok(())
     }
 
-    /// Recomputes an order's derived totals and writes them if they changed.
-    fn flush_order(&mut self, order_id: &str, s: &mut Scratch<'_>) -> Result<(), StoreError> {
+    /// Applies the request's net change to an order's derived totals, in one update.
+    fn flush_order(
+        &mut self,
+        order_id: &str,
+        (total, paid): (i128, i128),
+        s: &mut Scratch<'_>,
+    ) -> Result<(), StoreError> {
         let Some(rules) = self.rules.clone() else {
             return Ok(());
         };
@@ -876,13 +901,14 @@ impl Writer {
         else {
             return Ok(()); // deleted in this request
         };
-        let (total, paid) = rules.totals(&self.conn, order_id)?;
         let mut set = Fields::new();
-        if current.get("total_amount") != &Value::Int(total) {
-            set.insert("total_amount".into(), Value::Int(total));
-        }
-        if current.get("paid_amount") != &Value::Int(paid) {
-            set.insert("paid_amount".into(), Value::Int(paid));
+        for (col, delta) in [("total_amount", total), ("paid_amount", paid)] {
+            if delta != 0 {
+                set.insert(
+                    col.into(),
+                    Value::Int(rules::add_amount(current.get(col), delta)?),
+                );
+            }
         }
         if set.is_empty() {
             return Ok(());
@@ -1049,10 +1075,13 @@ impl IdGen {
 }
 
 impl Scratch<'_> {
-    pub(crate) fn dirty(&mut self, order_id: &str) {
-        if !self.dirty_orders.contains(order_id) {
-            self.dirty_orders.insert(order_id.to_owned());
+    pub(crate) fn add_to_order(&mut self, order_id: &str, total: i128, paid: i128) {
+        if total == 0 && paid == 0 {
+            return;
         }
+        let d = self.order_deltas.entry(order_id.to_owned()).or_default();
+        d.0 += total;
+        d.1 += paid;
     }
     pub(crate) fn actor(&self) -> &str {
         self.actor
