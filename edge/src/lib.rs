@@ -1,6 +1,7 @@
 //! Outpost's branch edge node: the durable store (SQLite + hot tier) that serves the branch's
 //! terminals and keeps the origin log the sync client sends to the hub, and the HTTP server.
 
+pub mod api;
 pub mod server;
 pub mod store;
 pub mod tokens;

@@ -86,11 +86,14 @@ pub fn open_data_dir(
     Ok(store)
 }
 
+/// Health, metrics and the terminal API.
 pub fn router(store: Store, branch: BranchId) -> Router {
+    let api = crate::api::router(crate::api::AppState::new(store.clone(), branch.clone()));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus))
         .with_state(App { store, branch })
+        .merge(api)
 }
 
 async fn healthz(State(app): State<App>) -> impl IntoResponse {

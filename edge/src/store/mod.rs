@@ -10,6 +10,7 @@ mod error;
 mod hot;
 pub mod metrics;
 mod prepare;
+pub mod query;
 mod rules;
 mod sql;
 mod txn;
@@ -407,6 +408,15 @@ impl Store {
                 })
                 .collect(),
         })
+    }
+
+    /// Runs a read query (see [`query`]) on a pooled read connection.
+    pub fn query(&self, spec: &query::QuerySpec) -> Result<query::QueryResult, StoreError> {
+        if spec.table >= self.schema().tables().len() {
+            return Err(StoreError::UnknownTable(spec.table.to_string()));
+        }
+        let select_all = &self.inner.sql[spec.table].select_all;
+        self.with_reader(|conn| query::run(conn, self.schema(), select_all, spec))
     }
 
     /// Number of rows in the hot tier.

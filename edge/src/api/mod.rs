@@ -1,0 +1,167 @@
+//! The terminal API (CONTRACT.md section 2): axum routes under
+//! `/api/branches/{branch}/modules/{module}`, bearer-token auth with per-table role
+//! permissions, JSON errors with stable codes, and the WebSocket live feed.
+
+mod error;
+mod query;
+mod rows;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use parking_lot::RwLock;
+use shared::{BranchId, Role};
+
+pub use error::{ApiError, ApiResult};
+
+use crate::store::Store;
+
+/// Largest request body accepted, in bytes.
+pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<AppInner>,
+}
+
+struct AppInner {
+    store: Store,
+    branch: BranchId,
+    /// blake3(token) -> role, filled on first use; tokens are never revoked at the edge yet.
+    tokens: RwLock<HashMap<[u8; 32], Role>>,
+}
+
+impl AppState {
+    pub fn new(store: Store, branch: BranchId) -> AppState {
+        AppState {
+            inner: Arc::new(AppInner {
+                store,
+                branch,
+                tokens: RwLock::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn branch(&self) -> &BranchId {
+        &self.inner.branch
+    }
+
+    /// The role of a bearer token. The database is asked once per token; afterwards the
+    /// answer comes from memory.
+    fn role_of(&self, token: &str) -> ApiResult<Option<Role>> {
+        let key = *blake3::hash(token.as_bytes()).as_bytes();
+        if let Some(role) = self.inner.tokens.read().get(&key) {
+            return Ok(Some(*role));
+        }
+        let role = self.store().token_role(token)?;
+        if let Some(role) = role {
+            self.inner.tokens.write().insert(key, role);
+        }
+        Ok(role)
+    }
+}
+
+/// The caller's role, from `Authorization: Bearer TOKEN` (or `?token=` for WebSockets).
+#[derive(Debug, Clone, Copy)]
+pub struct Auth(pub Role);
+
+impl Auth {
+    pub fn from_token(state: &AppState, token: Option<&str>) -> ApiResult<Auth> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(ApiError::unauthorized(
+                "send a bearer token: Authorization: Bearer TOKEN",
+            ));
+        };
+        match state.role_of(token)? {
+            Some(role) => Ok(Auth(role)),
+            None => Err(ApiError::unauthorized("the bearer token is not known here")),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Auth> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let token = header.and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+                .map(str::trim)
+        });
+        Auth::from_token(state, token)
+    }
+}
+
+/// A JSON request body, at most [`BODY_BYTES_MAX`]; errors are API errors.
+pub struct JsonBody(pub serde_json::Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> ApiResult<JsonBody> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is larger than 1 MiB",
+                )
+            } else {
+                ApiError::bad_request(
+                    "invalid_body",
+                    format!("the request body cannot be read: {e}"),
+                )
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        })
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "there is no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// The terminal API's routes (health and metrics are added by the server).
+pub fn router(state: AppState) -> Router {
+    const B: &str = "/api/branches/{branch}/modules/{module}";
+    Router::new()
+        .route(B, get(rows::snapshot))
+        .route(&format!("{B}/schema"), get(rows::schema))
+        .route(&format!("{B}/tables/{{table}}"), post(rows::insert))
+        .route(
+            &format!("{B}/tables/{{table}}/{{id}}"),
+            get(rows::get_row).patch(rows::update).delete(rows::delete),
+        )
+        .route(&format!("{B}/batch"), post(rows::batch))
+        .route(&format!("{B}/query"), post(query::query))
+        .route(&format!("{B}/events"), get(rows::events))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}

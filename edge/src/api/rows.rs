@@ -1,0 +1,429 @@
+//! Row routes: schema, snapshot, insert, get, compare-and-set update and delete, batch, and
+//! the branch's event log.
+
+use std::collections::HashMap;
+
+use axum::Json as Out;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde_json::{Map, Value as Json, json};
+use shared::Seq;
+use shared::json::{insert_from_json, row_to_json, update_from_json};
+use shared::schema::{Access, Table, TableKind};
+
+use super::{ApiError, ApiResult, AppState, Auth, JsonBody};
+use crate::store::{Applied, LOG_PAGE_MAX, Op, Txn};
+
+/// Checks that the path names this edge's branch and its module.
+pub(super) fn check_scope(state: &AppState, branch: &str, module: &str) -> ApiResult<()> {
+    if branch != state.branch().as_str() {
+        return Err(ApiError::not_found(
+            "unknown_branch",
+            format!("this edge serves branch {}, not {branch:?}", state.branch()),
+        ));
+    }
+    let schema = state.store().schema();
+    if module != schema.module() {
+        return Err(ApiError::not_found(
+            "unknown_module",
+            format!(
+                "this edge serves module {:?}, not {module:?}",
+                schema.module()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The table, if the role may perform `access` on it.
+pub(super) fn table_for<'a>(
+    state: &'a AppState,
+    Auth(role): Auth,
+    name: &str,
+    access: Access<'_>,
+) -> ApiResult<&'a Table> {
+    let table = state.store().schema().table(name).ok_or_else(|| {
+        ApiError::not_found(
+            "unknown_table",
+            format!("there is no table {:?} in this module", truncate(name)),
+        )
+    })?;
+    if !table.allows(role, access) {
+        let what = match access {
+            Access::Read => "read",
+            Access::Insert => "insert into",
+            Access::Update { .. } => "update these columns of",
+            Access::Delete => "delete from",
+        };
+        return Err(ApiError::forbidden(format!(
+            "role {role} may not {what} {}",
+            table.name
+        )));
+    }
+    Ok(table)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn object<'a>(v: &'a Json, what: &str) -> ApiResult<&'a Map<String, Json>> {
+    v.as_object().ok_or_else(|| {
+        ApiError::bad_request("invalid_body", format!("{what} must be a JSON object"))
+    })
+}
+
+/// A row version from JSON: a positive integer.
+fn version_of(v: Option<&Json>) -> ApiResult<u64> {
+    match v {
+        None | Some(Json::Null) => Err(ApiError::bad_request(
+            "version_required",
+            "give the row's current \"version\": changes are compare-and-set",
+        )),
+        Some(v) => v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
+            ApiError::bad_request("invalid_value", "\"version\" must be a positive integer")
+        }),
+    }
+}
+
+fn row_json(row: &shared::Row) -> Json {
+    Json::Object(row_to_json(row))
+}
+
+pub(super) async fn schema(
+    State(state): State<AppState>,
+    Path((branch, module)): Path<(String, String)>,
+    _auth: Auth,
+) -> ApiResult<Out<Json>> {
+    check_scope(&state, &branch, &module)?;
+    let schema = state.store().schema();
+    let tables: Vec<Json> = schema
+        .tables()
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "kind": match t.kind { TableKind::Log => "log", TableKind::State => "state" },
+                "owner": match t.owner {
+                    shared::Owner::Branch => "branch",
+                    shared::Owner::Hub => "hub",
+                    shared::Owner::Shared => "shared",
+                },
+                "columns": t.columns.iter().map(|c| json!({
+                    "name": c.name,
+                    "type": c.ty.name(),
+                    "indexed": c.indexed,
+                    "server_owned": c.server_owned,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Out(json!({ "module": schema.module(), "tables": tables })))
+}
+
+pub(super) async fn snapshot(
+    State(state): State<AppState>,
+    Path((branch, module)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    auth: Auth,
+) -> ApiResult<Out<Json>> {
+    check_scope(&state, &branch, &module)?;
+    let schema = state.store().schema();
+    let names: Vec<&str> = match params.get("tables") {
+        Some(list) => {
+            let names: Vec<&str> = list.split(',').filter(|s| !s.is_empty()).collect();
+            for n in &names {
+                table_for(&state, auth, n, Access::Read)?;
+            }
+            names
+        }
+        None => schema
+            .tables()
+            .iter()
+            .filter(|t| t.allows(auth.0, Access::Read))
+            .map(|t| t.name.as_str())
+            .collect(),
+    };
+    let snap = state.store().snapshot(Some(&names))?;
+    let tables: Map<String, Json> = snap
+        .tables
+        .iter()
+        .map(|(name, rows)| {
+            (
+                name.clone(),
+                Json::Array(rows.iter().map(|r| row_json(r)).collect()),
+            )
+        })
+        .collect();
+    Ok(Out(json!({ "version": snap.version.0, "tables": tables })))
+}
+
+pub(super) async fn insert(
+    State(state): State<AppState>,
+    Path((branch, module, table)): Path<(String, String, String)>,
+    auth: Auth,
+    JsonBody(body): JsonBody,
+) -> ApiResult<(StatusCode, Out<Json>)> {
+    check_scope(&state, &branch, &module)?;
+    let t = table_for(&state, auth, &table, Access::Insert)?;
+    let input = insert_from_json(t, object(&body, "the row")?)?;
+    let op = Op::Insert {
+        table: t.name.clone(),
+        id: input.id,
+        fields: input.fields,
+    };
+    let done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
+    let result = &done.results[0];
+    let status = match result.applied {
+        Applied::AlreadyPresent => StatusCode::OK,
+        _ => StatusCode::CREATED,
+    };
+    Ok((status, Out(row_json(&result.row))))
+}
+
+pub(super) async fn get_row(
+    State(state): State<AppState>,
+    Path((branch, module, table, id)): Path<(String, String, String, String)>,
+    auth: Auth,
+) -> ApiResult<Out<Json>> {
+    check_scope(&state, &branch, &module)?;
+    let t = table_for(&state, auth, &table, Access::Read)?;
+    let store = state.store().clone();
+    let name = t.name.clone();
+    let row = tokio::task::spawn_blocking(move || store.get(&name, &id).map(|r| (r, id)))
+        .await
+        .map_err(|e| ApiError::from(crate::store::StoreError::Storage(e.to_string())))??;
+    match row {
+        (Some(row), _) => Ok(Out(row_json(&row))),
+        (None, id) => Err(ApiError::not_found(
+            "not_found",
+            format!("no row {:?} in table {}", truncate(&id), t.name),
+        )),
+    }
+}
+
+/// Parses `{"version": N, "set": {...}}` for `table`, checking the role's column rights.
+fn update_op(state: &AppState, auth: Auth, table: &str, id: String, body: &Json) -> ApiResult<Op> {
+    let body = object(body, "the update")?;
+    let version = version_of(body.get("version"))?;
+    let set = match body.get("set") {
+        Some(Json::Object(set)) => set,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "an update is {\"version\": N, \"set\": {column: value, ...}}",
+            ));
+        }
+    };
+    let columns: Vec<&str> = set.keys().map(String::as_str).collect();
+    let t = table_for(state, auth, table, Access::Update { columns: &columns })?;
+    if t.kind == TableKind::Log {
+        return Err(crate::store::StoreError::LogImmutable(t.name.clone()).into());
+    }
+    Ok(Op::Update {
+        table: t.name.clone(),
+        id,
+        version,
+        set: update_from_json(t, set)?,
+    })
+}
+
+pub(super) async fn update(
+    State(state): State<AppState>,
+    Path((branch, module, table, id)): Path<(String, String, String, String)>,
+    auth: Auth,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Out<Json>> {
+    check_scope(&state, &branch, &module)?;
+    let op = update_op(&state, auth, &table, id, &body)?;
+    let done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
+    Ok(Out(row_json(&done.results[0].row)))
+}
+
+fn delete_op(
+    state: &AppState,
+    auth: Auth,
+    table: &str,
+    id: String,
+    version: Option<&Json>,
+) -> ApiResult<Op> {
+    let t = table_for(state, auth, table, Access::Delete)?;
+    if t.kind == TableKind::Log {
+        return Err(crate::store::StoreError::LogImmutable(t.name.clone()).into());
+    }
+    Ok(Op::Delete {
+        table: t.name.clone(),
+        id,
+        version: version_of(version)?,
+    })
+}
+
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    Path((branch, module, table, id)): Path<(String, String, String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    auth: Auth,
+) -> ApiResult<Out<Json>> {
+    check_scope(&state, &branch, &module)?;
+    let version = match params.get("version") {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().map(Json::from).map_err(|_| {
+            ApiError::bad_request("invalid_value", "?version= must be a positive integer")
+        })?),
+    };
+    let op = delete_op(&state, auth, &table, id, version.as_ref())?;
+    let done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
+    Ok(Out(
+        json!({ "deleted": true, "row": row_json(&done.results[0].row) }),
+    ))
+}
+
+/// One op of a batch.
+fn batch_op(state: &AppState, auth: Auth, op: &Json) -> ApiResult<Op> {
+    let op = object(op, "each op")?;
+    let table = match op.get("table") {
+        Some(Json::String(t)) => t.as_str(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "each op needs a \"table\"",
+            ));
+        }
+    };
+    let id = || match op.get("id") {
+        Some(Json::String(id)) if !id.is_empty() => Ok(id.clone()),
+        _ => Err(ApiError::bad_request(
+            "invalid_body",
+            "this op needs an \"id\" string",
+        )),
+    };
+    match op.get("op").and_then(Json::as_str) {
+        Some("insert") => {
+            let t = table_for(state, auth, table, Access::Insert)?;
+            let row = object(op.get("row").unwrap_or(&Json::Null), "an insert's \"row\"")?;
+            let input = insert_from_json(t, row)?;
+            Ok(Op::Insert {
+                table: t.name.clone(),
+                id: input.id,
+                fields: input.fields,
+            })
+        }
+        Some("update") => update_op(state, auth, table, id()?, &Json::Object(op.clone())),
+        Some("delete") => delete_op(state, auth, table, id()?, op.get("version")),
+        _ => Err(ApiError::bad_request(
+            "invalid_body",
+            "\"op\" must be \"insert\", \"update\" or \"delete\"",
+        )),
+    }
+}
+
+pub(super) async fn batch(
+    State(state): State<AppState>,
+    Path((branch, module)): Path<(String, String)>,
+    auth: Auth,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Out<Json>> {
+    check_scope(&state, &branch, &module)?;
+    let ops = match object(&body, "a batch")?.get("ops") {
+        Some(Json::Array(ops)) if !ops.is_empty() => ops,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "a batch is {\"ops\": [op, ...]} with at least one op",
+            ));
+        }
+    };
+    if ops.len() > crate::store::TXN_OPS_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "a batch holds at most 1000 ops",
+        ));
+    }
+    let ops = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| batch_op(&state, auth, op).map_err(|e| e.with("op_index", json!(i))))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let done = state
+        .store()
+        .commit(Txn::new(auth.0.name(), ops))
+        .await
+        .map_err(|e| {
+            let index = e.op_index;
+            let err = ApiError::from(e);
+            match index {
+                Some(i) => err.with("op_index", json!(i)),
+                None => err,
+            }
+        })?;
+    let results: Vec<Json> = done.results.iter().map(|r| row_json(&r.row)).collect();
+    Ok(Out(
+        json!({ "version": done.version.0, "results": results }),
+    ))
+}
+
+/// A non-negative integer query parameter, bounded.
+pub(super) fn number_param(
+    params: &HashMap<String, String>,
+    name: &str,
+    default: u64,
+    max: u64,
+) -> ApiResult<u64> {
+    match params.get(name) {
+        None => Ok(default),
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if n <= max => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("?{name}= must be an integer from 0 to {max}"),
+            )),
+        },
+    }
+}
+
+pub(super) async fn events(
+    State(state): State<AppState>,
+    Path((branch, module)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    Auth(role): Auth,
+) -> ApiResult<Out<Json>> {
+    check_scope(&state, &branch, &module)?;
+    let after = number_param(&params, "after", 0, i64::MAX as u64)?;
+    let limit = number_param(&params, "limit", 100, LOG_PAGE_MAX as u64)?;
+    if limit == 0 {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "?limit= must be at least 1",
+        ));
+    }
+    let store = state.store().clone();
+    let page = tokio::task::spawn_blocking(move || store.log_page(Seq(after), limit as usize))
+        .await
+        .map_err(|e| ApiError::from(crate::store::StoreError::Storage(e.to_string())))??;
+    let schema = state.store().schema();
+    let next = page.entries.last().map_or(after, |(_, e)| e.seq.0);
+    // Entries of tables the role may not read are left out; `next` still moves past them.
+    let readable = |table: &str| {
+        schema
+            .table(table)
+            .is_some_and(|t| t.allows(role, Access::Read))
+    };
+    let events: Vec<Json> = page
+        .entries
+        .iter()
+        .filter(|(_, e)| readable(&e.table))
+        .map(|(version, e)| {
+            json!({
+                "seq": e.seq.0,
+                "version": version.0,
+                "table": e.table,
+                "op": e.op.name(),
+                "row": row_json(&e.row),
+            })
+        })
+        .collect();
+    Ok(Out(
+        json!({ "events": events, "next": next, "has_more": page.has_more }),
+    ))
+}
