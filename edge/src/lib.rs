@@ -2,6 +2,7 @@
 //! terminals and keeps the origin log the sync client sends to the hub, and the HTTP server.
 
 pub mod api;
+pub mod feed;
 pub mod server;
 pub mod store;
 pub mod tokens;

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
@@ -35,6 +36,7 @@ pub struct StartError(pub String);
 struct App {
     store: Store,
     branch: BranchId,
+    api: crate::api::AppState,
 }
 
 /// Writes `path` readable by the owner only.
@@ -86,14 +88,18 @@ pub fn open_data_dir(
     Ok(store)
 }
 
-/// Health, metrics and the terminal API.
+/// Health, metrics and the terminal API. Starts the live feed, so it needs a tokio runtime.
 pub fn router(store: Store, branch: BranchId) -> Router {
-    let api = crate::api::router(crate::api::AppState::new(store.clone(), branch.clone()));
+    let api = crate::api::AppState::new(store.clone(), branch.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus))
-        .with_state(App { store, branch })
-        .merge(api)
+        .with_state(App {
+            store,
+            branch,
+            api: api.clone(),
+        })
+        .merge(crate::api::router(api))
 }
 
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
@@ -108,37 +114,34 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
     }))
 }
 
-async fn prometheus(State(app): State<App>) -> impl IntoResponse {
-    let m = app.store.metrics();
-    let status = app.store.log_status();
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
-    };
-    counter(
-        "outpost_commit_groups_total",
-        "Group commits (one fsync each).",
-        m.groups.load(Relaxed),
-    );
-    counter(
-        "outpost_commit_requests_total",
-        "Transactions committed or refused in groups.",
-        m.requests.load(Relaxed),
-    );
-    counter(
-        "outpost_commit_rows_total",
-        "Rows changed by committed transactions.",
-        m.rows.load(Relaxed),
-    );
-    let mut histogram = |name: &str,
-                         help: &str,
-                         bounds: &[u64; 8],
-                         counts: &[std::sync::atomic::AtomicU64; 8],
-                         sum: Option<u64>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+/// Prometheus text exposition, built by hand: a few families, no dependency needed.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.family(name, "counter", help);
+        let _ = writeln!(self.0, "{name} {v}");
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, v: u64) {
+        self.family(name, "gauge", help);
+        let _ = writeln!(self.0, "{name} {v}");
+    }
+
+    fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        bounds: &[u64],
+        counts: &[AtomicU64],
+        sum: Option<u64>,
+    ) {
+        self.family(name, "histogram", help);
         let mut cumulative = 0;
         for (b, c) in bounds.iter().zip(counts) {
             cumulative += c.load(Relaxed);
@@ -147,61 +150,121 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
             } else {
                 b.to_string()
             };
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
         }
         if let Some(sum) = sum {
-            let _ = writeln!(out, "{name}_sum {sum}");
+            let _ = writeln!(self.0, "{name}_sum {sum}");
         }
-        let _ = writeln!(out, "{name}_count {cumulative}");
-    };
-    histogram(
+        let _ = writeln!(self.0, "{name}_count {cumulative}");
+    }
+}
+
+async fn prometheus(State(app): State<App>) -> impl IntoResponse {
+    let m = app.store.metrics();
+    let status = app.store.log_status();
+    let mut out = Exposition::default();
+    out.counter(
+        "outpost_commit_groups_total",
+        "Group commits (one fsync each).",
+        m.groups.load(Relaxed),
+    );
+    out.counter(
+        "outpost_commit_requests_total",
+        "Transactions committed or refused in groups.",
+        m.requests.load(Relaxed),
+    );
+    out.counter(
+        "outpost_commit_rows_total",
+        "Rows changed by committed transactions.",
+        m.rows.load(Relaxed),
+    );
+    out.histogram(
         "outpost_commit_group_size",
         "Requests per group commit.",
         &metrics::GROUP_SIZE_BUCKETS,
         &m.group_size,
         None,
     );
-    histogram(
+    out.histogram(
         "outpost_commit_latency_us",
         "Group commit latency including the fsync, in microseconds.",
         &metrics::COMMIT_US_BUCKETS,
         &m.commit_us,
         Some(m.commit_us_sum.load(Relaxed)),
     );
-    let mut gauge = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    };
-    gauge(
+    out.gauge(
         "outpost_commit_version",
         "Last committed version.",
         status.version.0,
     );
-    gauge(
+    out.gauge(
         "outpost_log_last_seq",
         "Last seq in the origin log.",
         status.last_seq.0,
     );
-    gauge(
+    out.gauge(
         "outpost_log_sealed_seq",
         "Last seq in a sealed segment.",
         status.sealed_seq.0,
     );
-    gauge(
+    out.gauge(
         "outpost_log_acked_seq",
         "Last seq acknowledged by the hub.",
         status.acked_seq.0,
     );
-    gauge(
+    out.gauge(
         "outpost_log_unsynced_entries",
         "Entries not yet acknowledged by the hub.",
         status.last_seq.0 - status.acked_seq.0,
     );
-    gauge(
+    out.gauge(
         "outpost_hot_rows",
         "Rows in the in-memory hot tier.",
         app.store.hot_rows() as u64,
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    let feed = app.api.feed();
+    let fm = feed.metrics();
+    out.gauge(
+        "outpost_feed_connections",
+        "Connected terminal feed sockets.",
+        fm.connections.load(Relaxed),
+    );
+    out.gauge(
+        "outpost_feed_queued_frames",
+        "Frames waiting in terminal connection queues.",
+        feed.queued_frames() as u64,
+    );
+    out.counter(
+        "outpost_feed_commits_total",
+        "Commits fanned out to the terminal feed.",
+        fm.commits.load(Relaxed),
+    );
+    out.counter(
+        "outpost_feed_encodes_total",
+        "Change encodings made by the feed (at most one per change, format and variant).",
+        fm.encodes.load(Relaxed),
+    );
+    out.counter(
+        "outpost_feed_deltas_sent_total",
+        "Delta frames queued to terminals.",
+        fm.deltas_sent.load(Relaxed),
+    );
+    out.counter(
+        "outpost_feed_resyncs_total",
+        "Subscriptions told to resync because their terminal lagged.",
+        fm.resyncs.load(Relaxed),
+    );
+    out.counter(
+        "outpost_feed_snapshots_total",
+        "Subscriptions started with a snapshot.",
+        fm.snapshots.load(Relaxed),
+    );
+    out.counter(
+        "outpost_feed_catch_ups_total",
+        "Subscriptions resumed from their last version with a delta.",
+        fm.catch_ups.load(Relaxed),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.0)
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -3,6 +3,7 @@
 //!
 //! This crate does no I/O: no sockets, no files, no clock. Time is always passed in.
 
+pub mod feed;
 pub mod hlc;
 pub mod ids;
 pub mod json;

@@ -5,6 +5,7 @@
 mod error;
 mod query;
 mod rows;
+mod ws;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use shared::{BranchId, Role};
 
 pub use error::{ApiError, ApiResult};
 
+use crate::feed::Feed;
 use crate::store::Store;
 
 /// Largest request body accepted, in bytes.
@@ -34,14 +36,17 @@ pub struct AppState {
 struct AppInner {
     store: Store,
     branch: BranchId,
+    feed: Feed,
     /// blake3(token) -> role, filled on first use; tokens are never revoked at the edge yet.
     tokens: RwLock<HashMap<[u8; 32], Role>>,
 }
 
 impl AppState {
+    /// Builds the state and starts the live feed (on the current tokio runtime).
     pub fn new(store: Store, branch: BranchId) -> AppState {
         AppState {
             inner: Arc::new(AppInner {
+                feed: Feed::start(store.clone()),
                 store,
                 branch,
                 tokens: RwLock::new(HashMap::new()),
@@ -55,6 +60,10 @@ impl AppState {
 
     pub fn branch(&self) -> &BranchId {
         &self.inner.branch
+    }
+
+    pub fn feed(&self) -> &Feed {
+        &self.inner.feed
     }
 
     /// The role of a bearer token. The database is asked once per token; afterwards the
@@ -160,6 +169,7 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{B}/batch"), post(rows::batch))
         .route(&format!("{B}/query"), post(query::query))
         .route(&format!("{B}/events"), get(rows::events))
+        .route("/ws", get(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))

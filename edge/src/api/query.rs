@@ -55,52 +55,17 @@ fn count(q: &Map<String, Json>, name: &str, default: usize, max: usize) -> ApiRe
     }
 }
 
-/// Parses and checks a query body into a spec and the selected columns.
-pub(super) fn parse(
-    state: &AppState,
-    auth: Auth,
-    body: &Json,
-) -> ApiResult<(QuerySpec, Option<Vec<String>>)> {
-    let q = body
-        .as_object()
-        .ok_or_else(|| bad("invalid_body", "a query is a JSON object"))?;
-    let known = ["table", "select", "where", "orderBy", "limit", "offset"];
-    if let Some(k) = q.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(bad(
-            "invalid_body",
-            format!(
-                "unknown query member {:?} (table, select, where, orderBy, limit, offset)",
-                k.chars().take(64).collect::<String>()
-            ),
-        ));
-    }
-    let table = match q.get("table") {
-        Some(Json::String(t)) => t.as_str(),
-        _ => return Err(bad("invalid_body", "a query needs \"table\": a table name")),
-    };
-    let t = table_for(state, auth, table, Access::Read)?;
-    let schema = state.store().schema();
-    let ti = schema.table_index(&t.name).expect("table_for found it");
+/// Parses a `where` object (CONTRACT 2.2) for table `ti`: a scalar is equality, an array is
+/// IN, null is IS NULL, `{"op": .., "value": ..}` a comparison. Also used by feed filters.
+pub(crate) fn parse_where(
+    schema: &shared::Schema,
+    ti: usize,
+    filter: Option<&Json>,
+) -> ApiResult<Vec<Filter>> {
+    let t = &schema.tables()[ti];
     let ty_of = |c: &str| column_type(schema, ti, c).ok_or_else(|| unknown_column(&t.name, c));
-
-    let select = match q.get("select") {
-        None | Some(Json::Null) => None,
-        Some(Json::Array(cols)) if cols.len() <= 300 => {
-            let mut names = Vec::with_capacity(cols.len());
-            for c in cols {
-                let c = c
-                    .as_str()
-                    .ok_or_else(|| bad("invalid_body", "\"select\" lists column names"))?;
-                ty_of(c)?;
-                names.push(c.to_owned());
-            }
-            Some(names)
-        }
-        Some(_) => return Err(bad("invalid_body", "\"select\" lists column names")),
-    };
-
     let mut filters = Vec::new();
-    match q.get("where") {
+    match filter {
         None | Some(Json::Null) => {}
         Some(Json::Object(w)) if w.len() <= QUERY_TERMS_MAX => {
             for (c, v) in w {
@@ -159,6 +124,55 @@ pub(super) fn parse(
             ));
         }
     }
+
+    Ok(filters)
+}
+
+/// Parses and checks a query body into a spec and the selected columns.
+pub(super) fn parse(
+    state: &AppState,
+    auth: Auth,
+    body: &Json,
+) -> ApiResult<(QuerySpec, Option<Vec<String>>)> {
+    let q = body
+        .as_object()
+        .ok_or_else(|| bad("invalid_body", "a query is a JSON object"))?;
+    let known = ["table", "select", "where", "orderBy", "limit", "offset"];
+    if let Some(k) = q.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(bad(
+            "invalid_body",
+            format!(
+                "unknown query member {:?} (table, select, where, orderBy, limit, offset)",
+                k.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    let table = match q.get("table") {
+        Some(Json::String(t)) => t.as_str(),
+        _ => return Err(bad("invalid_body", "a query needs \"table\": a table name")),
+    };
+    let t = table_for(state, auth, table, Access::Read)?;
+    let schema = state.store().schema();
+    let ti = schema.table_index(&t.name).expect("table_for found it");
+    let ty_of = |c: &str| column_type(schema, ti, c).ok_or_else(|| unknown_column(&t.name, c));
+
+    let select = match q.get("select") {
+        None | Some(Json::Null) => None,
+        Some(Json::Array(cols)) if cols.len() <= 300 => {
+            let mut names = Vec::with_capacity(cols.len());
+            for c in cols {
+                let c = c
+                    .as_str()
+                    .ok_or_else(|| bad("invalid_body", "\"select\" lists column names"))?;
+                ty_of(c)?;
+                names.push(c.to_owned());
+            }
+            Some(names)
+        }
+        Some(_) => return Err(bad("invalid_body", "\"select\" lists column names")),
+    };
+
+    let filters = parse_where(schema, ti, q.get("where"))?;
 
     let mut order = Vec::new();
     match q.get("orderBy") {

@@ -448,6 +448,67 @@ impl Store {
         Ok(LogPage { entries, has_more })
     }
 
+    /// The changes of commits after `since`, in order, if the log still holds all of them and
+    /// there are at most `max`; `None` when a snapshot is needed instead (pruned, too many, or
+    /// a `since` this edge never issued).
+    pub fn changes_since(
+        &self,
+        since: Version,
+        max: usize,
+    ) -> Result<Option<Vec<(Version, LogEntry)>>, StoreError> {
+        let now = self.version();
+        if since > now {
+            return Ok(None);
+        }
+        self.with_reader(|conn| {
+            // The first chunk holding a commit after `since`, and whether the log reaches back
+            // to it: the commit right after `since` must not have been pruned.
+            let first: Option<(i64, i64)> = conn
+                .prepare_cached(
+                    "SELECT first_seq, last_seq FROM _log WHERE last_version > ?1 ORDER BY last_seq LIMIT 1",
+                )?
+                .query_row([since.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+            let Some((first_seq, _)) = first else {
+                // Nothing after `since` in the log: right only if nothing was committed.
+                return Ok((since == now).then(Vec::new));
+            };
+            let entries = writer::read_entries_max(
+                conn,
+                Seq(first_seq as u64),
+                Seq(u64::MAX >> 1),
+                max.saturating_add(64),
+            )?;
+            let mut out = Vec::new();
+            let mut expected = Version(since.0 + 1);
+            for (_, version, bytes) in entries {
+                if version <= since {
+                    continue;
+                }
+                if version.0 > expected.0 {
+                    // A commit with no entries of this origin's log is missing from it.
+                    return Ok(None);
+                }
+                expected = Version(version.0 + 1);
+                if out.len() == max {
+                    return Ok(None);
+                }
+                let entry = LogEntry::decode(&bytes, self.schema())
+                    .map_err(|e| StoreError::Storage(format!("log entry does not decode: {e}")))?;
+                out.push((version, entry));
+            }
+            // Every commit up to the version seen at the start must be there.
+            if out.last().map_or(since, |(v, _)| *v) < now {
+                return Ok(None);
+            }
+            Ok(Some(out))
+        })
+    }
+
     /// Sealed segments whose entries come after `after`, at most `max` of them, rebuilt from
     /// the stored entry bytes (the same bytes that were hashed).
     pub fn segments_after(&self, after: Seq, max: usize) -> Result<Vec<Segment>, StoreError> {

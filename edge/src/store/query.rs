@@ -163,3 +163,92 @@ pub(crate) fn run(
     rows.truncate(spec.limit);
     Ok(QueryResult { rows, has_more })
 }
+
+/// The value of a queryable column of a row, server columns included.
+pub fn row_value(row: &Row, name: &str) -> Value {
+    match name {
+        "id" => Value::Text(row.id.clone()),
+        "version" => Value::Int(row.version as i64),
+        "created_at" => Value::Timestamp(row.created_at),
+        "updated_at" => Value::Timestamp(row.updated_at),
+        "seq" => row.seq.map_or(Value::Null, |s| Value::Int(s as i64)),
+        _ => row.get(name).clone(),
+    }
+}
+
+/// SQL `LIKE` in memory: `%` matches any run, `_` one character, ASCII letters ignore case.
+fn like(text: &str, pattern: &str) -> bool {
+    let t: Vec<char> = text.chars().map(|c| c.to_ascii_lowercase()).collect();
+    let p: Vec<char> = pattern.chars().map(|c| c.to_ascii_lowercase()).collect();
+    // Classic two-pointer wildcard match with backtracking to the last `%`.
+    let (mut ti, mut pi) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '_' || p[pi] == t[ti]) {
+            ti += 1;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == '%' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '%')
+}
+
+impl Filter {
+    /// Whether a row satisfies the condition, with SQL's meaning (null matches only IS NULL).
+    pub fn matches(&self, row: &Row) -> bool {
+        match self {
+            Filter::IsNull(c) => row_value(row, c).is_null(),
+            Filter::In(c, values) => {
+                let v = row_value(row, c);
+                !v.is_null() && values.contains(&v)
+            }
+            Filter::Compare(c, cmp, value) => {
+                let v = row_value(row, c);
+                if v.is_null() {
+                    return false;
+                }
+                match cmp {
+                    Cmp::Eq => v == *value,
+                    Cmp::Ne => v != *value,
+                    Cmp::Lt => v < *value,
+                    Cmp::Le => v <= *value,
+                    Cmp::Gt => v > *value,
+                    Cmp::Ge => v >= *value,
+                    Cmp::Like => match (&v, value) {
+                        (Value::Text(t), Value::Text(p)) => like(t, p),
+                        _ => false,
+                    },
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like;
+
+    #[test]
+    fn like_matches_as_sql_does() {
+        for (t, p, want) in [
+            ("Grill", "grill", true),
+            ("grill station", "grill%", true),
+            ("the grill", "%grill", true),
+            ("bar", "b_r", true),
+            ("bar", "b_", false),
+            ("", "%", true),
+            ("abc", "a%c%", true),
+            ("abc", "a%d", false),
+        ] {
+            assert_eq!(like(t, p), want, "{t:?} LIKE {p:?}");
+        }
+    }
+}

@@ -179,7 +179,9 @@ pub fn row_from_sql(schema: &Schema, ti: usize, r: &rusqlite::Row<'_>) -> rusqli
 pub fn migrate(conn: &Connection, schema: &Schema, branch: &str) -> Result<(), OpenError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS _log (last_seq INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, chunk BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS _log (last_seq INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,
+             last_version INTEGER NOT NULL, chunk BLOB NOT NULL);
+         CREATE INDEX IF NOT EXISTS _log_version ON _log (last_version);
          CREATE TABLE IF NOT EXISTS _segments (last_seq INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,
              prev_hash BLOB NOT NULL, hash BLOB NOT NULL, bytes INTEGER NOT NULL, sealed_at INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS _tokens (hash BLOB PRIMARY KEY NOT NULL, role TEXT NOT NULL,

@@ -87,6 +87,8 @@ pub struct Change {
     pub table: usize,
     pub op: EntryOp,
     pub row: Arc<Row>,
+    /// For updates: the row before the change (a feed filter may stop or start matching).
+    pub before: Option<Arc<Row>>,
     pub changed: Vec<String>,
 }
 

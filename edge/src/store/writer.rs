@@ -798,9 +798,13 @@ impl Writer {
             )))?;
         s.wrote = true;
         let row = Arc::new(row);
+        let before = Arc::new(current);
         self.append(ti, EntryOp::Update, row.clone(), clock, changed, s)?;
+        if let Some(c) = s.changes.last_mut() {
+            c.before = Some(before.clone());
+        }
         if let Some(rules) = self.rules.clone() {
-            rules.after_write(self, ti, Some(&current), &row, s)?;
+            rules.after_write(self, ti, Some(&before), &row, s)?;
         }
         Ok(OpResult {
             applied: Applied::Updated,
@@ -875,6 +879,7 @@ impl Writer {
             table: ti,
             op,
             row,
+            before: None,
             changed,
         });
         Ok(())
@@ -928,9 +933,12 @@ impl Writer {
         let last = first + pending.len() as u64 - 1;
         debug_assert_eq!(last, self.status.last_seq.0);
         let blob = chunk::encode(pending.iter().map(|(v, b)| (*v, b.as_slice())));
+        let last_version = pending.last().map_or(0, |(v, _)| v.0);
         self.conn
-            .prepare_cached("INSERT INTO _log (last_seq, first_seq, chunk) VALUES (?1, ?2, ?3)")?
-            .execute(params![last as i64, first as i64, blob])?;
+            .prepare_cached(
+                "INSERT INTO _log (last_seq, first_seq, last_version, chunk) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![last as i64, first as i64, last_version as i64, blob])?;
         self.open.flushed = self.open.entries.len();
         Ok(())
     }

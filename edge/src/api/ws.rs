@@ -1,0 +1,276 @@
+//! `GET /ws?token=TOKEN`: a terminal's live feed connection. JSON text frames by default,
+//! postcard binary frames with the `outpost.v1.postcard` subprotocol. One task per connection
+//! sends queued frames (coalescing bursts into one flush), reads the client's subscribe and
+//! unsubscribe messages, keeps the connection alive with pings and reaps it when it goes quiet.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value as Json;
+use shared::Role;
+use shared::feed::{ClientMsg, POSTCARD_PROTOCOL};
+use shared::schema::Access;
+
+use super::query::parse_where;
+use super::{ApiError, AppState, Auth};
+use crate::feed::{Feed, Format, Frame, Sub, error_frame};
+
+/// How often the server pings an idle connection.
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// A connection silent for this long (no message, no pong) is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Most subscriptions on one connection.
+pub const SUBSCRIPTIONS_MAX: usize = 64;
+/// Frames sent before one flush when a burst is queued.
+const FLUSH_FRAMES_MAX: usize = 64;
+
+const _: () = assert!(PING_INTERVAL.as_secs() * 2 < IDLE_TIMEOUT.as_secs());
+
+pub(super) async fn upgrade(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Auth(role) = match Auth::from_token(&state, params.get("token").map(String::as_str)) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let feed = state.feed().clone();
+    ws.protocols([POSTCARD_PROTOCOL])
+        .on_upgrade(move |socket| connection(socket, feed, role))
+}
+
+fn to_message(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(s) => Message::Text(Utf8Bytes::from(s)),
+        Frame::Binary(b) => Message::Binary(b),
+    }
+}
+
+async fn connection(mut socket: WebSocket, feed: Feed, role: Role) {
+    let format = match socket.protocol() {
+        Some(p) if p.as_bytes() == POSTCARD_PROTOCOL.as_bytes() => Format::Postcard,
+        _ => Format::Json,
+    };
+    let mut reg = feed.register(format);
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.tick().await; // the first tick is immediate
+    let mut last_heard = Instant::now();
+    'conn: loop {
+        tokio::select! {
+            frame = reg.rx.recv() => {
+                let Some(frame) = frame else { break };
+                if reg.lagging.load(std::sync::atomic::Ordering::Relaxed) {
+                    for f in feed.resync(reg.id, &mut reg.rx) {
+                        if socket.feed(to_message(f)).await.is_err() { break 'conn; }
+                    }
+                    if socket.flush().await.is_err() { break; }
+                    continue;
+                }
+                if socket.feed(to_message(frame)).await.is_err() { break; }
+                // Coalesce a burst: queue what is waiting, then flush once.
+                for _ in 0..FLUSH_FRAMES_MAX {
+                    match reg.rx.try_recv() {
+                        Ok(f) => if socket.feed(to_message(f)).await.is_err() { break 'conn; },
+                        Err(_) => break,
+                    }
+                }
+                if socket.flush().await.is_err() { break; }
+            }
+            () = reg.wake.notified() => {
+                if reg.lagging.load(std::sync::atomic::Ordering::Relaxed) {
+                    for f in feed.resync(reg.id, &mut reg.rx) {
+                        if socket.feed(to_message(f)).await.is_err() { break 'conn; }
+                    }
+                    if socket.flush().await.is_err() { break; }
+                }
+            }
+            msg = socket.next() => {
+                let Some(Ok(msg)) = msg else { break };
+                last_heard = Instant::now();
+                match msg {
+                    Message::Text(t) => handle(&feed, reg.id, role, format, parse_json(t.as_str())),
+                    Message::Binary(b) => handle(&feed, reg.id, role, format, parse_postcard(&b)),
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > IDLE_TIMEOUT {
+                    tracing::debug!(conn = reg.id, "closing a silent terminal connection");
+                    break;
+                }
+                if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() { break; }
+            }
+        }
+    }
+    feed.unregister(reg.id);
+    let _ = socket.close().await;
+}
+
+/// A client message, or why it is not one: `(sub, code, message)`.
+type Parsed = Result<ClientMsg, (Option<String>, &'static str, String)>;
+
+fn parse_json(text: &str) -> Parsed {
+    let v: Json = serde_json::from_str(text).map_err(|e| {
+        (
+            None,
+            "invalid_json",
+            format!("the frame is not valid JSON: {e}"),
+        )
+    })?;
+    let sub = v.get("sub").and_then(Json::as_str).map(str::to_owned);
+    let fail = |code, message: &str| (sub.clone(), code, message.to_owned());
+    let sub_name = sub
+        .clone()
+        .ok_or_else(|| fail("invalid_frame", "every message names its \"sub\""))?;
+    match v.get("type").and_then(Json::as_str) {
+        Some("subscribe") => {
+            let tables = v
+                .get("tables")
+                .and_then(Json::as_array)
+                .map(|ts| {
+                    ts.iter()
+                        .map(|t| t.as_str().map(str::to_owned))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .unwrap_or(None)
+                .ok_or_else(|| fail("invalid_frame", "\"tables\" is a list of table names"))?;
+            let since = match v.get("since") {
+                None | Some(Json::Null) => None,
+                Some(s) => Some(s.as_u64().ok_or_else(|| {
+                    fail(
+                        "invalid_value",
+                        "\"since\" is a version: a non-negative integer",
+                    )
+                })?),
+            };
+            Ok(ClientMsg::Subscribe {
+                sub: sub_name,
+                module: v
+                    .get("module")
+                    .and_then(Json::as_str)
+                    .unwrap_or("pos")
+                    .to_owned(),
+                tables,
+                filter: v.get("where").filter(|w| !w.is_null()).map(Json::to_string),
+                since,
+            })
+        }
+        Some("unsubscribe") => Ok(ClientMsg::Unsubscribe { sub: sub_name }),
+        _ => Err(fail(
+            "invalid_frame",
+            "\"type\" is \"subscribe\" or \"unsubscribe\"",
+        )),
+    }
+}
+
+fn parse_postcard(bytes: &[u8]) -> Parsed {
+    postcard::from_bytes(bytes).map_err(|e| {
+        (
+            None,
+            "invalid_frame",
+            format!("the frame is not a postcard client message: {e}"),
+        )
+    })
+}
+
+fn handle(feed: &Feed, conn: u64, role: Role, format: Format, msg: Parsed) {
+    let reply_error = |sub: Option<&str>, code: &str, message: &str| {
+        feed.push(conn, error_frame(format, sub, code, message));
+    };
+    match msg {
+        Err((sub, code, message)) => reply_error(sub.as_deref(), code, &message),
+        Ok(ClientMsg::Unsubscribe { sub }) => feed.unsubscribe(conn, &sub),
+        Ok(ClientMsg::Subscribe {
+            sub,
+            module,
+            tables,
+            filter,
+            since,
+        }) => match check_subscription(feed, role, &sub, &module, &tables, filter.as_deref()) {
+            Err(e) => reply_error(Some(&sub), e.code, &e.message),
+            Ok(s) => {
+                if feed.subscriptions(conn) >= SUBSCRIPTIONS_MAX {
+                    reply_error(
+                        Some(&sub),
+                        "too_many_subscriptions",
+                        "a connection holds at most 64 subscriptions",
+                    );
+                } else if let Err(e) = feed.subscribe(conn, sub.clone(), s, since) {
+                    let e = ApiError::from(e);
+                    reply_error(Some(&sub), e.code, &e.message);
+                }
+            }
+        },
+    }
+}
+
+/// Checks a subscription against the schema and the role.
+fn check_subscription(
+    feed: &Feed,
+    role: Role,
+    sub: &str,
+    module: &str,
+    tables: &[String],
+    filter: Option<&str>,
+) -> Result<Sub, ApiError> {
+    let schema = feed.store().schema();
+    if sub.is_empty() || sub.len() > 64 {
+        return Err(ApiError::bad_request(
+            "invalid_frame",
+            "\"sub\" is a name of 1 to 64 bytes",
+        ));
+    }
+    if module != schema.module() {
+        return Err(ApiError::not_found(
+            "unknown_module",
+            format!("this edge serves module {:?}", schema.module()),
+        ));
+    }
+    if tables.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_frame",
+            "subscribe to at least one table",
+        ));
+    }
+    let filter: Option<Json> = match filter {
+        None => None,
+        Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+            ApiError::bad_request("invalid_value", format!("\"where\" is not valid JSON: {e}"))
+        })?),
+    };
+    let mut indexes = Vec::with_capacity(tables.len());
+    let mut filters = Vec::new();
+    for name in tables {
+        let ti = schema.table_index(name).ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_table",
+                format!(
+                    "there is no table {:?}",
+                    name.chars().take(64).collect::<String>()
+                ),
+            )
+        })?;
+        if !schema.tables()[ti].allows(role, Access::Read) {
+            return Err(ApiError::forbidden(format!(
+                "role {role} may not read {name}"
+            )));
+        }
+        // The filter must make sense for every table of the subscription.
+        let f = parse_where(schema, ti, filter.as_ref())?;
+        if filters.is_empty() {
+            filters = f;
+        }
+        indexes.push(ti);
+    }
+    Ok(Sub {
+        tables: indexes,
+        filter: filters,
+        version: 0,
+    })
+}
