@@ -9,6 +9,8 @@ mod ws;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
@@ -37,6 +39,7 @@ struct AppInner {
     store: Store,
     branch: BranchId,
     feed: Feed,
+    routes: RouteMetrics,
     /// blake3(token) -> role, filled on first use; tokens are never revoked at the edge yet.
     tokens: RwLock<HashMap<[u8; 32], Role>>,
 }
@@ -47,6 +50,7 @@ impl AppState {
         AppState {
             inner: Arc::new(AppInner {
                 feed: Feed::start(store.clone()),
+                routes: RouteMetrics::default(),
                 store,
                 branch,
                 tokens: RwLock::new(HashMap::new()),
@@ -64,6 +68,10 @@ impl AppState {
 
     pub fn feed(&self) -> &Feed {
         &self.inner.feed
+    }
+
+    pub fn routes(&self) -> &RouteMetrics {
+        &self.inner.routes
     }
 
     /// The role of a bearer token. The database is asked once per token; afterwards the
@@ -155,6 +163,69 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Upper bounds of the request latency histogram, in microseconds.
+pub const REQUEST_US_BUCKETS: [u64; 10] =
+    [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, u64::MAX];
+
+/// A latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    pub buckets: [AtomicU64; 10],
+    pub sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn record(&self, us: u64) {
+        let i = REQUEST_US_BUCKETS.iter().position(|b| us <= *b).unwrap_or(9);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+}
+
+/// Request latency by route (the matched path template) and method.
+#[derive(Debug, Default)]
+pub struct RouteMetrics {
+    routes: RwLock<HashMap<(String, String), Arc<Histogram>>>,
+}
+
+impl RouteMetrics {
+    fn histogram(&self, method: &str, route: &str) -> Arc<Histogram> {
+        let key = (method.to_owned(), route.to_owned());
+        if let Some(h) = self.routes.read().get(&key) {
+            return h.clone();
+        }
+        self.routes.write().entry(key).or_default().clone()
+    }
+
+    /// `((method, route), histogram)`, sorted.
+    pub fn all(&self) -> Vec<((String, String), Arc<Histogram>)> {
+        let mut v: Vec<_> = self.routes.read().iter().map(|(k, h)| (k.clone(), h.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// Records each request's latency under its route template (unmatched requests are not
+/// recorded, so random paths cannot grow the table).
+async fn time_requests(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    if let Some(route) = route {
+        let us = started.elapsed().as_micros() as u64;
+        state.routes().histogram(&method, &route).record(us);
+    }
+    resp
+}
+
 /// The terminal API's routes (health and metrics are added by the server).
 pub fn router(state: AppState) -> Router {
     const B: &str = "/api/branches/{branch}/modules/{module}";
@@ -172,6 +243,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), time_requests))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }
