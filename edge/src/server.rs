@@ -265,13 +265,21 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         fm.catch_ups.load(Relaxed),
     );
     let name = "outpost_request_latency_us";
-    out.family(name, "histogram", "Terminal API request latency by route, in microseconds.");
+    out.family(
+        name,
+        "histogram",
+        "Terminal API request latency by route, in microseconds.",
+    );
     for ((method, route), h) in app.api.routes().all() {
         let labels = format!("method=\"{method}\",route=\"{route}\"");
         let mut cumulative = 0;
         for (b, c) in crate::api::REQUEST_US_BUCKETS.iter().zip(&h.buckets) {
             cumulative += c.load(Relaxed);
-            let le = if *b == u64::MAX { "+Inf".to_owned() } else { b.to_string() };
+            let le = if *b == u64::MAX {
+                "+Inf".to_owned()
+            } else {
+                b.to_string()
+            };
             let _ = writeln!(out.0, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
         }
         let _ = writeln!(out.0, "{name}_sum{{{labels}}} {}", h.sum_us.load(Relaxed));

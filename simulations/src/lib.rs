@@ -3,3 +3,4 @@
 //! they land.
 
 pub mod demo;
+pub mod load;

@@ -31,11 +31,63 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         terminals: usize,
     },
+    /// Load an edge over HTTP and WebSocket (starts one in this process unless --url is given).
+    Load {
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        token: Option<String>,
+        /// Keep-alive HTTP clients running order cycles.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// WebSocket subscribers following the orders.
+        #[arg(long, default_value_t = 0)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Pace the clients to this many writes per second in total.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Load {
+            url,
+            token,
+            clients,
+            subscribers,
+            seconds,
+            rate,
+        } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("outpost-sim load: cannot start the runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let config = simulations::load::LoadConfig {
+                url,
+                token,
+                clients,
+                subscribers,
+                seconds,
+                rate,
+            };
+            match runtime.block_on(simulations::load::run(config)) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("outpost-sim load: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo {
             data_dir,
             orders,

@@ -164,8 +164,18 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Upper bounds of the request latency histogram, in microseconds.
-pub const REQUEST_US_BUCKETS: [u64; 10] =
-    [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, u64::MAX];
+pub const REQUEST_US_BUCKETS: [u64; 10] = [
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    100_000,
+    1_000_000,
+    u64::MAX,
+];
 
 /// A latency histogram.
 #[derive(Debug, Default)]
@@ -176,7 +186,10 @@ pub struct Histogram {
 
 impl Histogram {
     fn record(&self, us: u64) {
-        let i = REQUEST_US_BUCKETS.iter().position(|b| us <= *b).unwrap_or(9);
+        let i = REQUEST_US_BUCKETS
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(9);
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
     }
@@ -199,7 +212,12 @@ impl RouteMetrics {
 
     /// `((method, route), histogram)`, sorted.
     pub fn all(&self) -> Vec<((String, String), Arc<Histogram>)> {
-        let mut v: Vec<_> = self.routes.read().iter().map(|(k, h)| (k.clone(), h.clone())).collect();
+        let mut v: Vec<_> = self
+            .routes
+            .read()
+            .iter()
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -243,7 +261,10 @@ pub fn router(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), time_requests))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            time_requests,
+        ))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }

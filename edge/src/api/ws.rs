@@ -25,6 +25,8 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Most subscriptions on one connection.
 pub const SUBSCRIPTIONS_MAX: usize = 64;
+/// Read buffer per connection, in bytes.
+const READ_BUFFER_BYTES: usize = 4096;
 /// Frames sent before one flush when a burst is queued.
 const FLUSH_FRAMES_MAX: usize = 64;
 
@@ -40,7 +42,10 @@ pub(super) async fn upgrade(
         Err(e) => return e.into_response(),
     };
     let feed = state.feed().clone();
+    // Terminals send only small control messages; a small read buffer keeps each read from
+    // clearing the default 128 KiB.
     ws.protocols([POSTCARD_PROTOCOL])
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| connection(socket, feed, role))
 }
 

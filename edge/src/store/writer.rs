@@ -421,7 +421,10 @@ impl Writer {
                     deleted: ch.op == EntryOp::Delete,
                     row: &ch.row,
                 });
-                if let Some((table, id)) = newly_hot {
+                // A row that was just inserted has no children in SQLite yet (they reference
+                // it, so they come after it and reach the tier as changes of their own); only
+                // an existing row that turns hot sends us looking.
+                if let Some((table, id)) = newly_hot.filter(|_| ch.op != EntryOp::Insert) {
                     for (child, column) in hot.children_of(table).to_vec() {
                         match load_children(
                             &self.conn,
