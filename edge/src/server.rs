@@ -100,6 +100,7 @@ pub fn router(store: Store, branch: BranchId) -> Router {
             api: api.clone(),
         })
         .merge(crate::api::router(api))
+        .method_not_allowed_fallback(crate::api::method_not_allowed)
 }
 
 async fn healthz(State(app): State<App>) -> impl IntoResponse {

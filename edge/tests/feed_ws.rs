@@ -432,18 +432,33 @@ async fn a_stalled_terminal_is_resynced_and_the_others_keep_receiving() {
         metrics.contains("outpost_feed_resyncs_total 1"),
         "{metrics}"
     );
+    let route = "outpost_request_latency_us_count{method=\"GET\",route=\"/ws\"}";
+    assert!(metrics.contains(route), "{metrics}");
 }
 
-/// `/metrics` over a raw HTTP/1.1 request (no HTTP client needed for one GET).
-async fn reqwest_metrics(edge: &Edge) -> String {
+/// A GET over a raw HTTP/1.1 request (no HTTP client needed for one GET).
+async fn raw_get(edge: &Edge, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+async fn reqwest_metrics(edge: &Edge) -> String {
+    raw_get(edge, "/metrics").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_the_feed_gets_a_json_error() {
+    let edge = start().await;
+    let resp = raw_get(&edge, &format!("/ws?token={}", edge.token)).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("\"error\":\"websocket_required\""), "{resp}");
+    let resp = raw_get(&edge, "/ws?token=nope").await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

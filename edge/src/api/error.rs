@@ -64,7 +64,8 @@ impl ApiError {
             | StoreError::OrderClosed { .. }
             | StoreError::OrderNotEmpty { .. }
             | StoreError::Unpaid { .. }
-            | StoreError::IllegalTransition { .. } => StatusCode::CONFLICT,
+            | StoreError::IllegalTransition { .. }
+            | StoreError::AmountOverflow { .. } => StatusCode::CONFLICT,
             StoreError::HubOwned(_) | StoreError::ServerWritten(_) => StatusCode::FORBIDDEN,
             StoreError::LogImmutable(_) => StatusCode::METHOD_NOT_ALLOWED,
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -155,7 +155,7 @@ async fn not_found() -> ApiError {
     ApiError::not_found("not_found", "there is no such route")
 }
 
-async fn method_not_allowed() -> ApiError {
+pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",

@@ -35,11 +35,21 @@ const _: () = assert!(PING_INTERVAL.as_secs() * 2 < IDLE_TIMEOUT.as_secs());
 pub(super) async fn upgrade(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let Auth(role) = match Auth::from_token(&state, params.get("token").map(String::as_str)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::bad_request(
+                "websocket_required",
+                format!("/ws is a WebSocket endpoint: {e}"),
+            )
+            .into_response();
+        }
     };
     let feed = state.feed().clone();
     // Terminals send only small control messages; a small read buffer keeps each read from

@@ -40,6 +40,8 @@ pub enum StoreError {
     LogImmutable(String),
     #[error("the transaction is too large: {0}")]
     TooLarge(&'static str),
+    #[error("order {order_id:?} would exceed the largest amount")]
+    AmountOverflow { order_id: String },
     #[error("a transaction needs at least one operation")]
     EmptyTransaction,
     #[error("storage failure: {0}")]
@@ -66,6 +68,7 @@ impl StoreError {
             StoreError::ServerWritten(_) => "forbidden",
             StoreError::LogImmutable(_) => "log_immutable",
             StoreError::TooLarge(_) => "too_large",
+            StoreError::AmountOverflow { .. } => "amount_overflow",
             StoreError::EmptyTransaction => "empty_transaction",
             StoreError::Storage(_) => "storage",
             StoreError::Closed => "shutting_down",

@@ -108,10 +108,11 @@ fn line_amount(line: &Row) -> i128 {
 }
 
 /// Applies a change to a derived total, refusing a result outside i64.
-pub(crate) fn add_amount(current: &Value, delta: i128) -> Result<i64, StoreError> {
+pub(crate) fn add_amount(order_id: &str, current: &Value, delta: i128) -> Result<i64, StoreError> {
     let now = i128::from(current.as_int().unwrap_or(0));
-    i64::try_from(now + delta)
-        .map_err(|_| StoreError::TooLarge("the order's total exceeds the largest amount"))
+    i64::try_from(now + delta).map_err(|_| StoreError::AmountOverflow {
+        order_id: order_id.to_owned(),
+    })
 }
 
 impl PosRules {

@@ -605,7 +605,7 @@ impl Writer {
                     && let Some((total, paid)) = s.order_deltas.remove(id)
                 {
                     for (col, delta) in [("total_amount", total), ("paid_amount", paid)] {
-                        let v = Value::Int(rules::add_amount(current.get(col), delta)?);
+                        let v = Value::Int(rules::add_amount(id, current.get(col), delta)?);
                         fresh.set(col, v.clone());
                         set.insert(col.into(), v);
                     }
@@ -914,7 +914,7 @@ impl Writer {
             if delta != 0 {
                 set.insert(
                     col.into(),
-                    Value::Int(rules::add_amount(current.get(col), delta)?),
+                    Value::Int(rules::add_amount(order_id, current.get(col), delta)?),
                 );
             }
         }
