@@ -289,6 +289,20 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.0)
 }
 
+/// Accepts connections with Nagle's algorithm off: terminals get small responses and feed
+/// frames that must leave at once, not wait for the client's delayed acknowledgement.
+pub fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
+}
+
 /// Resolves when SIGTERM or SIGINT arrives.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -327,10 +341,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         .and_then(|()| std::fs::rename(&tmp, &ports_path))
         .map_err(|e| StartError(format!("cannot write {}: {e}", ports_path.display())))?;
     tracing::info!(branch = %config.branch, http = %bound, "edge serving");
-    axum::serve(listener, router(store.clone(), config.branch.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| StartError(format!("server failed: {e}")))?;
+    axum::serve(
+        no_delay(listener),
+        router(store.clone(), config.branch.clone()),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .map_err(|e| StartError(format!("server failed: {e}")))?;
     // The writer answers every queued request before it stops.
     tokio::task::spawn_blocking(move || store.close())
         .await

@@ -35,7 +35,11 @@ async fn start() -> Edge {
     let app = edge::server::router(store.clone(), shared::BranchId::parse("B001").unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    tokio::spawn(async move {
+        axum::serve(edge::server::no_delay(listener), app)
+            .await
+            .unwrap()
+    });
     Edge {
         store,
         addr,

@@ -90,7 +90,7 @@ async fn local_edge() -> Result<(String, String), String> {
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(edge::server::no_delay(listener), app).await;
     });
     Ok((format!("http://{addr}"), token))
 }
