@@ -53,6 +53,8 @@ struct Model {
     version: u64,
     /// The last log seq (one entry per changed row).
     seq: u64,
+    /// Deleted state rows: the tombstone's version, which a re-inserted id continues from.
+    tombstones: BTreeMap<(String, String), u64>,
 }
 
 /// What a request should return: per op, the applied kind and the row as the op left it; or
@@ -214,13 +216,11 @@ impl Model {
                     }
                     _ => {}
                 }
-                self.rows_mut(table).insert(
-                    id,
-                    MRow {
-                        version: 1,
-                        fields: f,
-                    },
-                );
+                let version = match self.tombstones.get(&(table.clone(), id.clone())) {
+                    Some(v) if table != "order_payment" => v + 1,
+                    _ => 1,
+                };
+                self.rows_mut(table).insert(id, MRow { version, fields: f });
                 Ok(Applied::Inserted)
             }
             Op::Update {
@@ -319,6 +319,8 @@ impl Model {
                     _ => {}
                 }
                 self.rows_mut(table).remove(id);
+                self.tombstones
+                    .insert((table.clone(), id.clone()), current.version + 1);
                 self.seq += 1;
                 Ok(Applied::Deleted)
             }
@@ -951,6 +953,7 @@ fn check_log_replays(store: &Store, model: &Model) {
     let mut replayed: BTreeMap<(String, String), Row> = BTreeMap::new();
     let mut after = Seq(0);
     let mut last_version = 0;
+    let mut tombstones: BTreeMap<(String, String), u64> = BTreeMap::new();
     loop {
         let page = store.log_page(after, 37).unwrap();
         for (version, e) in &page.entries {
@@ -969,7 +972,9 @@ fn check_log_replays(store: &Store, model: &Model) {
             let key = (e.table.clone(), e.row_id.clone());
             match e.op {
                 EntryOp::Insert => {
-                    assert_eq!(e.row.version, 1, "insert of {key:?}");
+                    // A re-inserted id continues after its tombstone.
+                    let expected = tombstones.get(&key).map_or(1, |v| v + 1);
+                    assert_eq!(e.row.version, expected, "insert of {key:?}");
                     let old = replayed.insert(key.clone(), e.row.clone());
                     assert!(old.is_none(), "insert of a live row {key:?}");
                 }
@@ -980,6 +985,7 @@ fn check_log_replays(store: &Store, model: &Model) {
                     assert_eq!(e.row.created_at, old.created_at, "update of {key:?}");
                 }
                 EntryOp::Delete => {
+                    tombstones.insert(key.clone(), e.row.version);
                     let old = replayed.remove(&key);
                     let old = old.unwrap_or_else(|| panic!("delete of a missing row {key:?}"));
                     assert!(e.row.version > old.version, "tombstone of {key:?}");

@@ -627,3 +627,41 @@ fn schema_changes_migrate_and_bad_ones_are_refused() {
     let err = Store::open(other).err().expect("refused");
     assert!(err.to_string().contains("B001"), "{err}");
 }
+
+#[test]
+fn a_deleted_id_comes_back_with_its_versions_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert(
+            "table_lock",
+            "T4",
+            &[("locked_by", text("ana"))],
+        )))
+        .unwrap();
+    store
+        .commit_blocking(txn(Op::Delete {
+            table: "table_lock".into(),
+            id: "T4".into(),
+            version: 1,
+        }))
+        .unwrap();
+    let again = store
+        .commit_blocking(txn(insert(
+            "table_lock",
+            "T4",
+            &[("locked_by", text("ben"))],
+        )))
+        .unwrap();
+    assert_eq!(again.results[0].row.version, 3);
+    // A client still holding version 1 of the old lock cannot touch the new one.
+    let e = store
+        .commit_blocking(txn(update(
+            "table_lock",
+            "T4",
+            1,
+            &[("locked_by", text("ana"))],
+        )))
+        .unwrap_err();
+    assert_eq!(e.error.code(), "version_conflict");
+}

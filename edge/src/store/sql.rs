@@ -184,6 +184,8 @@ pub fn migrate(conn: &Connection, schema: &Schema, branch: &str) -> Result<(), O
          CREATE INDEX IF NOT EXISTS _log_version ON _log (last_version);
          CREATE TABLE IF NOT EXISTS _segments (last_seq INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,
              prev_hash BLOB NOT NULL, hash BLOB NOT NULL, bytes INTEGER NOT NULL, sealed_at INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS _tombstones (tbl TEXT NOT NULL, id TEXT NOT NULL,
+             version INTEGER NOT NULL, PRIMARY KEY (tbl, id)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS _tokens (hash BLOB PRIMARY KEY NOT NULL, role TEXT NOT NULL,
              created_at INTEGER NOT NULL) WITHOUT ROWID;",
     )?;

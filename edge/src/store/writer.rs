@@ -709,6 +709,22 @@ impl Writer {
         let t = &self.schema.tables()[ti];
         let is_log = t.kind == TableKind::Log;
         row.seq = is_log.then_some(self.status.last_seq.0 + 1);
+        if !is_log {
+            // An id used before continues its versions after its tombstone, so a client still
+            // holding the old row cannot compare-and-set the new one.
+            let tombstone: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT version FROM _tombstones WHERE tbl = ?1 AND id = ?2")?
+                .query_row(params![&t.name, &row.id], |r| r.get(0))
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+            if let Some(v) = tombstone {
+                row.version = v as u64 + 1;
+            }
+        }
         let clock = self.next_clock(ti, &row.id)?;
         let clock_bytes = clock
             .as_ref()
@@ -830,6 +846,15 @@ impl Writer {
         let mut tombstone = current.clone();
         tombstone.version += 1;
         tombstone.updated_at = s.now;
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO _tombstones (tbl, id, version) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                &self.schema.tables()[ti].name,
+                &tombstone.id,
+                tombstone.version as i64
+            ])?;
         let tombstone = Arc::new(tombstone);
         self.append(ti, EntryOp::Delete, tombstone.clone(), clock, Vec::new(), s)?;
         if let Some(rules) = self.rules.clone() {
