@@ -589,16 +589,9 @@ impl Writer {
             PreparedOp::Update {
                 id, version, set, ..
             } => {
-                let current = self.current(ti, id)?;
                 // The client's version is compared with the row as the client could have seen
                 // it: totals this request dirtied are derived below, in the same update.
-                if current.version != *version {
-                    return Err(StoreError::VersionConflict {
-                        id: id.clone(),
-                        expected: *version,
-                        current: Arc::new(current),
-                    });
-                }
+                let current = self.current_at(ti, id, *version)?;
                 let mut set = set.clone();
                 let mut fresh = current.clone();
                 if self.rules.as_ref().is_some_and(|r| r.is_order(ti))
@@ -616,14 +609,7 @@ impl Writer {
                 self.update_row(ti, current, set, s)
             }
             PreparedOp::Delete { id, version, .. } => {
-                let current = self.current(ti, id)?;
-                if current.version != *version {
-                    return Err(StoreError::VersionConflict {
-                        id: id.clone(),
-                        expected: *version,
-                        current: Arc::new(current),
-                    });
-                }
+                let current = self.current_at(ti, id, *version)?;
                 if let Some(rules) = &self.rules {
                     rules.before_delete(&self.conn, &self.schema, &self.sql, ti, &current)?;
                 }
@@ -676,6 +662,19 @@ impl Writer {
             table: self.schema.tables()[ti].name.clone(),
             id: id.chars().take(128).collect(),
         })
+    }
+
+    /// The current row, if it is at `version` (compare-and-set).
+    fn current_at(&self, ti: usize, id: &str, version: u64) -> Result<Row, StoreError> {
+        let current = self.current(ti, id)?;
+        if current.version != version {
+            return Err(StoreError::VersionConflict {
+                id: id.to_owned(),
+                expected: version,
+                current: Arc::new(current),
+            });
+        }
+        Ok(current)
     }
 
     fn next_clock(&self, ti: usize, id: &str) -> Result<Option<VClock<OriginId>>, StoreError> {
