@@ -25,6 +25,9 @@ use crate::store::{Change, Commit, Store};
 pub const CONNECTION_QUEUE_FRAMES: usize = 256;
 /// Most changes a `since` catch-up replays; beyond it the client gets a snapshot.
 pub const CATCH_UP_CHANGES_MAX: usize = 10_000;
+/// Most encoded bytes of a catch-up delta (one frame); beyond it the client gets a snapshot.
+/// Well under the 16 MiB frame limit WebSocket clients commonly keep.
+pub const CATCH_UP_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// A connection's wire format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -448,36 +451,47 @@ impl Feed {
             Some(v) => store.changes_since(shared::Version(v), CATCH_UP_CHANGES_MAX)?,
             None => None,
         };
-        let frame = match (since, catch_up) {
-            (Some(base), Some(entries)) => {
-                let version = entries.last().map_or(base, |(v, _)| v.0);
-                let parts: Vec<Bytes> = entries
-                    .iter()
-                    .filter_map(|(_, e)| {
-                        let ti = store.schema().table_index(&e.table)?;
-                        if !sub.tables.contains(&ti) {
-                            return None;
-                        }
-                        // Log entries carry whole rows: a row that matches is sent whole, one
-                        // that does not (any more) is removed.
-                        let variant = match (e.op, sub.wants(&e.row)) {
-                            (EntryOp::Delete, _) | (_, false) => Variant::Gone,
-                            _ => Variant::Full,
-                        };
-                        let change = Change {
-                            table: ti,
-                            op: e.op,
-                            row: Arc::new(e.row.clone()),
-                            before: None,
-                            changed: Vec::new(),
-                        };
-                        Some(encode(store, c.format, &change, variant))
-                    })
-                    .collect();
+        // A catch-up delta from the log, if the log holds it and it fits in one frame.
+        let catch_up = catch_up.and_then(|entries| {
+            let base = since?;
+            let version = entries.last().map_or(base, |(v, _)| v.0);
+            let mut bytes = 0;
+            let mut parts: Vec<Bytes> = Vec::with_capacity(entries.len());
+            for (_, e) in &entries {
+                let Some(ti) = store.schema().table_index(&e.table) else {
+                    continue;
+                };
+                if !sub.tables.contains(&ti) {
+                    continue;
+                }
+                // Log entries carry whole rows: a row that matches is sent whole, one that
+                // does not (any more) is removed.
+                let variant = match (e.op, sub.wants(&e.row)) {
+                    (EntryOp::Delete, _) | (_, false) => Variant::Gone,
+                    _ => Variant::Full,
+                };
+                let change = Change {
+                    table: ti,
+                    op: e.op,
+                    row: Arc::new(e.row.clone()),
+                    before: None,
+                    changed: Vec::new(),
+                };
+                let part = encode(store, c.format, &change, variant);
+                bytes += part.len();
+                if bytes > CATCH_UP_BYTES_MAX {
+                    return None;
+                }
+                parts.push(part);
+            }
+            let refs: Vec<&Bytes> = parts.iter().collect();
+            Some((version, delta_frame(c.format, &name, base, version, &refs)))
+        });
+        let frame = match catch_up {
+            Some((version, frame)) => {
                 sub.version = version;
                 self.inner.metrics.catch_ups.fetch_add(1, Relaxed);
-                let refs: Vec<&Bytes> = parts.iter().collect();
-                delta_frame(c.format, &name, base, version, &refs)
+                frame
             }
             _ => {
                 let names: Vec<&str> = sub.tables.iter().map(|&t| table_name(store, t)).collect();
