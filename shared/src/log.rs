@@ -140,7 +140,10 @@ pub struct LogEntryRef<'a> {
 
 impl LogEntryRef<'_> {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("postcard encodes log entries")
+        // Sized up front from the row so that encoding allocates once instead of growing.
+        let estimate = 96 + self.table.len() + 2 * self.row_id.len() + 24 * self.row.values.len();
+        let buf = Vec::with_capacity(estimate);
+        postcard::to_extend(self, buf).expect("postcard encodes log entries")
     }
 }
 

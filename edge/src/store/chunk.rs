@@ -26,8 +26,9 @@ fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
     None
 }
 
-pub fn encode<'a>(entries: impl Iterator<Item = (Version, &'a [u8])>) -> Vec<u8> {
-    let mut out = Vec::new();
+pub fn encode<'a>(entries: impl Iterator<Item = (Version, &'a [u8])> + Clone) -> Vec<u8> {
+    let size: usize = entries.clone().map(|(_, b)| b.len() + 12).sum();
+    let mut out = Vec::with_capacity(size);
     for (version, bytes) in entries {
         put_varint(&mut out, version.0);
         put_varint(&mut out, bytes.len() as u64);

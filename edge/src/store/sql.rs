@@ -135,25 +135,27 @@ pub fn value_ref(v: &Value) -> ToSqlOutput<'_> {
     })
 }
 
-/// The parameters of `insert`/`update` for a row, in column order, borrowed from the row.
-pub fn row_params<'a>(t: &Table, row: &'a Row, clock: Option<&'a [u8]>) -> Vec<ToSqlOutput<'a>> {
-    let mut p = Vec::with_capacity(SYSTEM_SQL_COUNT + t.columns.len());
-    p.push(ToSqlOutput::Borrowed(ValueRef::Text(row.id.as_bytes())));
-    p.push(ToSqlOutput::Borrowed(ValueRef::Integer(row.version as i64)));
-    p.push(ToSqlOutput::Borrowed(ValueRef::Integer(row.created_at.0)));
-    p.push(ToSqlOutput::Borrowed(ValueRef::Integer(row.updated_at.0)));
-    p.push(ToSqlOutput::Borrowed(
+/// The parameters of `insert`/`update` for a row, in column order, borrowed from the row
+/// (an iterator: no vector is built per statement).
+pub fn row_params<'a>(
+    t: &Table,
+    row: &'a Row,
+    clock: Option<&'a [u8]>,
+) -> impl Iterator<Item = ToSqlOutput<'a>> {
+    debug_assert_eq!(row.values.len(), t.columns.len());
+    let system = [
+        ValueRef::Text(row.id.as_bytes()),
+        ValueRef::Integer(row.version as i64),
+        ValueRef::Integer(row.created_at.0),
+        ValueRef::Integer(row.updated_at.0),
         row.seq
             .map_or(ValueRef::Null, |s| ValueRef::Integer(s as i64)),
-    ));
-    p.push(ToSqlOutput::Borrowed(
         clock.map_or(ValueRef::Null, ValueRef::Blob),
-    ));
-    debug_assert_eq!(row.values.len(), t.columns.len());
-    for v in &row.values {
-        p.push(value_ref(v));
-    }
-    p
+    ];
+    system
+        .into_iter()
+        .map(ToSqlOutput::Borrowed)
+        .chain(row.values.iter().map(value_ref))
 }
 
 /// Reads a row selected with the table's column list (`select_by_id`, `select_all`).
