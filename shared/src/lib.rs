@@ -10,7 +10,9 @@ pub mod json;
 pub mod log;
 pub mod pos;
 pub mod schema;
+pub mod sync;
 pub mod value;
+pub mod wire;
 
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{BranchId, OriginId, Seq, Version};

@@ -191,6 +191,37 @@ proptest! {
     }
 
     #[test]
+    fn wire_frames_round_trip_and_hostile_frames_never_panic(es in entries(6), junk in proptest::collection::vec(any::<u8>(), 0..256)) {
+        use shared::wire::{Frame, Position};
+        let segs = chain(&es, 2);
+        let origin = es[0].origin.clone();
+        let frames = vec![
+            Frame::Segment(segs[0].clone()),
+            Frame::Ack(Position::genesis(&origin)),
+            Frame::Welcome { protocol: 1, vector: vec![Position::genesis(&origin)] },
+        ];
+        for f in &frames {
+            let bytes = f.encode();
+            let (back, used) = Frame::decode(&bytes).unwrap().unwrap();
+            prop_assert_eq!(&back, f);
+            prop_assert_eq!(used, bytes.len());
+            // Any prefix asks for more bytes or fails cleanly; a flipped payload byte fails
+            // cleanly or decodes to something else, never panics.
+            for cut in 0..bytes.len() {
+                let _ = Frame::decode(&bytes[..cut]);
+            }
+            let mut flipped = bytes.clone();
+            let i = 5 + junk.first().copied().unwrap_or(0) as usize % (bytes.len() - 5);
+            flipped[i] ^= 0xa5;
+            let _ = Frame::decode(&flipped);
+        }
+        let mut hostile = vec![shared::wire::FRAME_VERSION];
+        hostile.extend((junk.len() as u32).to_le_bytes());
+        hostile.extend(&junk);
+        let _ = Frame::decode(&hostile);
+    }
+
+    #[test]
     fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = LogEntry::decode(&bytes, &schema());
         if let Ok(s) = postcard::from_bytes::<Segment>(&bytes) {

@@ -1,0 +1,218 @@
+//! Sync wire frames: `[version byte][u32 little-endian payload length][postcard payload]`.
+//! Every length and count is bounded by a named limit; decoding hostile bytes returns an
+//! error, never panics.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{OriginId, Seq};
+use crate::log::{ChainHash, SEGMENT_BYTES_MAX, Segment};
+
+/// The sync protocol's version, exchanged in the handshake.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The frame format's version byte.
+pub const FRAME_VERSION: u8 = 1;
+/// Bytes before the payload: version byte and length.
+pub const FRAME_HEADER_BYTES: usize = 5;
+/// Largest payload: a whole segment and its header.
+pub const FRAME_PAYLOAD_MAX: usize = SEGMENT_BYTES_MAX + 4096;
+/// Most origins in a version vector.
+pub const VECTOR_ORIGINS_MAX: usize = 4096;
+/// Longest free text (software version, reasons).
+pub const TEXT_BYTES_MAX: usize = 256;
+
+const _: () = assert!(FRAME_PAYLOAD_MAX < u32::MAX as usize);
+
+/// A replica's durable, contiguous position in one origin's log: the last seq it holds and
+/// the hash of the segment that ends there (`lastSeenId`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub origin: OriginId,
+    pub seq: Seq,
+    pub hash: ChainHash,
+}
+
+impl Position {
+    /// The position before an origin's first entry.
+    pub fn genesis(origin: &OriginId) -> Position {
+        Position {
+            origin: origin.clone(),
+            seq: Seq::ZERO,
+            hash: ChainHash::genesis(origin),
+        }
+    }
+}
+
+/// Why a segment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The hash does not match the bytes, or the segment does not decode.
+    Corrupt,
+    /// It does not chain onto the receiver's position (a gap or a reordering).
+    OutOfOrder,
+    /// The sender may not write this origin.
+    ForeignOrigin,
+}
+
+/// One sync message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Edge → hub, first: the edge's protocol, software and its positions.
+    Hello {
+        protocol: u16,
+        software: String,
+        vector: Vec<Position>,
+    },
+    /// Hub → edge: the hub's durable positions (for the edge's own origin: where to resume).
+    Welcome {
+        protocol: u16,
+        vector: Vec<Position>,
+    },
+    Segment(Segment),
+    /// The receiver holds everything up to this position durably.
+    Ack(Position),
+    /// A segment was refused; resend from `resume`.
+    Reject {
+        origin: OriginId,
+        first_seq: Seq,
+        reason: RejectReason,
+        resume: Position,
+    },
+    /// The two sides hold different histories at the same position; nothing is merged.
+    Divergence {
+        origin: OriginId,
+        seq: Seq,
+        ours: ChainHash,
+        theirs: ChainHash,
+    },
+    /// The sender closes the session, saying why.
+    Close {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("unknown frame version {0}")]
+    Version(u8),
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("frame does not decode: {0}")]
+    Decode(String),
+    #[error("frame exceeds a limit: {0}")]
+    Limit(&'static str),
+}
+
+impl Frame {
+    /// Checks the limits a decoded frame must respect.
+    fn check(&self) -> Result<(), WireError> {
+        let text = |s: &str| {
+            if s.len() > TEXT_BYTES_MAX {
+                Err(WireError::Limit("text longer than 256 bytes"))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Frame::Hello {
+                software, vector, ..
+            } => {
+                text(software)?;
+                if vector.len() > VECTOR_ORIGINS_MAX {
+                    return Err(WireError::Limit("version vector too long"));
+                }
+            }
+            Frame::Welcome { vector, .. } if vector.len() > VECTOR_ORIGINS_MAX => {
+                return Err(WireError::Limit("version vector too long"));
+            }
+            Frame::Close { reason } => text(reason)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The frame with its header.
+    pub fn encode(&self) -> Vec<u8> {
+        let payload = postcard::to_stdvec(self).expect("postcard encodes frames");
+        debug_assert!(payload.len() <= FRAME_PAYLOAD_MAX, "a frame over the limit");
+        let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
+        out.push(FRAME_VERSION);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Decodes one frame from the front of `bytes`: `Ok(None)` when more bytes are needed,
+    /// else the frame and how many bytes it used.
+    pub fn decode(bytes: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+        let Some(&version) = bytes.first() else {
+            return Ok(None);
+        };
+        if version != FRAME_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let Some(len) = bytes.get(1..FRAME_HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len > FRAME_PAYLOAD_MAX {
+            return Err(WireError::TooLarge(len));
+        }
+        let Some(payload) = bytes.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len) else {
+            return Ok(None);
+        };
+        let frame: Frame =
+            postcard::from_bytes(payload).map_err(|e| WireError::Decode(e.to_string()))?;
+        frame.check()?;
+        Ok(Some((frame, FRAME_HEADER_BYTES + len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_arrive_in_pieces() {
+        let o = OriginId::parse("B001").unwrap();
+        let frames = vec![
+            Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                software: "0.1.0".into(),
+                vector: vec![Position::genesis(&o)],
+            },
+            Frame::Ack(Position::genesis(&o)),
+            Frame::Close {
+                reason: "bye".into(),
+            },
+        ];
+        let mut stream = Vec::new();
+        for f in &frames {
+            stream.extend(f.encode());
+        }
+        // Fed one byte at a time, the decoder waits, then yields each frame whole.
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for b in stream {
+            buf.push(b);
+            while let Some((f, used)) = Frame::decode(&buf).unwrap() {
+                out.push(f);
+                buf.drain(..used);
+            }
+        }
+        assert_eq!(out, frames);
+    }
+
+    #[test]
+    fn hostile_headers_are_errors() {
+        assert_eq!(Frame::decode(&[9, 0, 0, 0, 0]), Err(WireError::Version(9)));
+        let huge = [FRAME_VERSION, 0xff, 0xff, 0xff, 0x7f];
+        assert!(matches!(Frame::decode(&huge), Err(WireError::TooLarge(_))));
+        let junk = [FRAME_VERSION, 3, 0, 0, 0, 0xff, 0xff, 0xff];
+        assert!(matches!(Frame::decode(&junk), Err(WireError::Decode(_))));
+        let long = Frame::Close {
+            reason: "x".repeat(300),
+        }
+        .encode();
+        assert!(matches!(Frame::decode(&long), Err(WireError::Limit(_))));
+    }
+}
