@@ -65,6 +65,8 @@ struct EdgePersistent {
 #[derive(Debug)]
 struct EdgeConn {
     welcomed: bool,
+    /// When the last hello went out (it is sent again until a welcome arrives).
+    hello_at: Millis,
     /// The last position sent on this connection.
     sent: Position,
     /// Sent segments awaiting an ack: `(last_seq, sent_at)`.
@@ -110,13 +112,18 @@ impl EdgeSession {
         self.state.diverged
     }
 
-    pub fn handle_connected(&mut self, _now: Millis) {
+    pub fn handle_connected(&mut self, now: Millis) {
         self.conn = Some(EdgeConn {
             welcomed: false,
+            hello_at: now,
             sent: self.state.acked.clone(),
             in_flight: VecDeque::new(),
             loading: false,
         });
+        self.send_hello();
+    }
+
+    fn send_hello(&mut self) {
         self.transmit.push_back(Frame::Hello {
             protocol: PROTOCOL_VERSION,
             software: self.software.clone(),
@@ -164,6 +171,9 @@ impl EdgeSession {
         }
         let origin = self.state.head.origin.clone();
         match frame {
+            Frame::Welcome { .. } if self.conn.as_ref().is_some_and(|c| c.welcomed) => {
+                // A repeated welcome: the session already streams from the first one.
+            }
             Frame::Welcome { protocol, vector } => {
                 if protocol != PROTOCOL_VERSION {
                     self.transmit.push_back(Frame::Close {
@@ -306,6 +316,14 @@ impl EdgeSession {
         let Some(c) = self.conn.as_mut() else {
             return;
         };
+        if !c.welcomed {
+            // No welcome yet: the hello (or its answer) was lost; ask again.
+            if now >= c.hello_at + timeout {
+                c.hello_at = now;
+                self.send_hello();
+            }
+            return;
+        }
         if c.in_flight
             .front()
             .is_some_and(|(_, at)| now >= at + timeout)
@@ -329,6 +347,9 @@ impl EdgeSession {
     /// When [`EdgeSession::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let c = self.conn.as_ref()?;
+        if !c.welcomed {
+            return Some(c.hello_at + self.config.ack_timeout_ms);
+        }
         c.in_flight
             .front()
             .map(|(_, at)| at + self.config.ack_timeout_ms)
@@ -432,6 +453,16 @@ impl HubSession {
             } => {
                 if protocol != PROTOCOL_VERSION {
                     self.close(&format!("protocol {protocol} is not {PROTOCOL_VERSION}"));
+                    return;
+                }
+                if self.greeted {
+                    // A repeated hello (the welcome was lost, or the network duplicated it):
+                    // its head may be older than what the hub has received since, so it is
+                    // answered, not judged again.
+                    self.transmit.push_back(Frame::Welcome {
+                        protocol: PROTOCOL_VERSION,
+                        vector: vec![self.durable.clone()],
+                    });
                     return;
                 }
                 let edge = vector

@@ -367,3 +367,50 @@ fn a_session_must_start_with_hello() {
     assert!(hub.is_closed());
     assert!(hub.poll_io().is_none());
 }
+
+/// Found by the simulator (a lost hello left the edge waiting forever): the hello is sent again
+/// after the timeout.
+#[test]
+fn a_lost_hello_is_sent_again() {
+    let edge_log = log("B001", 6, 3);
+    let origin = edge_log[0].origin.clone();
+    let mut w = World::new(edge_log, Vec::new(), Position::genesis(&origin));
+    let mut first = true;
+    w.up = Box::new(move |f| {
+        if matches!(f, Frame::Hello { .. }) && first {
+            first = false;
+            return vec![];
+        }
+        vec![f]
+    });
+    w.edge.handle_connected(0);
+    w.run();
+    w.assert_converged();
+}
+
+/// Found by the simulator (a duplicated hello, delivered after the hub had received more than
+/// its head, was taken for an edge that lost data): a repeated hello is answered, not judged.
+#[test]
+fn a_late_duplicate_hello_is_not_divergence() {
+    let edge_log = log("B001", 12, 3);
+    let origin = edge_log[0].origin.clone();
+    let mut w = World::new(edge_log, Vec::new(), Position::genesis(&origin));
+    let mut hello: Option<Frame> = None;
+    let mut segments = 0;
+    w.up = Box::new(move |f| {
+        if matches!(f, Frame::Hello { .. }) {
+            hello = Some(f.clone());
+        }
+        if matches!(f, Frame::Segment(_)) {
+            segments += 1;
+            if segments == 4 {
+                return vec![f, hello.clone().unwrap()];
+            }
+        }
+        vec![f]
+    });
+    w.edge.handle_connected(0);
+    w.run();
+    w.assert_converged();
+    assert!(!w.hub.is_closed());
+}

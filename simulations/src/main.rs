@@ -31,6 +31,16 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         terminals: usize,
     },
+    /// The deterministic sync simulator: `--seed N` replays one seed, `--seeds A..B` runs a range.
+    Sim {
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        #[arg(long, default_value = "0..100")]
+        seeds: String,
+        /// Edges per run (1 to 16); by default each seed picks 1 to 6.
+        #[arg(long)]
+        edges: Option<usize>,
+    },
     /// Load an edge over HTTP and WebSocket (starts one in this process unless --url is given).
     Load {
         #[arg(long)]
@@ -54,6 +64,60 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Sim { seed, seeds, edges } => {
+            let range = match seed {
+                Some(s) => s..s + 1,
+                None => match seeds
+                    .split_once("..")
+                    .and_then(|(a, b)| Some(a.parse::<u64>().ok()?..b.parse::<u64>().ok()?))
+                {
+                    Some(r) if !r.is_empty() => r,
+                    _ => {
+                        eprintln!("outpost-sim sim: --seeds takes A..B with A < B, e.g. 0..1000");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            if let Some(n) = edges
+                && !(1..=16).contains(&n)
+            {
+                eprintln!("outpost-sim sim: --edges is 1 to 16");
+                return ExitCode::from(2);
+            }
+            let started = std::time::Instant::now();
+            let mut failed = Vec::new();
+            let mut faults = simulations::sim::FaultCounts::default();
+            let count = range.end - range.start;
+            for s in range {
+                let mut config = simulations::sim::SimConfig::new(s);
+                if let Some(n) = edges {
+                    config.edges = n;
+                }
+                println!("seed {s}");
+                let outcome = simulations::sim::run_seed(config);
+                faults.add(&outcome.faults);
+                if count == 1 || outcome.failure.is_some() {
+                    println!("{outcome}");
+                }
+                if outcome.failure.is_some() {
+                    failed.push(s);
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{count} seeds in {secs:.1} s ({:.0} seeds/s); faults fired: {faults:?}",
+                count as f64 / secs
+            );
+            if count > 1 && !faults.missing().is_empty() {
+                println!("fault kinds that never fired: {:?}", faults.missing());
+            }
+            if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                println!("FAILED seeds (replay with --seed N): {failed:?}");
+                ExitCode::FAILURE
+            }
+        }
         Command::Load {
             url,
             token,

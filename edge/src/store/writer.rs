@@ -61,13 +61,15 @@ pub(crate) struct Delivery {
 }
 
 impl Delivery {
+    /// Publishes the commits, then answers: a caller holding its answer can count on its
+    /// commit being in the feed already.
     pub(crate) fn deliver(self, shared: &Shared) {
-        for (reply, answer) in self.answers {
-            let _ = reply.send(answer);
-        }
         for c in self.commits {
             // A send error only means nobody listens right now.
             let _ = shared.commits.send(Arc::new(c));
+        }
+        for (reply, answer) in self.answers {
+            let _ = reply.send(answer);
         }
     }
 }

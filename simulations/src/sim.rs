@@ -1,0 +1,742 @@
+//! The deterministic simulator: N edges and one hub built from the sans-IO sessions in
+//! `shared::sync`, over a seeded network that delays, drops, duplicates and reorders frames
+//! and partitions links (one way too), with crashes that lose whatever was not durable and
+//! skewed clocks. Frames cross the network encoded (`shared::wire`), so the codec is in the
+//! loop. A run has a safety phase with faults and workload, then a liveness phase where the
+//! network heals and everything must converge. The same seed gives the same trace digest.
+//!
+//! Checkers, apart from the code under test: every position an edge recorded as acked is
+//! durable at the hub; the hub's store for each origin is a prefix of that edge's durable log
+//! (exactly once, in order) and its chain verifies; at the end they are equal.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+
+use shared::log::{ChainHash, EntryOp, LogEntry, Segment, verify_chain};
+use shared::sync::{EdgeIo, EdgeSession, HubIo, HubSession, SyncConfig};
+use shared::wire::{Frame, Position};
+use shared::{Hlc, OriginId, Row, Schema, Seq, Timestamp, Value};
+
+/// SplitMix64: small, fast, and the same on every machine.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+}
+
+/// Fault probabilities per step (per link for network faults).
+#[derive(Debug, Clone)]
+pub struct Faults {
+    pub drop: f64,
+    pub duplicate: f64,
+    pub reorder: f64,
+    pub partition: f64,
+    pub heal: f64,
+    pub crash_edge: f64,
+    pub crash_hub: f64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            drop: 0.02,
+            duplicate: 0.02,
+            reorder: 0.03,
+            partition: 0.002,
+            heal: 0.02,
+            crash_edge: 0.001,
+            crash_hub: 0.0005,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub edges: usize,
+    pub safety_steps: u64,
+    pub liveness_steps: u64,
+    pub faults: Faults,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64) -> SimConfig {
+        let mut rng = Rng::new(seed);
+        SimConfig {
+            seed,
+            edges: 1 + rng.below(6) as usize,
+            safety_steps: 3_000,
+            liveness_steps: 20_000,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// How many faults of each kind fired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    pub partitions: u64,
+    pub one_way_partitions: u64,
+    pub edge_crashes: u64,
+    pub hub_crashes: u64,
+    pub torn_tails: u64,
+}
+
+impl FaultCounts {
+    pub fn add(&mut self, o: &FaultCounts) {
+        self.dropped += o.dropped;
+        self.duplicated += o.duplicated;
+        self.reordered += o.reordered;
+        self.partitions += o.partitions;
+        self.one_way_partitions += o.one_way_partitions;
+        self.edge_crashes += o.edge_crashes;
+        self.hub_crashes += o.hub_crashes;
+        self.torn_tails += o.torn_tails;
+    }
+
+    /// The kinds that never fired.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let kinds = [
+            ("drop", self.dropped),
+            ("duplicate", self.duplicated),
+            ("reorder", self.reordered),
+            ("partition", self.partitions),
+            ("one-way partition", self.one_way_partitions),
+            ("edge crash", self.edge_crashes),
+            ("hub crash", self.hub_crashes),
+            ("torn tail", self.torn_tails),
+        ];
+        kinds
+            .into_iter()
+            .filter(|(_, n)| *n == 0)
+            .map(|(k, _)| k)
+            .collect()
+    }
+}
+
+/// The result of one seed.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub seed: u64,
+    pub edges: usize,
+    pub digest: String,
+    pub steps: u64,
+    pub entries: u64,
+    pub faults: FaultCounts,
+    pub failure: Option<String>,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} edges {} steps {} entries {} digest {} faults {:?}: {}",
+            self.seed,
+            self.edges,
+            self.steps,
+            self.entries,
+            &self.digest[..16],
+            self.faults,
+            self.failure.as_deref().unwrap_or("ok")
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Up,
+    Down,
+}
+
+/// A frame on the wire, tagged with its connection so a stale one is recognised.
+#[derive(Debug)]
+struct Packet {
+    deliver_at: u64,
+    edge: usize,
+    dir: Dir,
+    conn: u64,
+    bytes: Vec<u8>,
+}
+
+struct EdgeNode {
+    origin: OriginId,
+    session: EdgeSession,
+    /// Segments that survived an fsync.
+    durable: Vec<Segment>,
+    /// Sealed but not yet fsynced: lost (or torn) by a crash.
+    volatile: Vec<Segment>,
+    /// The ack position the edge has persisted (its retention watermark).
+    recorded_ack: Position,
+    next_seq: u64,
+    head_hash: ChainHash,
+    conn: Option<u64>,
+    reconnect_at: u64,
+    clock_skew: u64,
+    link_up: bool,
+    link_down: bool,
+}
+
+struct HubOrigin {
+    durable: Vec<Segment>,
+    /// How many of `durable` the checker has verified, and the chain head after them.
+    checked: usize,
+    checked_head: ChainHash,
+    session: Option<HubSession>,
+    /// Verified segments whose persistence has not completed: `(done_at, segment)`.
+    persisting: VecDeque<(u64, Segment)>,
+}
+
+struct Sim {
+    config: SimConfig,
+    rng: Rng,
+    schema: Arc<Schema>,
+    edges: Vec<EdgeNode>,
+    hub: Vec<HubOrigin>,
+    net: Vec<Packet>,
+    now: u64,
+    next_conn: u64,
+    trace: blake3::Hasher,
+    faults: FaultCounts,
+    entries: u64,
+    sync: SyncConfig,
+}
+
+fn head_of(origin: &OriginId, log: &[Segment]) -> Position {
+    log.last().map_or(Position::genesis(origin), |s| Position {
+        origin: origin.clone(),
+        seq: s.last_seq,
+        hash: s.hash,
+    })
+}
+
+impl Sim {
+    fn new(config: SimConfig) -> Sim {
+        let mut rng = Rng::new(config.seed);
+        let schema = Arc::new(shared::pos::schema());
+        let sync = SyncConfig {
+            window_segments: 4,
+            ack_timeout_ms: 200,
+        };
+        let edges = (0..config.edges)
+            .map(|i| {
+                let origin = OriginId::parse(&format!("B{i:03}")).expect("valid id");
+                let genesis = Position::genesis(&origin);
+                EdgeNode {
+                    session: EdgeSession::new(
+                        sync.clone(),
+                        "0.1.0",
+                        genesis.clone(),
+                        genesis.clone(),
+                    ),
+                    head_hash: genesis.hash,
+                    origin,
+                    durable: Vec::new(),
+                    volatile: Vec::new(),
+                    recorded_ack: genesis,
+                    next_seq: 1,
+                    conn: None,
+                    reconnect_at: 0,
+                    clock_skew: rng.below(5_000),
+                    link_up: true,
+                    link_down: true,
+                }
+            })
+            .collect();
+        let hub = (0..config.edges)
+            .map(|i| HubOrigin {
+                durable: Vec::new(),
+                checked: 0,
+                checked_head: ChainHash::genesis(
+                    &OriginId::parse(&format!("B{i:03}")).expect("valid id"),
+                ),
+                session: None,
+                persisting: VecDeque::new(),
+            })
+            .collect();
+        Sim {
+            config,
+            rng,
+            schema,
+            edges,
+            hub,
+            net: Vec::new(),
+            now: 0,
+            next_conn: 1,
+            trace: blake3::Hasher::new(),
+            faults: FaultCounts::default(),
+            entries: 0,
+            sync,
+        }
+    }
+
+    fn trace(&mut self, event: &str) {
+        self.trace.update(&self.now.to_le_bytes());
+        self.trace.update(event.as_bytes());
+    }
+
+    /// The edge's terminals commit a few rows; they become a sealed (not yet durable) segment.
+    fn workload(&mut self, i: usize) {
+        let n = 1 + self.rng.below(4);
+        let ti = self.schema.table_index("order_payment").expect("pos table");
+        let columns = self.schema.columns(ti).clone();
+        let e = &mut self.edges[i];
+        let first = e.next_seq;
+        let encoded: Vec<Vec<u8>> = (0..n)
+            .map(|k| {
+                let seq = first + k;
+                let mut values = vec![Value::Null; columns.len()];
+                values[0] = Value::Text(format!("o{seq}"));
+                values[2] = Value::Int(seq as i64 * 100);
+                LogEntry {
+                    origin: e.origin.clone(),
+                    seq: Seq(seq),
+                    hlc: Hlc(seq),
+                    table: "order_payment".into(),
+                    op: EntryOp::Insert,
+                    row_id: format!("p{seq}"),
+                    row: Row {
+                        id: format!("p{seq}"),
+                        version: 1,
+                        created_at: Timestamp(0),
+                        updated_at: Timestamp(0),
+                        seq: Some(seq),
+                        columns: columns.clone(),
+                        values,
+                    },
+                    clock: None,
+                    scope: None,
+                }
+                .encode()
+            })
+            .collect();
+        let seg = Segment::seal(
+            e.origin.clone(),
+            Seq(first),
+            e.head_hash,
+            encoded.iter().map(Vec::as_slice),
+        );
+        e.head_hash = seg.hash;
+        e.next_seq += n;
+        e.volatile.push(seg);
+        self.entries += n;
+    }
+
+    fn fsync_edge(&mut self, i: usize) {
+        let now = self.now + self.edges[i].clock_skew;
+        let e = &mut self.edges[i];
+        if e.volatile.is_empty() {
+            return;
+        }
+        e.durable.append(&mut e.volatile);
+        let head = head_of(&e.origin, &e.durable);
+        e.session.handle_sealed(now, head);
+    }
+
+    fn crash_edge(&mut self, i: usize) {
+        self.faults.edge_crashes += 1;
+        let e = &mut self.edges[i];
+        if !e.volatile.is_empty() {
+            self.faults.torn_tails += 1;
+        }
+        e.volatile.clear();
+        // What was not fsynced is gone: the log continues from the durable head.
+        let head = head_of(&e.origin, &e.durable);
+        e.head_hash = head.hash;
+        e.next_seq = head.seq.0 + 1;
+        e.session = EdgeSession::new(self.sync.clone(), "0.1.0", e.recorded_ack.clone(), head);
+        e.conn = None;
+        e.reconnect_at = self.now + 50;
+        self.hub[i].session = None;
+        self.trace(&format!("crash edge {i}"));
+    }
+
+    fn crash_hub(&mut self) {
+        self.faults.hub_crashes += 1;
+        for (i, h) in self.hub.iter_mut().enumerate() {
+            h.persisting.clear();
+            h.session = None;
+            let e = &mut self.edges[i];
+            if e.conn.take().is_some() {
+                e.session.handle_disconnected(self.now + e.clock_skew);
+            }
+            e.reconnect_at = self.now + 100;
+        }
+        self.trace("crash hub");
+    }
+
+    fn connect(&mut self, i: usize) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let origin = self.edges[i].origin.clone();
+        let durable = head_of(&origin, &self.hub[i].durable);
+        self.hub[i].session = Some(HubSession::new(self.schema.clone(), origin, durable));
+        self.hub[i].persisting.clear();
+        let e = &mut self.edges[i];
+        e.conn = Some(conn);
+        e.session.handle_connected(self.now + e.clock_skew);
+        self.trace(&format!("connect {i} {conn}"));
+    }
+
+    fn disconnect(&mut self, i: usize) {
+        let e = &mut self.edges[i];
+        if e.conn.take().is_some() {
+            e.session.handle_disconnected(self.now + e.clock_skew);
+            e.reconnect_at = self.now + 20 + self.rng.below(200);
+            self.hub[i].session = None;
+            self.hub[i].persisting.clear();
+            self.trace(&format!("disconnect {i}"));
+        }
+    }
+
+    fn send(&mut self, i: usize, dir: Dir, frame: &Frame) {
+        let Some(conn) = self.edges[i].conn else {
+            return;
+        };
+        let up = match dir {
+            Dir::Up => self.edges[i].link_up,
+            Dir::Down => self.edges[i].link_down,
+        };
+        let f = self.config.faults.clone();
+        if !up || self.rng.chance(f.drop) {
+            self.faults.dropped += 1;
+            return;
+        }
+        let bytes = frame.encode();
+        let mut delay = 1 + self.rng.below(5);
+        if self.rng.chance(f.reorder) {
+            self.faults.reordered += 1;
+            delay += 5 + self.rng.below(30);
+        }
+        let copies = if self.rng.chance(f.duplicate) {
+            self.faults.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for c in 0..copies {
+            self.net.push(Packet {
+                deliver_at: self.now + delay + c,
+                edge: i,
+                dir,
+                conn,
+                bytes: bytes.clone(),
+            });
+        }
+    }
+
+    /// Moves every session's outputs: storage requests and frames.
+    fn pump(&mut self) {
+        for i in 0..self.edges.len() {
+            loop {
+                let now = self.now + self.edges[i].clock_skew;
+                let Some(io) = self.edges[i].session.poll_io() else {
+                    break;
+                };
+                match io {
+                    EdgeIo::LoadSegments { after, max } => {
+                        let segs: Vec<Segment> = self.edges[i]
+                            .durable
+                            .iter()
+                            .filter(|s| s.first_seq > after)
+                            .take(max)
+                            .cloned()
+                            .collect();
+                        self.edges[i].session.handle_segments(now, segs);
+                    }
+                    EdgeIo::RecordAck(pos) => self.edges[i].recorded_ack = pos,
+                    EdgeIo::Diverged { ours, theirs } => {
+                        self.trace(&format!(
+                            "edge {i} diverged at {} vs {}",
+                            ours.seq, theirs.seq
+                        ));
+                    }
+                }
+            }
+            while let Some(frame) = self.edges[i].session.poll_transmit() {
+                self.send(i, Dir::Up, &frame);
+            }
+            if let Some(s) = self.hub[i].session.as_mut() {
+                let mut frames = Vec::new();
+                let mut ios = Vec::new();
+                while let Some(io) = s.poll_io() {
+                    ios.push(io);
+                }
+                for io in ios {
+                    match io {
+                        HubIo::Persist { segment, .. } => {
+                            let done = self.now + 1 + self.rng.below(10);
+                            self.hub[i].persisting.push_back((done, segment));
+                        }
+                        HubIo::Refused { .. } | HubIo::Diverged { .. } => {}
+                    }
+                }
+                if let Some(s) = self.hub[i].session.as_mut() {
+                    while let Some(f) = s.poll_transmit() {
+                        frames.push(f);
+                    }
+                }
+                for f in frames {
+                    self.send(i, Dir::Down, &f);
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self) {
+        let now = self.now;
+        let mut due: Vec<Packet> = Vec::new();
+        let mut i = 0;
+        while i < self.net.len() {
+            if self.net[i].deliver_at <= now {
+                due.push(self.net.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        // swap_remove scrambles order; deliver by time, then by send order is not kept on
+        // purpose only through the reorder fault: sort to keep delivery deterministic.
+        due.sort_by_key(|p| (p.deliver_at, p.edge, p.dir == Dir::Down, p.conn));
+        for p in due {
+            if self.edges[p.edge].conn != Some(p.conn) {
+                continue; // a frame of a connection that is gone
+            }
+            let frame = match Frame::decode(&p.bytes) {
+                Ok(Some((f, _))) => f,
+                other => panic!("a frame the sender encoded does not decode: {other:?}"),
+            };
+            let skew = self.edges[p.edge].clock_skew;
+            match p.dir {
+                Dir::Up => {
+                    if let Some(s) = self.hub[p.edge].session.as_mut() {
+                        s.handle_frame(now, frame);
+                    }
+                }
+                Dir::Down => self.edges[p.edge].session.handle_frame(now + skew, frame),
+            }
+            self.trace.update(&p.bytes);
+        }
+    }
+
+    /// Completes persistence that is due: the segment is durable, then the session acks.
+    fn persist(&mut self) {
+        for i in 0..self.hub.len() {
+            while self.hub[i]
+                .persisting
+                .front()
+                .is_some_and(|(t, _)| *t <= self.now)
+            {
+                let Some((_, seg)) = self.hub[i].persisting.pop_front() else {
+                    break;
+                };
+                let pos = Position {
+                    origin: seg.origin.clone(),
+                    seq: seg.last_seq,
+                    hash: seg.hash,
+                };
+                self.hub[i].durable.push(seg);
+                if let Some(s) = self.hub[i].session.as_mut() {
+                    s.handle_persisted(self.now, pos);
+                }
+            }
+        }
+    }
+
+    fn timers(&mut self) {
+        for i in 0..self.edges.len() {
+            let now = self.now + self.edges[i].clock_skew;
+            if self.edges[i]
+                .session
+                .poll_timeout()
+                .is_some_and(|t| t <= now)
+            {
+                self.edges[i].session.handle_timeout(now);
+            }
+            let e = &self.edges[i];
+            if e.conn.is_none() && self.now >= e.reconnect_at && e.link_up && e.link_down {
+                self.connect(i);
+            }
+        }
+    }
+
+    /// The safety checks, after every step. Both logs only grow (what is durable stays), so
+    /// the segments checked before need no second look.
+    fn check(&mut self) -> Result<(), String> {
+        for (i, e) in self.edges.iter().enumerate() {
+            let h = &mut self.hub[i];
+            let new = &h.durable[h.checked..];
+            if h.durable.len() > e.durable.len() || *new != e.durable[h.checked..h.durable.len()] {
+                return Err(format!(
+                    "edge {i}: the hub's log is not a prefix of the edge's"
+                ));
+            }
+            h.checked_head = verify_chain(h.checked_head, new, &self.schema)
+                .map_err(|err| format!("edge {i}: the hub's chain does not verify: {err}"))?;
+            h.checked = h.durable.len();
+            let hub_head = head_of(&e.origin, &h.durable);
+            if e.recorded_ack.seq > hub_head.seq {
+                return Err(format!(
+                    "edge {i}: acked up to {} but the hub holds only {} durably",
+                    e.recorded_ack.seq, hub_head.seq
+                ));
+            }
+            if e.session.is_diverged() {
+                return Err(format!("edge {i}: divergence reported on a single history"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything durable at each edge is durable at the hub and acknowledged. (The checker
+    /// has already compared the hub's segments with the edge's one by one.)
+    fn converged(&self) -> bool {
+        self.edges.iter().enumerate().all(|(i, e)| {
+            let head = head_of(&e.origin, &e.durable);
+            e.volatile.is_empty()
+                && self.hub[i].durable.len() == e.durable.len()
+                && e.recorded_ack == head
+        })
+    }
+
+    fn step(&mut self, faults: bool) -> Result<(), String> {
+        self.now += 1;
+        let f = self.config.faults.clone();
+        for i in 0..self.edges.len() {
+            if faults {
+                if self.rng.chance(f.crash_edge) {
+                    self.crash_edge(i);
+                }
+                if self.rng.chance(f.partition) {
+                    let e = &mut self.edges[i];
+                    match self.rng.below(3) {
+                        0 => {
+                            e.link_up = false;
+                            self.faults.one_way_partitions += 1;
+                        }
+                        1 => {
+                            e.link_down = false;
+                            self.faults.one_way_partitions += 1;
+                        }
+                        _ => {
+                            e.link_up = false;
+                            e.link_down = false;
+                            self.faults.partitions += 1;
+                        }
+                    }
+                }
+                if self.rng.chance(f.heal) {
+                    let e = &mut self.edges[i];
+                    e.link_up = true;
+                    e.link_down = true;
+                }
+                // A long partition is noticed as a dead connection.
+                if (!self.edges[i].link_up || !self.edges[i].link_down) && self.rng.chance(0.01) {
+                    self.disconnect(i);
+                }
+                if self.rng.chance(0.05) {
+                    self.workload(i);
+                }
+            }
+            if self.rng.chance(0.3) {
+                self.fsync_edge(i);
+            }
+        }
+        if faults && self.rng.chance(f.crash_hub) {
+            self.crash_hub();
+        }
+        self.deliver();
+        self.persist();
+        self.pump();
+        self.timers();
+        self.pump();
+        self.check()
+    }
+
+    fn run(mut self) -> Outcome {
+        let mut failure = None;
+        let mut steps = 0;
+        for _ in 0..self.config.safety_steps {
+            steps += 1;
+            if let Err(e) = self.step(true) {
+                failure = Some(format!("safety, step {steps}: {e}"));
+                break;
+            }
+        }
+        if failure.is_none() {
+            // Liveness: heal everything, stop the workload, require convergence.
+            for e in &mut self.edges {
+                e.link_up = true;
+                e.link_down = true;
+            }
+            let mut converged = false;
+            for _ in 0..self.config.liveness_steps {
+                steps += 1;
+                if let Err(e) = self.step(false) {
+                    failure = Some(format!("liveness, step {steps}: {e}"));
+                    break;
+                }
+                if self.converged() {
+                    converged = true;
+                    break;
+                }
+            }
+            if failure.is_none() && !converged {
+                let state: Vec<String> = self
+                    .edges
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        format!(
+                            "edge {i}: durable {} hub {} recorded ack {} session ack {} conn {:?} hub session {}",
+                            head_of(&e.origin, &e.durable).seq,
+                            head_of(&e.origin, &self.hub[i].durable).seq,
+                            e.recorded_ack.seq,
+                            e.session.acked().seq,
+                            e.conn,
+                            self.hub[i].session.is_some(),
+                        )
+                    })
+                    .collect();
+                failure = Some(format!(
+                    "no convergence within {} healed steps: {}",
+                    self.config.liveness_steps,
+                    state.join("; ")
+                ));
+            }
+        }
+        Outcome {
+            seed: self.config.seed,
+            edges: self.config.edges,
+            digest: self.trace.finalize().to_hex().to_string(),
+            steps,
+            entries: self.entries,
+            faults: self.faults,
+            failure,
+        }
+    }
+}
+
+/// Runs one seed.
+pub fn run_seed(config: SimConfig) -> Outcome {
+    Sim::new(config).run()
+}
