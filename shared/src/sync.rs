@@ -21,6 +21,29 @@ use crate::wire::{Frame, PROTOCOL_VERSION, Position, RejectReason};
 /// Milliseconds on the caller's clock.
 pub type Millis = u64;
 
+/// Deliberate bugs that prove the simulator bites. They can only be switched on with the
+/// `mutations` feature (`with_mutation`); without it a session never has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// The hub acks a segment when it is verified, before storage made it durable.
+    AckBeforePersist,
+    /// The edge resumes from its own recorded ack instead of the hub's position.
+    ResumeFromEdgeAck,
+    /// The hub stores segments without checking their hash and chain link.
+    SkipChainCheck,
+    /// The hub stores a segment it already holds again.
+    SkipDuplicateCheck,
+}
+
+impl Mutation {
+    pub const ALL: [Mutation; 4] = [
+        Mutation::AckBeforePersist,
+        Mutation::ResumeFromEdgeAck,
+        Mutation::SkipChainCheck,
+        Mutation::SkipDuplicateCheck,
+    ];
+}
+
 /// Knobs of both sessions.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
@@ -78,6 +101,7 @@ struct EdgeConn {
 #[derive(Debug)]
 pub struct EdgeSession {
     config: SyncConfig,
+    mutation: Option<Mutation>,
     software: String,
     state: EdgePersistent,
     conn: Option<EdgeConn>,
@@ -92,6 +116,7 @@ impl EdgeSession {
         assert_eq!(acked.origin, head.origin, "one origin per session");
         EdgeSession {
             config,
+            mutation: None,
             software: software.to_owned(),
             state: EdgePersistent {
                 acked,
@@ -102,6 +127,13 @@ impl EdgeSession {
             transmit: VecDeque::new(),
             io: VecDeque::new(),
         }
+    }
+
+    /// Switches on a deliberate bug (tests of the simulator only).
+    #[cfg(feature = "mutations")]
+    pub fn with_mutation(mut self, m: Mutation) -> Self {
+        self.mutation = Some(m);
+        self
     }
 
     pub fn acked(&self) -> &Position {
@@ -194,10 +226,15 @@ impl EdgeSession {
                     return;
                 }
                 // Resume from the hub's durable cursor, never from what was sent before.
-                self.record_ack(hub.clone());
+                let resume = if self.mutation == Some(Mutation::ResumeFromEdgeAck) {
+                    self.state.acked.clone()
+                } else {
+                    self.record_ack(hub.clone());
+                    hub
+                };
                 if let Some(c) = self.conn.as_mut() {
                     c.welcomed = true;
-                    c.sent = hub;
+                    c.sent = resume;
                 }
                 self.pump(now);
             }
@@ -379,6 +416,7 @@ pub enum HubIo {
 /// authenticated as (from its certificate), never a branch id taken from a message.
 #[derive(Debug)]
 pub struct HubSession {
+    mutation: Option<Mutation>,
     schema: Arc<Schema>,
     origin: OriginId,
     /// Durable at the hub.
@@ -401,6 +439,7 @@ impl HubSession {
             "the position is the branch's origin"
         );
         HubSession {
+            mutation: None,
             schema,
             origin,
             verified: durable.clone(),
@@ -411,6 +450,13 @@ impl HubSession {
             transmit: VecDeque::new(),
             io: VecDeque::new(),
         }
+    }
+
+    /// Switches on a deliberate bug (tests of the simulator only).
+    #[cfg(feature = "mutations")]
+    pub fn with_mutation(mut self, m: Mutation) -> Self {
+        self.mutation = Some(m);
+        self
     }
 
     pub fn durable(&self) -> &Position {
@@ -504,6 +550,15 @@ impl HubSession {
                     self.reject(&s, RejectReason::ForeignOrigin, detail);
                     return;
                 }
+                if self.mutation == Some(Mutation::SkipDuplicateCheck)
+                    && s.last_seq <= self.verified.seq
+                {
+                    self.io.push_back(HubIo::Persist {
+                        segment: s,
+                        entries: Vec::new(),
+                    });
+                    return;
+                }
                 if s.last_seq <= self.durable.seq {
                     // A duplicate (a retransmit or a replay): acknowledged, not stored again.
                     self.transmit.push_back(Frame::Ack(self.durable.clone()));
@@ -525,7 +580,12 @@ impl HubSession {
                     return;
                 }
                 // The hub verifies hash and chain link before it asks storage to persist.
-                match s.verify(&self.verified.hash, &self.schema) {
+                let checked = if self.mutation == Some(Mutation::SkipChainCheck) {
+                    Ok(Vec::new())
+                } else {
+                    s.verify(&self.verified.hash, &self.schema)
+                };
+                match checked {
                     Ok(entries) => {
                         self.awaiting_resend = false;
                         self.verified = Position {
@@ -533,6 +593,9 @@ impl HubSession {
                             seq: s.last_seq,
                             hash: s.hash,
                         };
+                        if self.mutation == Some(Mutation::AckBeforePersist) {
+                            self.transmit.push_back(Frame::Ack(self.verified.clone()));
+                        }
                         self.io.push_back(HubIo::Persist {
                             segment: s,
                             entries,
@@ -551,10 +614,12 @@ impl HubSession {
 
     /// Storage committed a segment: the durable position moves and the edge is told.
     pub fn handle_persisted(&mut self, _now: Millis, pos: Position) {
-        assert!(
-            pos.seq > self.durable.seq && pos.seq <= self.verified.seq,
-            "persisted positions are verified and move forward"
-        );
+        if self.mutation.is_none() {
+            assert!(
+                pos.seq > self.durable.seq && pos.seq <= self.verified.seq,
+                "persisted positions are verified and move forward"
+            );
+        }
         self.durable = pos.clone();
         if !self.closed {
             self.transmit.push_back(Frame::Ack(pos));

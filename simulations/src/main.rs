@@ -41,6 +41,12 @@ enum Command {
         #[arg(long)]
         edges: Option<usize>,
     },
+    /// How many seeds catch each deliberate protocol bug (built with `--features mutations`).
+    #[cfg(feature = "mutations")]
+    Mutants {
+        #[arg(long, default_value = "0..1000")]
+        seeds: String,
+    },
     /// Load an edge over HTTP and WebSocket (starts one in this process unless --url is given).
     Load {
         #[arg(long)]
@@ -64,6 +70,29 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(feature = "mutations")]
+        Command::Mutants { seeds } => {
+            let Some(range) = seeds
+                .split_once("..")
+                .and_then(|(a, b)| Some(a.parse::<u64>().ok()?..b.parse::<u64>().ok()?))
+            else {
+                eprintln!("outpost-sim mutants: --seeds takes A..B");
+                return ExitCode::from(2);
+            };
+            // Mutants are expected to fail; keep their panics out of the report.
+            std::panic::set_hook(Box::new(|_| {}));
+            let mut missed = false;
+            for (m, caught, total) in simulations::sim::mutants(range) {
+                println!("{m:?}: caught by {caught} of {total} seeds");
+                missed |= caught == 0;
+            }
+            if missed {
+                println!("a deliberate bug went unnoticed by every seed");
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Command::Sim { seed, seeds, edges } => {
             let range = match seed {
                 Some(s) => s..s + 1,

@@ -52,6 +52,8 @@ pub struct Faults {
     pub heal: f64,
     pub crash_edge: f64,
     pub crash_hub: f64,
+    /// A segment's bytes changed on the way up (the integrity test hook).
+    pub corrupt: f64,
 }
 
 impl Default for Faults {
@@ -64,6 +66,7 @@ impl Default for Faults {
             heal: 0.02,
             crash_edge: 0.001,
             crash_hub: 0.0005,
+            corrupt: 0.01,
         }
     }
 }
@@ -71,6 +74,8 @@ impl Default for Faults {
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub seed: u64,
+    /// A deliberate protocol bug to run with (`mutations` feature only).
+    pub mutation: Option<shared::sync::Mutation>,
     pub edges: usize,
     pub safety_steps: u64,
     pub liveness_steps: u64,
@@ -82,6 +87,7 @@ impl SimConfig {
         let mut rng = Rng::new(seed);
         SimConfig {
             seed,
+            mutation: None,
             edges: 1 + rng.below(6) as usize,
             safety_steps: 3_000,
             liveness_steps: 20_000,
@@ -101,6 +107,7 @@ pub struct FaultCounts {
     pub edge_crashes: u64,
     pub hub_crashes: u64,
     pub torn_tails: u64,
+    pub corrupted: u64,
 }
 
 impl FaultCounts {
@@ -113,6 +120,7 @@ impl FaultCounts {
         self.edge_crashes += o.edge_crashes;
         self.hub_crashes += o.hub_crashes;
         self.torn_tails += o.torn_tails;
+        self.corrupted += o.corrupted;
     }
 
     /// The kinds that never fired.
@@ -126,6 +134,7 @@ impl FaultCounts {
             ("edge crash", self.edge_crashes),
             ("hub crash", self.hub_crashes),
             ("torn tail", self.torn_tails),
+            ("corrupted segment", self.corrupted),
         ];
         kinds
             .into_iter()
@@ -191,6 +200,9 @@ struct EdgeNode {
     next_seq: u64,
     head_hash: ChainHash,
     conn: Option<u64>,
+    /// The hub's durable position when this connection started: nothing at or before it may
+    /// be sent again on the connection (resume, not restart).
+    resume_floor: Seq,
     reconnect_at: u64,
     clock_skew: u64,
     link_up: bool,
@@ -220,6 +232,8 @@ struct Sim {
     faults: FaultCounts,
     entries: u64,
     sync: SyncConfig,
+    /// A violation seen while moving frames, reported by the next check.
+    violation: Option<String>,
 }
 
 fn head_of(origin: &OriginId, log: &[Segment]) -> Position {
@@ -228,6 +242,30 @@ fn head_of(origin: &OriginId, log: &[Segment]) -> Position {
         seq: s.last_seq,
         hash: s.hash,
     })
+}
+
+/// Applies the run's deliberate bug, if any, to a new session.
+#[cfg(feature = "mutations")]
+fn mutate_edge(s: EdgeSession, m: Option<shared::sync::Mutation>) -> EdgeSession {
+    match m {
+        Some(m) => s.with_mutation(m),
+        None => s,
+    }
+}
+#[cfg(not(feature = "mutations"))]
+fn mutate_edge(s: EdgeSession, _: Option<shared::sync::Mutation>) -> EdgeSession {
+    s
+}
+#[cfg(feature = "mutations")]
+fn mutate_hub(s: HubSession, m: Option<shared::sync::Mutation>) -> HubSession {
+    match m {
+        Some(m) => s.with_mutation(m),
+        None => s,
+    }
+}
+#[cfg(not(feature = "mutations"))]
+fn mutate_hub(s: HubSession, _: Option<shared::sync::Mutation>) -> HubSession {
+    s
 }
 
 impl Sim {
@@ -256,6 +294,7 @@ impl Sim {
                     recorded_ack: genesis,
                     next_seq: 1,
                     conn: None,
+                    resume_floor: Seq::ZERO,
                     reconnect_at: 0,
                     clock_skew: rng.below(5_000),
                     link_up: true,
@@ -287,6 +326,7 @@ impl Sim {
             faults: FaultCounts::default(),
             entries: 0,
             sync,
+            violation: None,
         }
     }
 
@@ -364,7 +404,10 @@ impl Sim {
         let head = head_of(&e.origin, &e.durable);
         e.head_hash = head.hash;
         e.next_seq = head.seq.0 + 1;
-        e.session = EdgeSession::new(self.sync.clone(), "0.1.0", e.recorded_ack.clone(), head);
+        e.session = mutate_edge(
+            EdgeSession::new(self.sync.clone(), "0.1.0", e.recorded_ack.clone(), head),
+            self.config.mutation,
+        );
         e.conn = None;
         e.reconnect_at = self.now + 50;
         self.hub[i].session = None;
@@ -390,9 +433,14 @@ impl Sim {
         self.next_conn += 1;
         let origin = self.edges[i].origin.clone();
         let durable = head_of(&origin, &self.hub[i].durable);
-        self.hub[i].session = Some(HubSession::new(self.schema.clone(), origin, durable));
+        self.hub[i].session = Some(mutate_hub(
+            HubSession::new(self.schema.clone(), origin, durable),
+            self.config.mutation,
+        ));
         self.hub[i].persisting.clear();
+        let floor = self.hub[i].durable.last().map_or(Seq::ZERO, |s| s.last_seq);
         let e = &mut self.edges[i];
+        e.resume_floor = floor;
         e.conn = Some(conn);
         e.session.handle_connected(self.now + e.clock_skew);
         self.trace(&format!("connect {i} {conn}"));
@@ -413,6 +461,16 @@ impl Sim {
         let Some(conn) = self.edges[i].conn else {
             return;
         };
+        if let Frame::Segment(seg) = frame
+            && dir == Dir::Up
+            && seg.last_seq <= self.edges[i].resume_floor
+            && self.violation.is_none()
+        {
+            self.violation = Some(format!(
+                "edge {i} sent entries up to {} again though the hub held {} when the connection started",
+                seg.last_seq, self.edges[i].resume_floor
+            ));
+        }
         let up = match dir {
             Dir::Up => self.edges[i].link_up,
             Dir::Down => self.edges[i].link_down,
@@ -422,7 +480,17 @@ impl Sim {
             self.faults.dropped += 1;
             return;
         }
-        let bytes = frame.encode();
+        let bytes = match frame {
+            Frame::Segment(seg) if dir == Dir::Up && self.rng.chance(f.corrupt) => {
+                // The integrity hook: one byte of the segment's body changes on the way.
+                self.faults.corrupted += 1;
+                let mut bad = seg.clone();
+                let i = self.rng.below(bad.body.len() as u64) as usize;
+                bad.body[i] ^= 1 << self.rng.below(8);
+                Frame::Segment(bad).encode()
+            }
+            _ => frame.encode(),
+        };
         let mut delay = 1 + self.rng.below(5);
         if self.rng.chance(f.reorder) {
             self.faults.reordered += 1;
@@ -582,6 +650,9 @@ impl Sim {
     /// The safety checks, after every step. Both logs only grow (what is durable stays), so
     /// the segments checked before need no second look.
     fn check(&mut self) -> Result<(), String> {
+        if let Some(v) = self.violation.take() {
+            return Err(v);
+        }
         for (i, e) in self.edges.iter().enumerate() {
             let h = &mut self.hub[i];
             let new = &h.durable[h.checked..];
@@ -739,4 +810,25 @@ impl Sim {
 /// Runs one seed.
 pub fn run_seed(config: SimConfig) -> Outcome {
     Sim::new(config).run()
+}
+
+/// For each deliberate protocol bug, how many of the seeds catch it (`mutations` feature).
+#[cfg(feature = "mutations")]
+pub fn mutants(seeds: std::ops::Range<u64>) -> Vec<(shared::sync::Mutation, u64, u64)> {
+    shared::sync::Mutation::ALL
+        .into_iter()
+        .map(|m| {
+            let caught = seeds
+                .clone()
+                .filter(|&seed| {
+                    let mut config = SimConfig::new(seed);
+                    config.mutation = Some(m);
+                    // A mutation may also trip an assertion inside the sessions: caught too.
+                    std::panic::catch_unwind(|| run_seed(config))
+                        .map_or(true, |o| o.failure.is_some())
+                })
+                .count() as u64;
+            (m, caught, seeds.end - seeds.start)
+        })
+        .collect()
 }
