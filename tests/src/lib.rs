@@ -293,3 +293,32 @@ impl Drop for EdgeProcess {
         self.kill9();
     }
 }
+
+/// An HTTP response as the tests read it: its status, its JSON body (`null` when the body is
+/// empty or not JSON) and its text.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: reqwest::StatusCode,
+    pub body: serde_json::Value,
+    pub text: String,
+}
+
+impl Reply {
+    /// The body, after checking the status.
+    #[track_caller]
+    pub fn expect(&self, status: u16) -> serde_json::Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "expected {status}, got {}: {}",
+            self.status,
+            self.text
+        );
+        self.body.clone()
+    }
+
+    /// The error code of a JSON error body, or "".
+    pub fn code(&self) -> &str {
+        self.body["error"].as_str().unwrap_or("")
+    }
+}

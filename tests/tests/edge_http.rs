@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value as Json, json};
-use tests::EdgeProcess;
+use tests::{EdgeProcess, Reply};
 use tokio::sync::{Barrier, Mutex, watch};
 
 // ---------------------------------------------------------------------------------------------
@@ -48,33 +48,6 @@ enum Who<'a> {
     Header(&'a str),
     /// No `Authorization` header.
     Nobody,
-}
-
-/// A response: its status and its JSON body (`null` when the body is empty).
-#[derive(Debug, Clone)]
-struct Reply {
-    status: StatusCode,
-    body: Json,
-    text: String,
-}
-
-impl Reply {
-    /// The body, after checking the status.
-    #[track_caller]
-    fn expect(&self, status: u16) -> Json {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "expected {status}, got {}: {}",
-            self.status,
-            self.text
-        );
-        self.body.clone()
-    }
-
-    fn code(&self) -> &str {
-        self.body["error"].as_str().unwrap_or("")
-    }
 }
 
 async fn try_send(

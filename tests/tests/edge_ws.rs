@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Client, Method};
 use serde_json::{Map, Value as Json, json};
 use shared::feed::{ClientMsg, FeedOp, FeedRow, POSTCARD_PROTOCOL, ServerMsg};
 use shared::json::value_to_json;
-use tests::EdgeProcess;
+use tests::{EdgeProcess, Reply};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -41,33 +41,6 @@ const ORDER_TABLES: [&str; 5] = [
 // ---------------------------------------------------------------------------------------------
 // HTTP
 // ---------------------------------------------------------------------------------------------
-
-/// A response: its status and its JSON body (`null` when the body is empty or not JSON).
-#[derive(Debug, Clone)]
-struct Reply {
-    status: StatusCode,
-    body: Json,
-    text: String,
-}
-
-impl Reply {
-    /// The body, after checking the status.
-    #[track_caller]
-    fn expect(&self, status: u16) -> Json {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "expected {status}, got {}: {}",
-            self.status,
-            self.text
-        );
-        self.body.clone()
-    }
-
-    fn code(&self) -> &str {
-        self.body["error"].as_str().unwrap_or("")
-    }
-}
 
 /// A terminal: an HTTP client with one role's token, talking to one edge run.
 #[derive(Clone)]
