@@ -9,6 +9,10 @@ use crate::log::{ChainHash, SEGMENT_BYTES_MAX, Segment};
 
 /// The sync protocol's version, exchanged in the handshake.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// The QUIC application protocol (ALPN) both sides require.
+pub const ALPN: &[u8] = b"outpost-sync/1";
+/// The name the hub's certificate carries and every edge verifies, whatever address it dials.
+pub const HUB_SERVER_NAME: &str = "outpost-hub";
 /// The frame format's version byte.
 pub const FRAME_VERSION: u8 = 1;
 /// Bytes before the payload: version byte and length.
