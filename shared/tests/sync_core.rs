@@ -63,6 +63,11 @@ fn log(origin: &str, entries: u64, per: usize) -> Vec<Segment> {
         .collect()
 }
 
+fn hub_session(durable: Position) -> HubSession {
+    let feed = Position::genesis(&OriginId::hub());
+    HubSession::new(SyncConfig::default(), schema(), durable, feed.clone(), feed)
+}
+
 fn head(log: &[Segment]) -> Position {
     let last = log.last().unwrap();
     Position {
@@ -105,10 +110,12 @@ impl World {
                     ack_timeout_ms: 1000,
                 },
                 "0.1.0",
+                schema(),
                 acked,
                 head(&edge_log),
+                Position::genesis(&OriginId::hub()),
             ),
-            hub: HubSession::new(schema(), origin, durable),
+            hub: hub_session(durable),
             edge_log,
             hub_store,
             recorded_acks: Vec::new(),
@@ -138,6 +145,7 @@ impl World {
                     }
                     EdgeIo::RecordAck(p) => self.recorded_acks.push(p.seq),
                     EdgeIo::Diverged { .. } => {}
+                    other => panic!("the hub sends no feed in these tests: {other:?}"),
                 }
             }
             while let Some(f) = self.edge.poll_transmit() {
@@ -167,6 +175,7 @@ impl World {
                     }
                     HubIo::Refused { reason, .. } => self.refused.push(reason),
                     HubIo::Diverged { .. } => {}
+                    other => panic!("the hub's feed is empty in these tests: {other:?}"),
                 }
             }
             while let Some(f) = self.hub.poll_transmit() {
@@ -310,7 +319,7 @@ fn another_branchs_origin_is_refused() {
     let b2 = log("B002", 3, 3);
     let b1 = log("B001", 3, 3);
     let origin = b1[0].origin.clone();
-    let mut hub = HubSession::new(schema(), origin.clone(), Position::genesis(&origin));
+    let mut hub = hub_session(Position::genesis(&origin));
     hub.handle_frame(
         0,
         Frame::Hello {
@@ -361,7 +370,7 @@ fn a_different_history_at_the_same_position_is_divergence() {
 fn a_session_must_start_with_hello() {
     let b1 = log("B001", 3, 3);
     let origin = b1[0].origin.clone();
-    let mut hub = HubSession::new(schema(), origin.clone(), Position::genesis(&origin));
+    let mut hub = hub_session(Position::genesis(&origin));
     hub.handle_frame(0, Frame::Segment(b1[0].clone()));
     assert!(matches!(hub.poll_transmit(), Some(Frame::Close { .. })));
     assert!(hub.is_closed());

@@ -5,16 +5,20 @@
 //! loop. A run has a safety phase with faults and workload, then a liveness phase where the
 //! network heals and everything must converge. The same seed gives the same trace digest.
 //!
-//! Checkers, apart from the code under test: every position an edge recorded as acked is
-//! durable at the hub; the hub's store for each origin is a prefix of that edge's durable log
-//! (exactly once, in order) and its chain verifies; at the end they are equal.
+//! Both directions run: each edge's branch log goes up, and the hub writes head-office rows
+//! into each branch's feed, which goes down.
+//!
+//! Checkers, apart from the code under test: every position a sender recorded as acked is
+//! durable at the receiver; the receiver's copy of each log is a prefix of the sender's
+//! durable log (exactly once, in order) and its chain verifies; nothing is sent again that
+//! the receiver held when the connection started; at the end the copies are equal.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
 use shared::log::{ChainHash, EntryOp, LogEntry, Segment, verify_chain};
-use shared::sync::{EdgeIo, EdgeSession, HubIo, HubSession, SyncConfig};
+use shared::sync::{EdgeSession, HubSession, SyncConfig, SyncIo};
 use shared::wire::{Frame, Position};
 use shared::{Hlc, OriginId, Row, Schema, Seq, Timestamp, Value};
 
@@ -203,6 +207,14 @@ struct EdgeNode {
     /// The hub's durable position when this connection started: nothing at or before it may
     /// be sent again on the connection (resume, not restart).
     resume_floor: Seq,
+    /// The hub's feed as applied here durably, and the segments being applied
+    /// (`(done_at, segment)`; lost by a crash).
+    feed: Vec<Segment>,
+    applying: VecDeque<(u64, Segment)>,
+    feed_checked: usize,
+    feed_checked_head: ChainHash,
+    /// The edge's feed position when this connection started (resume, not restart, down).
+    feed_floor: Seq,
     reconnect_at: u64,
     clock_skew: u64,
     link_up: bool,
@@ -217,6 +229,11 @@ struct HubOrigin {
     session: Option<HubSession>,
     /// Verified segments whose persistence has not completed: `(done_at, segment)`.
     persisting: VecDeque<(u64, Segment)>,
+    /// The branch's feed: head-office rows for it, written by the hub (durable at once).
+    feed: Vec<Segment>,
+    feed_next_seq: u64,
+    /// How far the branch applied its feed, as the hub recorded it.
+    feed_acked: Position,
 }
 
 struct Sim {
@@ -271,7 +288,7 @@ fn mutate_hub(s: HubSession, _: Option<shared::sync::Mutation>) -> HubSession {
 impl Sim {
     fn new(config: SimConfig) -> Sim {
         let mut rng = Rng::new(config.seed);
-        let schema = Arc::new(shared::pos::schema());
+        let schema: Arc<Schema> = Arc::new(shared::pos::schema());
         let sync = SyncConfig {
             window_segments: 4,
             ack_timeout_ms: 200,
@@ -280,13 +297,21 @@ impl Sim {
             .map(|i| {
                 let origin = OriginId::parse(&format!("B{i:03}")).expect("valid id");
                 let genesis = Position::genesis(&origin);
+                let hub = Position::genesis(&OriginId::hub());
                 EdgeNode {
                     session: EdgeSession::new(
                         sync.clone(),
                         "0.1.0",
+                        schema.clone(),
                         genesis.clone(),
                         genesis.clone(),
+                        hub.clone(),
                     ),
+                    feed: Vec::new(),
+                    applying: VecDeque::new(),
+                    feed_checked: 0,
+                    feed_checked_head: hub.hash,
+                    feed_floor: Seq::ZERO,
                     head_hash: genesis.hash,
                     origin,
                     durable: Vec::new(),
@@ -311,6 +336,9 @@ impl Sim {
                 ),
                 session: None,
                 persisting: VecDeque::new(),
+                feed: Vec::new(),
+                feed_next_seq: 1,
+                feed_acked: Position::genesis(&OriginId::hub()),
             })
             .collect();
         Sim {
@@ -335,32 +363,43 @@ impl Sim {
         self.trace.update(event.as_bytes());
     }
 
-    /// The edge's terminals commit a few rows; they become a sealed (not yet durable) segment.
-    fn workload(&mut self, i: usize) {
-        let n = 1 + self.rng.below(4);
-        let ti = self.schema.table_index("order_payment").expect("pos table");
+    /// `n` encoded entries of `origin` from `first`: payments at an edge, menu prices in a
+    /// branch's feed.
+    fn entries(&self, origin: &OriginId, first: u64, n: u64) -> Vec<Vec<u8>> {
+        let hub = origin.as_str() == OriginId::HUB;
+        let table = if hub { "menu_item" } else { "order_payment" };
+        let ti = self.schema.table_index(table).expect("pos table");
         let columns = self.schema.columns(ti).clone();
-        let e = &mut self.edges[i];
-        let first = e.next_seq;
-        let encoded: Vec<Vec<u8>> = (0..n)
+        (0..n)
             .map(|k| {
                 let seq = first + k;
                 let mut values = vec![Value::Null; columns.len()];
-                values[0] = Value::Text(format!("o{seq}"));
-                values[2] = Value::Int(seq as i64 * 100);
+                let id = if hub {
+                    values[1] = Value::Text(format!("item {seq}"));
+                    values[2] = Value::Int(seq as i64 * 10);
+                    format!("m{}", seq % 7)
+                } else {
+                    values[0] = Value::Text(format!("o{seq}"));
+                    values[2] = Value::Int(seq as i64 * 100);
+                    format!("p{seq}")
+                };
                 LogEntry {
-                    origin: e.origin.clone(),
+                    origin: origin.clone(),
                     seq: Seq(seq),
                     hlc: Hlc(seq),
-                    table: "order_payment".into(),
-                    op: EntryOp::Insert,
-                    row_id: format!("p{seq}"),
+                    table: table.into(),
+                    op: if hub && seq > 7 {
+                        EntryOp::Update
+                    } else {
+                        EntryOp::Insert
+                    },
+                    row_id: id.clone(),
                     row: Row {
-                        id: format!("p{seq}"),
+                        id,
                         version: 1,
                         created_at: Timestamp(0),
                         updated_at: Timestamp(0),
-                        seq: Some(seq),
+                        seq: (!hub).then_some(seq),
                         columns: columns.clone(),
                         values,
                     },
@@ -369,7 +408,15 @@ impl Sim {
                 }
                 .encode()
             })
-            .collect();
+            .collect()
+    }
+
+    /// The edge's terminals commit a few rows; they become a sealed (not yet durable) segment.
+    fn workload(&mut self, i: usize) {
+        let n = 1 + self.rng.below(4);
+        let first = self.edges[i].next_seq;
+        let encoded = self.entries(&self.edges[i].origin, first, n);
+        let e = &mut self.edges[i];
         let seg = Segment::seal(
             e.origin.clone(),
             Seq(first),
@@ -379,6 +426,29 @@ impl Sim {
         e.head_hash = seg.hash;
         e.next_seq += n;
         e.volatile.push(seg);
+        self.entries += n;
+    }
+
+    /// Head office changes a few menu rows for branch `i`: a durable segment of its feed.
+    fn hub_workload(&mut self, i: usize) {
+        let n = 1 + self.rng.below(3);
+        let hub = OriginId::hub();
+        let first = self.hub[i].feed_next_seq;
+        let encoded = self.entries(&hub, first, n);
+        let h = &mut self.hub[i];
+        let prev = head_of(&hub, &h.feed).hash;
+        let seg = Segment::seal(
+            hub.clone(),
+            Seq(first),
+            prev,
+            encoded.iter().map(Vec::as_slice),
+        );
+        h.feed_next_seq += n;
+        h.feed.push(seg);
+        let head = head_of(&hub, &h.feed);
+        if let Some(s) = h.session.as_mut() {
+            s.handle_sealed(self.now, head);
+        }
         self.entries += n;
     }
 
@@ -404,8 +474,16 @@ impl Sim {
         let head = head_of(&e.origin, &e.durable);
         e.head_hash = head.hash;
         e.next_seq = head.seq.0 + 1;
+        e.applying.clear();
         e.session = mutate_edge(
-            EdgeSession::new(self.sync.clone(), "0.1.0", e.recorded_ack.clone(), head),
+            EdgeSession::new(
+                self.sync.clone(),
+                "0.1.0",
+                self.schema.clone(),
+                e.recorded_ack.clone(),
+                head,
+                head_of(&OriginId::hub(), &e.feed),
+            ),
             self.config.mutation,
         );
         e.conn = None;
@@ -433,14 +511,22 @@ impl Sim {
         self.next_conn += 1;
         let origin = self.edges[i].origin.clone();
         let durable = head_of(&origin, &self.hub[i].durable);
+        let feed_head = head_of(&OriginId::hub(), &self.hub[i].feed);
         self.hub[i].session = Some(mutate_hub(
-            HubSession::new(self.schema.clone(), origin, durable),
+            HubSession::new(
+                self.sync.clone(),
+                self.schema.clone(),
+                durable,
+                self.hub[i].feed_acked.clone(),
+                feed_head,
+            ),
             self.config.mutation,
         ));
         self.hub[i].persisting.clear();
         let floor = self.hub[i].durable.last().map_or(Seq::ZERO, |s| s.last_seq);
         let e = &mut self.edges[i];
         e.resume_floor = floor;
+        e.feed_floor = e.feed.last().map_or(Seq::ZERO, |s| s.last_seq);
         e.conn = Some(conn);
         e.session.handle_connected(self.now + e.clock_skew);
         self.trace(&format!("connect {i} {conn}"));
@@ -462,14 +548,18 @@ impl Sim {
             return;
         };
         if let Frame::Segment(seg) = frame
-            && dir == Dir::Up
-            && seg.last_seq <= self.edges[i].resume_floor
             && self.violation.is_none()
         {
-            self.violation = Some(format!(
-                "edge {i} sent entries up to {} again though the hub held {} when the connection started",
-                seg.last_seq, self.edges[i].resume_floor
-            ));
+            let (floor, who) = match dir {
+                Dir::Up => (self.edges[i].resume_floor, "edge"),
+                Dir::Down => (self.edges[i].feed_floor, "hub"),
+            };
+            if seg.last_seq <= floor {
+                self.violation = Some(format!(
+                    "{who} sent entries up to {} on link {i} again though the receiver held {floor} when the connection started",
+                    seg.last_seq
+                ));
+            }
         }
         let up = match dir {
             Dir::Up => self.edges[i].link_up,
@@ -481,7 +571,7 @@ impl Sim {
             return;
         }
         let bytes = match frame {
-            Frame::Segment(seg) if dir == Dir::Up && self.rng.chance(f.corrupt) => {
+            Frame::Segment(seg) if self.rng.chance(f.corrupt) => {
                 // The integrity hook: one byte of the segment's body changes on the way.
                 self.faults.corrupted += 1;
                 let mut bad = seg.clone();
@@ -522,18 +612,17 @@ impl Sim {
                     break;
                 };
                 match io {
-                    EdgeIo::LoadSegments { after, max } => {
-                        let segs: Vec<Segment> = self.edges[i]
-                            .durable
-                            .iter()
-                            .filter(|s| s.first_seq > after)
-                            .take(max)
-                            .cloned()
-                            .collect();
+                    SyncIo::LoadSegments { after, max } => {
+                        let segs = after_seq(&self.edges[i].durable, after, max);
                         self.edges[i].session.handle_segments(now, segs);
                     }
-                    EdgeIo::RecordAck(pos) => self.edges[i].recorded_ack = pos,
-                    EdgeIo::Diverged { ours, theirs } => {
+                    SyncIo::RecordAck(pos) => self.edges[i].recorded_ack = pos,
+                    SyncIo::Persist { segment, .. } => {
+                        let done = self.now + 1 + self.rng.below(10);
+                        self.edges[i].applying.push_back((done, segment));
+                    }
+                    SyncIo::Refused { .. } => {}
+                    SyncIo::Diverged { ours, theirs } => {
                         self.trace(&format!(
                             "edge {i} diverged at {} vs {}",
                             ours.seq, theirs.seq
@@ -552,11 +641,18 @@ impl Sim {
                 }
                 for io in ios {
                     match io {
-                        HubIo::Persist { segment, .. } => {
+                        SyncIo::Persist { segment, .. } => {
                             let done = self.now + 1 + self.rng.below(10);
                             self.hub[i].persisting.push_back((done, segment));
                         }
-                        HubIo::Refused { .. } | HubIo::Diverged { .. } => {}
+                        SyncIo::LoadSegments { after, max } => {
+                            let segs = after_seq(&self.hub[i].feed, after, max);
+                            if let Some(s) = self.hub[i].session.as_mut() {
+                                s.handle_segments(self.now, segs);
+                            }
+                        }
+                        SyncIo::RecordAck(pos) => self.hub[i].feed_acked = pos,
+                        SyncIo::Refused { .. } | SyncIo::Diverged { .. } => {}
                     }
                 }
                 if let Some(s) = self.hub[i].session.as_mut() {
@@ -608,6 +704,20 @@ impl Sim {
 
     /// Completes persistence that is due: the segment is durable, then the session acks.
     fn persist(&mut self) {
+        for e in &mut self.edges {
+            while e.applying.front().is_some_and(|(t, _)| *t <= self.now) {
+                let Some((_, seg)) = e.applying.pop_front() else {
+                    break;
+                };
+                let pos = Position {
+                    origin: seg.origin.clone(),
+                    seq: seg.last_seq,
+                    hash: seg.hash,
+                };
+                e.feed.push(seg);
+                e.session.handle_persisted(self.now + e.clock_skew, pos);
+            }
+        }
         for i in 0..self.hub.len() {
             while self.hub[i]
                 .persisting
@@ -640,6 +750,11 @@ impl Sim {
             {
                 self.edges[i].session.handle_timeout(now);
             }
+            if let Some(s) = self.hub[i].session.as_mut()
+                && s.poll_timeout().is_some_and(|t| t <= self.now)
+            {
+                s.handle_timeout(self.now);
+            }
             let e = &self.edges[i];
             if e.conn.is_none() && self.now >= e.reconnect_at && e.link_up && e.link_down {
                 self.connect(i);
@@ -653,7 +768,7 @@ impl Sim {
         if let Some(v) = self.violation.take() {
             return Err(v);
         }
-        for (i, e) in self.edges.iter().enumerate() {
+        for (i, e) in self.edges.iter_mut().enumerate() {
             let h = &mut self.hub[i];
             let new = &h.durable[h.checked..];
             if h.durable.len() > e.durable.len() || *new != e.durable[h.checked..h.durable.len()] {
@@ -671,9 +786,26 @@ impl Sim {
                     e.recorded_ack.seq, hub_head.seq
                 ));
             }
+            // Downstream: the edge's applied feed is a prefix of the hub's, verified.
+            let new = &e.feed[e.feed_checked..];
+            if e.feed.len() > h.feed.len() || *new != h.feed[e.feed_checked..e.feed.len()] {
+                return Err(format!(
+                    "edge {i}: its applied feed is not a prefix of the hub's"
+                ));
+            }
+            let feed_head = verify_chain(e.feed_checked_head, new, &self.schema)
+                .map_err(|err| format!("edge {i}: the applied feed does not verify: {err}"))?;
+            let applied = head_of(&OriginId::hub(), &e.feed);
+            if h.feed_acked.seq > applied.seq {
+                return Err(format!(
+                    "edge {i}: the hub recorded the feed acked up to {} but the edge applied only {}",
+                    h.feed_acked.seq, applied.seq
+                ));
+            }
             if e.session.is_diverged() {
                 return Err(format!("edge {i}: divergence reported on a single history"));
             }
+            (e.feed_checked, e.feed_checked_head) = (e.feed.len(), feed_head);
         }
         Ok(())
     }
@@ -683,9 +815,12 @@ impl Sim {
     fn converged(&self) -> bool {
         self.edges.iter().enumerate().all(|(i, e)| {
             let head = head_of(&e.origin, &e.durable);
+            let h = &self.hub[i];
             e.volatile.is_empty()
-                && self.hub[i].durable.len() == e.durable.len()
+                && h.durable.len() == e.durable.len()
                 && e.recorded_ack == head
+                && e.feed.len() == h.feed.len()
+                && h.feed_acked == head_of(&OriginId::hub(), &h.feed)
         })
     }
 
@@ -726,6 +861,9 @@ impl Sim {
                 }
                 if self.rng.chance(0.05) {
                     self.workload(i);
+                }
+                if self.rng.chance(0.01) {
+                    self.hub_workload(i);
                 }
             }
             if self.rng.chance(0.3) {
@@ -778,11 +916,14 @@ impl Sim {
                     .enumerate()
                     .map(|(i, e)| {
                         format!(
-                            "edge {i}: durable {} hub {} recorded ack {} session ack {} conn {:?} hub session {}",
+                            "edge {i}: durable {} hub {} recorded ack {} session ack {} feed {}/{} feed ack {} conn {:?} hub session {}",
                             head_of(&e.origin, &e.durable).seq,
                             head_of(&e.origin, &self.hub[i].durable).seq,
                             e.recorded_ack.seq,
                             e.session.acked().seq,
+                            head_of(&OriginId::hub(), &e.feed).seq,
+                            head_of(&OriginId::hub(), &self.hub[i].feed).seq,
+                            self.hub[i].feed_acked.seq,
                             e.conn,
                             self.hub[i].session.is_some(),
                         )
@@ -805,6 +946,15 @@ impl Sim {
             failure,
         }
     }
+}
+
+/// Segments of `log` after `after`, at most `max`.
+fn after_seq(log: &[Segment], after: Seq, max: usize) -> Vec<Segment> {
+    log.iter()
+        .filter(|s| s.first_seq > after)
+        .take(max)
+        .cloned()
+        .collect()
 }
 
 /// Runs one seed.
