@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod feed;
+pub mod identity;
 pub mod server;
 pub mod store;
 pub mod tokens;
+pub mod sync;

@@ -78,14 +78,9 @@ fn run(cli: Cli) -> Result<(), StartError> {
             branch,
             http,
             hub,
-            identity: _,
+            identity,
             schema,
         } => {
-            if hub.is_some() {
-                return Err(StartError(
-                    "syncing with a hub (--hub) is not available in this build yet; run without --hub for a standalone edge".into(),
-                ));
-            }
             let schema = load_schema(schema.as_ref())?;
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| StartError(format!("cannot start the runtime: {e}")))?;
@@ -94,6 +89,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
                 branch,
                 http,
                 schema,
+                hub: hub.zip(identity),
             }))
         }
         Command::Token { data_dir, role } => {

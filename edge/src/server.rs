@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
@@ -16,7 +15,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use shared::{BranchId, Role, Schema};
 
+use shared::metrics::Exposition;
+
 use crate::store::{Store, StoreConfig, metrics};
+use crate::sync::{SyncClient, SyncStatus};
 
 /// Everything `serve` needs, parsed from the command line.
 #[derive(Debug, Clone)]
@@ -25,6 +27,8 @@ pub struct ServeConfig {
     pub branch: BranchId,
     pub http: SocketAddr,
     pub schema: Arc<Schema>,
+    /// The hub's QUIC address and this branch's identity directory.
+    pub hub: Option<(SocketAddr, PathBuf)>,
 }
 
 /// A fatal start-up problem: printed as one line, exit code 2.
@@ -37,6 +41,8 @@ struct App {
     store: Store,
     branch: BranchId,
     api: crate::api::AppState,
+    /// The sync link's state; `None` for a standalone edge.
+    sync: Option<Arc<SyncStatus>>,
 }
 
 /// Writes `path` readable by the owner only.
@@ -89,7 +95,7 @@ pub fn open_data_dir(
 }
 
 /// Health, metrics and the terminal API. Starts the live feed, so it needs a tokio runtime.
-pub fn router(store: Store, branch: BranchId) -> Router {
+pub fn router(store: Store, branch: BranchId, sync: Option<Arc<SyncStatus>>) -> Router {
     let api = crate::api::AppState::new(store.clone(), branch.clone());
     Router::new()
         .route("/healthz", get(healthz))
@@ -98,6 +104,7 @@ pub fn router(store: Store, branch: BranchId) -> Router {
             store,
             branch,
             api: api.clone(),
+            sync,
         })
         .merge(crate::api::router(api))
         .method_not_allowed_fallback(crate::api::method_not_allowed)
@@ -110,54 +117,16 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
         "role": "edge",
         "branch": app.branch.as_str(),
         "version": env!("CARGO_PKG_VERSION"),
-        "hub": "standalone",
+        "hub": match &app.sync {
+            None => "standalone",
+            Some(s) if s.diverged.load(Relaxed) => "diverged",
+            Some(s) if s.connected.load(Relaxed) => "connected",
+            Some(_) => "disconnected",
+        },
         "unsynced": status.last_seq.0 - status.acked_seq.0,
+        "synced_seq": status.acked_seq.0,
+        "last_seq": status.last_seq.0,
     }))
-}
-
-/// Prometheus text exposition, built by hand: a few families, no dependency needed.
-#[derive(Default)]
-struct Exposition(String);
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    fn counter(&mut self, name: &str, help: &str, v: u64) {
-        self.family(name, "counter", help);
-        let _ = writeln!(self.0, "{name} {v}");
-    }
-
-    fn gauge(&mut self, name: &str, help: &str, v: u64) {
-        self.family(name, "gauge", help);
-        let _ = writeln!(self.0, "{name} {v}");
-    }
-
-    fn histogram(
-        &mut self,
-        name: &str,
-        help: &str,
-        bounds: &[u64],
-        counts: &[AtomicU64],
-        sum: Option<u64>,
-    ) {
-        self.family(name, "histogram", help);
-        let mut cumulative = 0;
-        for (b, c) in bounds.iter().zip(counts) {
-            cumulative += c.load(Relaxed);
-            let le = if *b == u64::MAX {
-                "+Inf".to_owned()
-            } else {
-                b.to_string()
-            };
-            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        if let Some(sum) = sum {
-            let _ = writeln!(self.0, "{name}_sum {sum}");
-        }
-        let _ = writeln!(self.0, "{name}_count {cumulative}");
-    }
 }
 
 async fn prometheus(State(app): State<App>) -> impl IntoResponse {
@@ -218,6 +187,71 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         "Entries not yet acknowledged by the hub.",
         status.last_seq.0 - status.acked_seq.0,
     );
+    if let Some(sync) = &app.sync {
+        let age = crate::sync::oldest_unsynced_payment(&app.store).map_or(0, |t| {
+            let now = (crate::store::system_clock())();
+            ((now.0 - t.0).max(0) / 1_000_000) as u64
+        });
+        out.gauge(
+            "outpost_sync_connected",
+            "1 while the hub link is up and welcomed.",
+            u64::from(sync.connected.load(Relaxed)),
+        );
+        out.gauge(
+            "outpost_sync_oldest_unsynced_payment_seconds",
+            "Age of the oldest payment the hub does not hold yet (0: none).",
+            age,
+        );
+        for (name, help, v) in [
+            (
+                "outpost_sync_connects_total",
+                "Connections established to the hub.",
+                &sync.connects,
+            ),
+            (
+                "outpost_sync_reconnects_total",
+                "Times the link dropped or failed and was retried.",
+                &sync.reconnects,
+            ),
+            (
+                "outpost_sync_segments_sent_total",
+                "Log segments sent to the hub (resends included).",
+                &sync.segments_sent,
+            ),
+            (
+                "outpost_sync_entries_sent_total",
+                "Log entries sent to the hub (resends included).",
+                &sync.entries_sent,
+            ),
+            (
+                "outpost_sync_bytes_sent_total",
+                "Segment body bytes sent to the hub.",
+                &sync.bytes_sent,
+            ),
+            (
+                "outpost_sync_segments_rejected_total",
+                "Segments the hub refused (failed verification there) and that were sent again.",
+                &sync.segments_rejected,
+            ),
+            (
+                "outpost_sync_feed_verify_failures_total",
+                "Feed segments from the hub that failed verification here.",
+                &sync.feed_refused,
+            ),
+            (
+                "outpost_sync_feed_segments_applied_total",
+                "Feed segments from the hub applied.",
+                &sync.feed_segments_applied,
+            ),
+            (
+                "outpost_sync_feed_entries_applied_total",
+                "Feed rows from the hub applied.",
+                &sync.feed_entries_applied,
+            ),
+        ] {
+            out.counter(name, help, v.load(Relaxed));
+        }
+    }
     out.gauge(
         "outpost_hot_rows",
         "Rows in the in-memory hot tier.",
@@ -340,14 +374,43 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
     std::fs::write(&tmp, ports)
         .and_then(|()| std::fs::rename(&tmp, &ports_path))
         .map_err(|e| StartError(format!("cannot write {}: {e}", ports_path.display())))?;
+    let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+    let (sync, sync_task) = match &config.hub {
+        None => (None, None),
+        Some((addr, dir)) => {
+            let identity = crate::identity::EdgeIdentity::load(dir)
+                .map_err(|e| StartError(format!("identity {}: {e}", dir.display())))?;
+            if identity.branch != config.branch {
+                return Err(StartError(format!(
+                    "identity {} belongs to branch {}, not {}",
+                    dir.display(),
+                    identity.branch,
+                    config.branch
+                )));
+            }
+            let client = SyncClient::new(store.clone(), identity, *addr, env!("CARGO_PKG_VERSION"));
+            let status = client.status.clone();
+            let task = tokio::spawn(client.run(sync_stopped));
+            tracing::info!(hub = %addr, "syncing with the hub");
+            (Some(status), Some(task))
+        }
+    };
     tracing::info!(branch = %config.branch, http = %bound, "edge serving");
     axum::serve(
         no_delay(listener),
-        router(store.clone(), config.branch.clone()),
+        router(store.clone(), config.branch.clone(), sync),
     )
     .with_graceful_shutdown(shutdown_signal())
     .await
     .map_err(|e| StartError(format!("server failed: {e}")))?;
+    let _ = stop_sync.send(true);
+    if let Some(task) = sync_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("sync client: {e}"),
+            Err(e) => tracing::error!("sync client task: {e}"),
+        }
+    }
     // The writer answers every queued request before it stops.
     tokio::task::spawn_blocking(move || store.close())
         .await

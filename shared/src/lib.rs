@@ -1,5 +1,6 @@
 //! Outpost's shared data model: identifiers, schemas, typed rows, hybrid logical clocks, the
-//! replication log and its hash chain, and JSON conversions for the HTTP layers.
+//! replication log and its hash chain, and JSON conversions and query parsing for the HTTP
+//! layers.
 //!
 //! This crate does no I/O: no sockets, no files, no clock. Time is always passed in.
 
@@ -8,7 +9,9 @@ pub mod hlc;
 pub mod ids;
 pub mod json;
 pub mod log;
+pub mod metrics;
 pub mod pos;
+pub mod query;
 pub mod schema;
 pub mod sync;
 pub mod value;

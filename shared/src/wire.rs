@@ -171,8 +171,78 @@ impl Frame {
     }
 }
 
+/// Reassembles frames from a byte stream (a QUIC stream delivers arbitrary chunks). It holds
+/// at most one frame's bytes beyond what was consumed: a length over the limit is refused as
+/// soon as the header arrives.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameReader {
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 64 * 1024 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if one has arrived.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        match Frame::decode(&self.buf[self.start..])? {
+            Some((frame, used)) => {
+                self.start += used;
+                Ok(Some(frame))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether no partial frame is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.start == self.buf.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn frames_reassemble_from_any_chunking() {
+        let frames = [
+            Frame::Close { reason: "a".into() },
+            Frame::Ack(Position::genesis(&OriginId::hub())),
+            Frame::Close {
+                reason: "b".repeat(200),
+            },
+        ];
+        let bytes: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
+        for chunk in [1, 2, 7, 64, bytes.len()] {
+            let mut r = FrameReader::default();
+            let mut out = Vec::new();
+            for c in bytes.chunks(chunk) {
+                r.push(c);
+                while let Some(f) = r.next_frame().unwrap() {
+                    out.push(f);
+                }
+            }
+            assert_eq!(out, frames);
+            assert!(r.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_from_the_header() {
+        let mut r = FrameReader::default();
+        let mut header = vec![FRAME_VERSION];
+        header.extend_from_slice(&(FRAME_PAYLOAD_MAX as u32 + 1).to_le_bytes());
+        r.push(&header);
+        assert!(matches!(r.next_frame(), Err(WireError::TooLarge(_))));
+    }
     use super::*;
 
     #[test]

@@ -84,7 +84,7 @@ async fn local_edge() -> Result<(String, String), String> {
     let token = store
         .create_token(shared::Role::Admin)
         .map_err(|e| e.to_string())?;
-    let app = edge::server::router(store, branch);
+    let app = edge::server::router(store, branch, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;

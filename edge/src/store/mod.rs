@@ -332,6 +332,68 @@ impl Store {
         self.request_blocking(|reply| Msg::SetAcked { seq, reply })
     }
 
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Msg,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records that the hub holds everything up to `seq` durably (from async code).
+    pub async fn set_acked(&self, seq: Seq) -> Result<(), StoreError> {
+        self.request(|reply| Msg::SetAcked { seq, reply }).await
+    }
+
+    /// Applies a verified segment of the hub's feed (its decoded entries) and records the
+    /// feed position, in one transaction; terminals see the rows as an ordinary commit.
+    pub async fn apply_feed(
+        &self,
+        position: shared::wire::Position,
+        entries: Vec<LogEntry>,
+    ) -> Result<(), StoreError> {
+        self.request(|reply| Msg::ApplyFeed {
+            position,
+            entries,
+            reply,
+        })
+        .await
+    }
+
+    /// The hub's durable position in this branch's log as last recorded (seq and the hash
+    /// of the segment ending there).
+    pub fn acked_position(&self) -> Result<shared::wire::Position, StoreError> {
+        let seq = self.log_status().acked_seq;
+        let origin = self.inner.origin.clone();
+        if seq == Seq::ZERO {
+            return Ok(shared::wire::Position::genesis(&origin));
+        }
+        let hash: Option<Vec<u8>> = self.with_reader(|conn| {
+            conn.prepare_cached("SELECT hash FROM _segments WHERE last_seq = ?1")?
+                .query_row([seq.0 as i64], |r| r.get(0))
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })
+        })?;
+        let hash = match hash {
+            Some(h) => h,
+            None => self
+                .with_reader(|conn| sql::get_meta::<Vec<u8>>(conn, "pruned_hash"))?
+                .ok_or_else(|| StoreError::Storage(format!("no hash for acked seq {seq}")))?,
+        };
+        let hash = ChainHash(
+            hash.try_into()
+                .map_err(|_| StoreError::Storage("a stored hash is not 32 bytes".into()))?,
+        );
+        Ok(shared::wire::Position { origin, seq, hash })
+    }
+
     /// Subscribes to commits as they become visible (the terminal feed's source).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
         self.inner.shared.commits.subscribe()

@@ -16,6 +16,7 @@ use shared::log::{
     SEGMENT_ENTRIES_TARGET, Segment, TXN_BYTES_MAX, TXN_ENTRIES_MAX, chain_hash, segment_body,
 };
 use shared::schema::{Owner, Schema, TableKind};
+use shared::wire::Position;
 use shared::{Fields, Hlc, HlcClock, OriginId, Row, Seq, Timestamp, Value, Version};
 use tokio::sync::{mpsc, oneshot};
 
@@ -45,6 +46,13 @@ pub(crate) enum Msg {
     },
     SetAcked {
         seq: Seq,
+        reply: Reply<Result<(), StoreError>>,
+    },
+    /// Rows from the hub's feed (head-office and shared rows) and the feed position they
+    /// bring the edge to, applied in one transaction.
+    ApplyFeed {
+        position: Position,
+        entries: Vec<LogEntry>,
         reply: Reply<Result<(), StoreError>>,
     },
 }
@@ -97,6 +105,8 @@ pub struct LogStatus {
     pub acked_seq: Seq,
     /// Entries up to here were removed by retention.
     pub pruned_seq: Seq,
+    /// How far the hub's feed has been applied here.
+    pub feed: Position,
 }
 
 /// The open (not yet sealed) segment: encoded entries `sealed_seq+1 ..= last_seq` with their
@@ -267,6 +277,13 @@ impl Writer {
             Msg::SetAcked { seq, reply } => {
                 let _ = reply.send(self.set_acked(seq));
             }
+            Msg::ApplyFeed {
+                position,
+                entries,
+                reply,
+            } => {
+                let _ = reply.send(self.apply_feed(position, entries));
+            }
         }
     }
 
@@ -359,6 +376,11 @@ impl Writer {
             answers,
             commits: std::mem::take(commits),
         };
+        self.hand_over(delivery);
+    }
+
+    /// Delivers a committed group's commits and answers, in commit order.
+    fn hand_over(&mut self, delivery: Delivery) {
         // A small group is answered here: handing it over would cost the waiting callers a
         // thread hop for nothing, as there is no queue behind them to start on.
         // Only when the answering thread has nothing left, so the feed stays in commit order.
@@ -1013,6 +1035,166 @@ impl Writer {
         Ok(())
     }
 
+    /// Applies rows of the hub's feed: each entry replaces (or removes) its row, with the
+    /// edge's own row versions so that terminals' compare-and-set keeps working; the feed
+    /// position moves in the same transaction, and terminals see one ordinary commit. Entries
+    /// never enter the branch's own log. A position already applied is a no-op (a segment
+    /// handed over twice is applied once).
+    fn apply_feed(&mut self, position: Position, entries: Vec<LogEntry>) -> Result<(), StoreError> {
+        if position.seq <= self.status.feed.seq {
+            return Ok(());
+        }
+        let now = (self.clock)();
+        let version = Version(self.status.version.0 + 1);
+        let branch = self.origin.as_str().to_owned();
+        let mut changes = Vec::new();
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let applied = (|| -> Result<(), StoreError> {
+            for entry in &entries {
+                if entry.scope.as_ref().is_some_and(|b| b.as_str() != branch) {
+                    continue; // meant for another branch
+                }
+                let ti = self
+                    .schema
+                    .table_index(&entry.table)
+                    .ok_or_else(|| StoreError::UnknownTable(entry.table.clone()))?;
+                let t = &self.schema.tables()[ti];
+                if t.owner == Owner::Branch {
+                    return Err(StoreError::Storage(format!(
+                        "the hub's feed may not write branch table {}",
+                        t.name
+                    )));
+                }
+                if let Some(change) = self.apply_feed_entry(ti, entry, now)? {
+                    changes.push(change);
+                }
+            }
+            sql::set_meta(&self.conn, "feed_seq", position.seq.0 as i64)?;
+            sql::set_meta(&self.conn, "feed_hash", &position.hash.0[..])?;
+            if !changes.is_empty() {
+                sql::set_meta(&self.conn, "version", version.0 as i64)?;
+            }
+            self.conn.execute_batch("COMMIT")?;
+            Ok(())
+        })();
+        if let Err(e) = applied {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        self.status.feed = position;
+        let commits = if changes.is_empty() {
+            Vec::new()
+        } else {
+            self.status.version = version;
+            vec![Commit { version, changes }]
+        };
+        self.publish(&commits);
+        self.hand_over(Delivery {
+            answers: Vec::new(),
+            commits,
+        });
+        Ok(())
+    }
+
+    /// One feed entry: the row as the hub sent it, at the edge's next version of that row.
+    fn apply_feed_entry(
+        &mut self,
+        ti: usize,
+        entry: &LogEntry,
+        now: Timestamp,
+    ) -> Result<Option<Change>, StoreError> {
+        let t = &self.schema.tables()[ti];
+        let existing = read_row(&self.conn, &self.schema, &self.sql, ti, &entry.row_id)?;
+        if entry.op == EntryOp::Delete {
+            let Some(current) = existing else {
+                return Ok(None);
+            };
+            self.conn
+                .prepare_cached(&self.sql[ti].delete)?
+                .execute([&current.id])?;
+            let mut tombstone = current;
+            tombstone.version += 1;
+            tombstone.updated_at = now;
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO _tombstones (tbl, id, version) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![&t.name, &tombstone.id, tombstone.version as i64])?;
+            return Ok(Some(Change {
+                table: ti,
+                op: EntryOp::Delete,
+                row: Arc::new(tombstone),
+                before: None,
+                changed: Vec::new(),
+            }));
+        }
+        let mut row = entry.row.clone();
+        row.id = entry.row_id.clone();
+        row.seq = None;
+        row.columns = self.schema.columns(ti).clone();
+        row.values.resize(row.columns.len(), Value::Null);
+        let clock_bytes = entry
+            .clock
+            .as_ref()
+            .map(|c| postcard::to_stdvec(c).expect("encode clock"));
+        match existing {
+            Some(current) => {
+                let changed: Vec<String> = row
+                    .columns
+                    .iter()
+                    .zip(row.values.iter().zip(&current.values))
+                    .filter(|(_, (new, old))| new != old)
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                if changed.is_empty() {
+                    return Ok(None);
+                }
+                row.version = current.version + 1;
+                row.created_at = current.created_at;
+                self.conn
+                    .prepare_cached(&self.sql[ti].update)?
+                    .execute(params_from_iter(sql::row_params(
+                        t,
+                        &row,
+                        clock_bytes.as_deref(),
+                    )))?;
+                Ok(Some(Change {
+                    table: ti,
+                    op: EntryOp::Update,
+                    row: Arc::new(row),
+                    before: Some(Arc::new(current)),
+                    changed,
+                }))
+            }
+            None => {
+                let tombstone: Option<i64> = self
+                    .conn
+                    .prepare_cached("SELECT version FROM _tombstones WHERE tbl = ?1 AND id = ?2")?
+                    .query_row(params![&t.name, &row.id], |r| r.get(0))
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                row.version = tombstone.map_or(1, |v| v as u64 + 1);
+                self.conn
+                    .prepare_cached(&self.sql[ti].insert)?
+                    .execute(params_from_iter(sql::row_params(
+                        t,
+                        &row,
+                        clock_bytes.as_deref(),
+                    )))?;
+                Ok(Some(Change {
+                    table: ti,
+                    op: EntryOp::Insert,
+                    row: Arc::new(row),
+                    before: None,
+                    changed: Vec::new(),
+                }))
+            }
+        }
+    }
+
     fn set_acked(&mut self, seq: Seq) -> Result<(), StoreError> {
         if seq > self.status.sealed_seq {
             return Err(StoreError::Storage(format!(
@@ -1215,6 +1397,18 @@ pub(crate) fn load_log_state(
     let version = sql::get_meta::<i64>(conn, "version")?.unwrap_or(0) as u64;
     let acked = sql::get_meta::<i64>(conn, "acked_seq")?.unwrap_or(0) as u64;
     let pruned = sql::get_meta::<i64>(conn, "pruned_seq")?.unwrap_or(0) as u64;
+    let hub = OriginId::hub();
+    let feed = Position {
+        seq: Seq(sql::get_meta::<i64>(conn, "feed_seq")?.unwrap_or(0) as u64),
+        hash: match sql::get_meta::<Vec<u8>>(conn, "feed_hash")? {
+            Some(h) => ChainHash(
+                h.try_into()
+                    .map_err(|_| corrupt("feed hash is not 32 bytes".into()))?,
+            ),
+            None => ChainHash::genesis(&hub),
+        },
+        origin: hub,
+    };
     let pruned_hash = match sql::get_meta::<Vec<u8>>(conn, "pruned_hash")? {
         Some(h) => ChainHash(
             h.try_into()
@@ -1298,6 +1492,7 @@ pub(crate) fn load_log_state(
             head,
             acked_seq: Seq(acked),
             pruned_seq: Seq(pruned),
+            feed,
         },
         open,
         hlc,

@@ -1,0 +1,347 @@
+//! The head-office HTTP API (CONTRACT.md section 3): health, metrics, branches and their sync
+//! state, queries across branches, and head-office rows pushed down to the edges.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde_json::{Value as Json, json};
+use shared::BranchId;
+use shared::metrics::Exposition;
+
+use crate::store::{HubStore, HubStoreError, now_micros};
+use crate::sync::SyncServer;
+
+/// Largest request body.
+pub const BODY_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct Hub {
+    pub store: Arc<dyn HubStore>,
+    pub sync: Arc<SyncServer>,
+    /// blake3 of the admin token.
+    pub admin_token_hash: [u8; 32],
+}
+
+/// An error response: `{"error": code, "message": sentence}`.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<HubStoreError> for ApiError {
+    fn from(e: HubStoreError) -> Self {
+        let (status, code) = match &e {
+            HubStoreError::UnknownBranch(_) => (StatusCode::NOT_FOUND, "unknown_branch"),
+            HubStoreError::UnknownTable(_) => (StatusCode::NOT_FOUND, "unknown_table"),
+            HubStoreError::NotHubOwned(_) => (StatusCode::FORBIDDEN, "not_hub_owned"),
+            HubStoreError::Field(f) => (StatusCode::BAD_REQUEST, f.code()),
+            HubStoreError::NotNext { .. } | HubStoreError::Storage(_) => {
+                tracing::error!("storage: {e}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "storage")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+fn blocking_failed(e: tokio::task::JoinError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("a storage task failed: {e}"),
+    )
+}
+
+/// A JSON body whose rejections become our error shape.
+pub struct JsonBody(pub Json);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<Json>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is larger than 1 MiB",
+                ))
+            }
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("the body is not valid JSON: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
+async fn auth(State(hub): State<Hub>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t)
+            if blake3::hash(t.trim().as_bytes()) == blake3::Hash::from(hub.admin_token_hash) =>
+        {
+            next.run(req).await
+        }
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token").into_response()
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer TOKEN",
+        )
+        .into_response(),
+    }
+}
+
+pub fn router(hub: Hub) -> Router {
+    let api = Router::new()
+        .route("/api/branches", get(branches))
+        .route("/api/query", post(query))
+        .route("/api/modules/{module}/tables/{table}/{id}", put(put_row))
+        .route_layer(middleware::from_fn_with_state(hub.clone(), auth));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(hub)
+}
+
+async fn healthz(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> {
+    let store = hub.store.clone();
+    let branches = tokio::task::spawn_blocking(move || store.branches())
+        .await
+        .map_err(blocking_failed)??;
+    Ok(axum::Json(json!({
+        "status": "ok",
+        "role": "hub",
+        "version": env!("CARGO_PKG_VERSION"),
+        "branches": branches.len(),
+        "connected": hub.sync.connected_count(),
+    })))
+}
+
+async fn branches(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> {
+    let store = hub.store.clone();
+    let branches = tokio::task::spawn_blocking(move || store.branches())
+        .await
+        .map_err(blocking_failed)??;
+    let out: Vec<Json> = branches
+        .into_iter()
+        .map(|b| {
+            json!({
+                "branch": b.branch.as_str(),
+                "connected": hub.sync.is_connected(&b.branch),
+                "last_seen": b.last_seen.map(|t| t.to_rfc3339()),
+                "synced_seq": b.synced_seq.0,
+                "chain_head": b.chain_head.to_hex(),
+                "edge_version": b.edge_version,
+                "unsynced_estimate": b.edge_head_seq.0.saturating_sub(b.synced_seq.0),
+                "revoked": b.revoked,
+                "ring": b.ring,
+                "feed_seq": b.feed_seq.0,
+                "feed_acked_seq": b.feed_acked_seq.0,
+            })
+        })
+        .collect();
+    Ok(axum::Json(Json::Array(out)))
+}
+
+async fn query(
+    State(hub): State<Hub>,
+    JsonBody(body): JsonBody,
+) -> Result<axum::Json<Json>, ApiError> {
+    let store = hub.store.clone();
+    tokio::task::spawn_blocking(move || store.query(&body))
+        .await
+        .map_err(blocking_failed)?
+        .map(axum::Json)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+                e.code,
+                e.message,
+            )
+        })
+}
+
+#[derive(serde::Deserialize)]
+struct PutParams {
+    branch: Option<String>,
+}
+
+async fn put_row(
+    State(hub): State<Hub>,
+    Path((module, table, id)): Path<(String, String, String)>,
+    Query(params): Query<PutParams>,
+    JsonBody(body): JsonBody,
+) -> Result<axum::Json<Json>, ApiError> {
+    let schema = hub.store.schema().clone();
+    if module != schema.module() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_module",
+            format!(
+                "there is no module {module:?}; this hub serves {:?}",
+                schema.module()
+            ),
+        ));
+    }
+    let t = schema.table(&table).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_table",
+            format!("there is no table {table:?} in module {module}"),
+        )
+    })?;
+    if id.is_empty() || id.len() > shared::ids::ID_BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "the id must be 1 to 128 bytes",
+        ));
+    }
+    let scope = params
+        .branch
+        .map(|b| {
+            BranchId::parse(&b).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_branch", e.to_string())
+            })
+        })
+        .transpose()?;
+    let Json::Object(obj) = body else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body must be a JSON object of columns",
+        ));
+    };
+    if let Some(Json::String(body_id)) = obj.get("id")
+        && *body_id != id
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "id_mismatch",
+            "the body's id differs from the id in the path",
+        ));
+    }
+    let input = shared::json::insert_from_json(t, &obj)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    let store = hub.store.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        store.put_hub_row(
+            &table,
+            &id,
+            input.fields,
+            scope.as_ref(),
+            shared::Timestamp(now_micros()),
+        )
+    })
+    .await
+    .map_err(blocking_failed)??;
+    hub.sync.feeds_grew(&outcome.branches);
+    let branches: Vec<&str> = outcome.branches.iter().map(BranchId::as_str).collect();
+    Ok(axum::Json(json!({
+        "row": shared::json::row_to_json(&outcome.row),
+        "branches": branches,
+    })))
+}
+
+async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
+    let m = &hub.sync.metrics;
+    let mut out = Exposition::default();
+    out.gauge(
+        "outpost_hub_connected_edges",
+        "Edges with a live sync session.",
+        hub.sync.connected_count() as u64,
+    );
+    for (name, help, v) in [
+        (
+            "outpost_hub_connections_total",
+            "Sync sessions started.",
+            &m.connections,
+        ),
+        (
+            "outpost_hub_refused_connections_total",
+            "Connections refused (not enrolled, revoked, superseded certificate, no identity).",
+            &m.refused_connections,
+        ),
+        (
+            "outpost_hub_segments_persisted_total",
+            "Branch log segments stored.",
+            &m.segments_persisted,
+        ),
+        (
+            "outpost_hub_entries_persisted_total",
+            "Branch log entries stored.",
+            &m.entries_persisted,
+        ),
+        (
+            "outpost_hub_bytes_received_total",
+            "Segment body bytes received.",
+            &m.bytes_received,
+        ),
+        (
+            "outpost_hub_segments_refused_total",
+            "Segments refused (corrupt, out of order, foreign origin).",
+            &m.segments_refused,
+        ),
+        (
+            "outpost_hub_divergences_total",
+            "Sessions stopped because histories differ.",
+            &m.divergences,
+        ),
+        (
+            "outpost_hub_feed_segments_sent_total",
+            "Feed segments sent to edges.",
+            &m.feed_segments_sent,
+        ),
+    ] {
+        out.counter(name, help, v.load(Relaxed));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.0)
+}

@@ -1,0 +1,425 @@
+//! The QUIC sync server: accepts edges with mutual TLS, takes the branch from the
+//! certificate, and drives one [`HubSession`] per connection against the [`HubStore`].
+//!
+//! Streams: the edge opens one bidirectional control stream (hello, welcome, acks, rejects)
+//! and one unidirectional stream for its segments; the hub opens one unidirectional stream
+//! for the branch's feed. Every frame is `shared::wire`'s length-prefixed postcard.
+//!
+//! One session per branch at a time: a reconnecting edge supersedes its old connection, which
+//! is closed and finishes its storage work before the new session reads the branch's
+//! position, so appends never interleave.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use shared::sync::{HubSession, SyncConfig, SyncIo};
+use shared::wire::{Frame, FrameReader};
+use shared::{BranchId, OriginId, Timestamp};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::identity::{self, HubIdentity};
+use crate::store::{Admission, HubStore};
+
+/// QUIC application close codes.
+pub mod close {
+    pub const NORMAL: u32 = 0;
+    pub const NOT_ADMITTED: u32 = 1;
+    pub const SUPERSEDED: u32 = 2;
+    pub const PROTOCOL: u32 = 3;
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// How often a live session checks that its branch is still admitted (revocation).
+const ADMISSION_RECHECK: Duration = Duration::from_secs(2);
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SyncMetrics {
+    pub connections: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub segments_persisted: AtomicU64,
+    pub entries_persisted: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub segments_refused: AtomicU64,
+    pub divergences: AtomicU64,
+    pub feed_segments_sent: AtomicU64,
+}
+
+struct Slot {
+    generation: u64,
+    /// Closing it asks the session to stop.
+    stop: Option<oneshot::Sender<()>>,
+    /// Resolves when the session has finished.
+    done: Option<oneshot::Receiver<()>>,
+}
+
+/// Shared by the accept loop, the connections and the HTTP API.
+pub struct SyncServer {
+    store: Arc<dyn HubStore>,
+    config: SyncConfig,
+    sessions: Mutex<HashMap<BranchId, Slot>>,
+    feeds: Mutex<HashMap<BranchId, Arc<Notify>>>,
+    next_generation: AtomicU64,
+    pub metrics: SyncMetrics,
+    epoch: Instant,
+}
+
+impl SyncServer {
+    pub fn new(store: Arc<dyn HubStore>) -> Arc<SyncServer> {
+        Arc::new(SyncServer {
+            store,
+            config: SyncConfig::default(),
+            sessions: Mutex::new(HashMap::new()),
+            feeds: Mutex::new(HashMap::new()),
+            next_generation: AtomicU64::new(1),
+            metrics: SyncMetrics::default(),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether a session of `branch` is running.
+    pub fn is_connected(&self, branch: &BranchId) -> bool {
+        self.sessions.lock().contains_key(branch)
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    fn feed_notify(&self, branch: &BranchId) -> Arc<Notify> {
+        self.feeds.lock().entry(branch.clone()).or_default().clone()
+    }
+
+    /// Head office wrote to these branches' feeds: their sessions send it now.
+    pub fn feeds_grew(&self, branches: &[BranchId]) {
+        for b in branches {
+            self.feed_notify(b).notify_one();
+        }
+    }
+
+    /// Binds the QUIC endpoint (4 MiB socket buffers: the defaults drop packets at speed).
+    pub fn bind(identity: &HubIdentity, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+        let config = identity
+            .server_config()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        let _ = socket.set_send_buffer_size(4 << 20);
+        socket.bind(&addr.into())?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket.into(),
+            runtime,
+        )
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.connection(incoming).await {
+                    tracing::info!("sync connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) -> Result<(), String> {
+        let remote = incoming.remote_address();
+        let conn = incoming
+            .await
+            .map_err(|e| format!("handshake with {remote} failed: {e}"))?;
+        let peer = match identity::peer_branch(&conn) {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics
+                    .refused_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                conn.close(close::NOT_ADMITTED.into(), b"no branch identity");
+                return Err(format!("{remote}: {e}"));
+            }
+        };
+        let store = self.store.clone();
+        let (branch, fp) = (peer.branch.clone(), peer.fingerprint);
+        let admission = tokio::task::spawn_blocking(move || store.admission(&branch, &fp))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if admission != Admission::Allowed {
+            self.metrics
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            let why = match admission {
+                Admission::NotEnrolled => "branch not enrolled",
+                Admission::Revoked => "branch revoked",
+                _ => "certificate superseded by a newer enrollment",
+            };
+            conn.close(close::NOT_ADMITTED.into(), why.as_bytes());
+            return Err(format!("{} from {remote} refused: {why}", peer.branch));
+        }
+        let branch = peer.branch;
+        // Supersede the branch's previous session and wait for it to finish.
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let old = self.sessions.lock().insert(
+            branch.clone(),
+            Slot {
+                generation,
+                stop: Some(stop_tx),
+                done: Some(done_rx),
+            },
+        );
+        if let Some(mut old) = old {
+            drop(old.stop.take());
+            if let Some(done) = old.done.take() {
+                let _ = done.await;
+            }
+        }
+        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%branch, %remote, "edge connected");
+        let result = self
+            .run_session(&branch, peer.fingerprint, &conn, stop_rx)
+            .await;
+        {
+            let mut sessions = self.sessions.lock();
+            if sessions
+                .get(&branch)
+                .is_some_and(|s| s.generation == generation)
+            {
+                sessions.remove(&branch);
+            }
+        }
+        drop(done_tx);
+        tracing::info!(%branch, "edge disconnected");
+        result
+    }
+
+    async fn run_session(
+        &self,
+        branch: &BranchId,
+        fingerprint: [u8; 32],
+        conn: &quinn::Connection,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Result<(), String> {
+        let mut recheck = tokio::time::interval(ADMISSION_RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let store = self.store.clone();
+        let b = branch.clone();
+        let state = tokio::task::spawn_blocking(move || store.sync_state(&b))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut session = HubSession::new(
+            self.config.clone(),
+            self.store.schema().clone(),
+            state.durable,
+            state.feed_acked,
+            state.feed_head,
+        );
+        let (mut ctrl_send, ctrl_recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| format!("no control stream: {e}"))?;
+        let (frames_tx, mut frames) = mpsc::channel(64);
+        tokio::spawn(read_frames(ctrl_recv, frames_tx.clone()));
+        {
+            let conn = conn.clone();
+            let tx = frames_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(data) = conn.accept_uni().await {
+                    read_frames(data, tx).await;
+                }
+            });
+        }
+        drop(frames_tx);
+        let mut feed_send: Option<quinn::SendStream> = None;
+        let feed = self.feed_notify(branch);
+        loop {
+            self.drive(branch, &mut session).await?;
+            while let Some(frame) = session.poll_transmit() {
+                let stream = match &frame {
+                    Frame::Segment(_) => {
+                        self.metrics
+                            .feed_segments_sent
+                            .fetch_add(1, Ordering::Relaxed);
+                        if feed_send.is_none() {
+                            feed_send = Some(conn.open_uni().await.map_err(|e| e.to_string())?);
+                        }
+                        feed_send.as_mut().expect("opened above")
+                    }
+                    _ => &mut ctrl_send,
+                };
+                stream
+                    .write_all(&frame.encode())
+                    .await
+                    .map_err(|e| format!("sending to {branch}: {e}"))?;
+            }
+            if session.is_closed() {
+                let _ = ctrl_send.finish();
+                conn.close(close::PROTOCOL.into(), b"session closed");
+                return Ok(());
+            }
+            let deadline = session
+                .poll_timeout()
+                .map(|t| tokio::time::Instant::from_std(self.epoch + Duration::from_millis(t)));
+            tokio::select! {
+                frame = frames.recv() => match frame {
+                    Some(Ok(frame)) => {
+                        if let Frame::Hello { software, vector, .. } = &frame {
+                            let origin = OriginId::from(branch);
+                            let head = vector.iter().find(|p| p.origin == origin).map_or(shared::Seq::ZERO, |p| p.seq);
+                            let (store, b, sw) = (self.store.clone(), branch.clone(), software.clone());
+                            let now = Timestamp(crate::store::now_micros());
+                            let _ = tokio::task::spawn_blocking(move || store.record_hello(&b, &sw, head, now)).await;
+                        }
+                        if let Frame::Segment(s) = &frame {
+                            self.metrics.bytes_received.fetch_add(s.body.len() as u64, Ordering::Relaxed);
+                        }
+                        session.handle_frame(self.now(), frame);
+                    }
+                    Some(Err(e)) => {
+                        conn.close(close::PROTOCOL.into(), b"bad frame");
+                        return Err(format!("{branch} sent a bad frame: {e}"));
+                    }
+                    None => return Ok(()),
+                },
+                _ = feed.notified() => {
+                    let store = self.store.clone();
+                    let b = branch.clone();
+                    let state = tokio::task::spawn_blocking(move || store.sync_state(&b))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    session.handle_sealed(self.now(), state.feed_head);
+                }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    session.handle_timeout(self.now());
+                }
+                _ = recheck.tick() => {
+                    // A branch revoked (or re-enrolled) while connected is cut off.
+                    let (store, b) = (self.store.clone(), branch.clone());
+                    let admission = tokio::task::spawn_blocking(move || store.admission(&b, &fingerprint))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    if admission != Admission::Allowed {
+                        self.metrics.refused_connections.fetch_add(1, Ordering::Relaxed);
+                        conn.close(close::NOT_ADMITTED.into(), b"branch no longer admitted");
+                        return Err(format!("{branch} is no longer admitted ({admission:?})"));
+                    }
+                }
+                _ = &mut stop => {
+                    conn.close(close::SUPERSEDED.into(), b"superseded by a new connection");
+                    return Ok(());
+                }
+                reason = conn.closed() => return Err(format!("{branch}: {reason}")),
+            }
+        }
+    }
+
+    /// Answers the session's storage requests, in order.
+    async fn drive(&self, branch: &BranchId, session: &mut HubSession) -> Result<(), String> {
+        while let Some(io) = session.poll_io() {
+            let store = self.store.clone();
+            let b = branch.clone();
+            match io {
+                SyncIo::Persist { segment, entries } => {
+                    let n = entries.len() as u64;
+                    let pos =
+                        tokio::task::spawn_blocking(move || store.persist(&b, &segment, &entries))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| format!("persisting {branch}'s segment: {e}"))?;
+                    self.metrics
+                        .segments_persisted
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .entries_persisted
+                        .fetch_add(n, Ordering::Relaxed);
+                    if pos.seq > session.durable().seq {
+                        session.handle_persisted(self.now(), pos);
+                    }
+                }
+                SyncIo::LoadSegments { after, max } => {
+                    let segs =
+                        tokio::task::spawn_blocking(move || store.feed_after(&b, after, max))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
+                    session.handle_segments(self.now(), segs);
+                }
+                SyncIo::RecordAck(pos) => {
+                    tokio::task::spawn_blocking(move || store.record_feed_ack(&b, &pos))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                }
+                SyncIo::Refused {
+                    origin,
+                    first_seq,
+                    reason,
+                    detail,
+                } => {
+                    self.metrics
+                        .segments_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%branch, %origin, %first_seq, ?reason, "segment refused: {detail}");
+                }
+                SyncIo::Diverged { ours, theirs } => {
+                    self.metrics.divergences.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        %branch,
+                        "histories diverge for origin {}: the hub holds seq {} ({}), the edge seq {} ({})",
+                        ours.origin, ours.seq, ours.hash, theirs.seq, theirs.hash
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads frames from a stream into `tx` until it ends, fails, or a frame does not decode
+/// (sent as an error: the peer is broken or hostile).
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<Frame, String>>) {
+    let mut reader = FrameReader::default();
+    loop {
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => reader.push(&chunk.bytes),
+            // The stream or the connection ended (a frame cut short is simply lost: what
+            // was not acknowledged is sent again).
+            Ok(None) | Err(_) => return,
+        }
+        loop {
+            match reader.next_frame() {
+                Ok(Some(f)) => {
+                    if tx.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! Read queries (CONTRACT 2.2): the checked query types, their parsing from JSON bodies with
+//! stable error codes, and in-memory matching. The edge and the hub each compile a
+//! [`QuerySpec`] to SQL with bound parameters; the edge's live feed filters rows with
+//! [`Filter::matches`].
+
+use serde_json::{Map, Value as Json};
+
+use crate::json::value_from_json;
+use crate::schema::{ColumnType, Schema};
+use crate::value::{Row, Value};
+
+/// Rows one query returns when it gives no `limit`.
+pub const QUERY_LIMIT_DEFAULT: usize = 100;
+/// Most rows one query returns.
+pub const QUERY_LIMIT_MAX: usize = 1000;
+/// Largest offset accepted: deeper pages should filter on an ordered column instead.
+pub const QUERY_OFFSET_MAX: usize = 100_000;
+/// Most values in one `IN` list.
+pub const QUERY_IN_VALUES_MAX: usize = 1000;
+/// Most filters, and most order terms, in one query.
+pub const QUERY_TERMS_MAX: usize = 32;
+/// Most columns one `select` lists.
+pub const QUERY_SELECT_MAX: usize = 300;
+
+const _: () = assert!(QUERY_LIMIT_DEFAULT <= QUERY_LIMIT_MAX);
+
+/// The members of a CONTRACT 2.2 query body.
+pub const QUERY_MEMBERS: [&str; 6] = ["table", "select", "where", "orderBy", "limit", "offset"];
+
+/// Why a query body was refused: a stable snake_case code (`invalid_body`, `invalid_value`,
+/// `invalid_parameter`, `unknown_column`) and a sentence. The HTTP layers answer 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct QueryError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl QueryError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> QueryError {
+        QueryError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> QueryError {
+    QueryError::new(code, message)
+}
+
+/// Client text quoted in a message, cut to 64 characters.
+pub fn excerpt(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// `unknown_column` for column `c` of `table`.
+pub fn unknown_column(table: &str, c: &str) -> QueryError {
+    bad(
+        "unknown_column",
+        format!("table {table} has no column {:?}", excerpt(c)),
+    )
+}
+
+/// A comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Like,
+}
+
+impl Cmp {
+    pub fn parse(op: &str) -> Option<Cmp> {
+        Some(match op {
+            "=" | "==" => Cmp::Eq,
+            "!=" | "<>" => Cmp::Ne,
+            "<" => Cmp::Lt,
+            "<=" => Cmp::Le,
+            ">" => Cmp::Gt,
+            ">=" => Cmp::Ge,
+            "like" | "LIKE" => Cmp::Like,
+            _ => return None,
+        })
+    }
+
+    /// The SQL operator, for the query compilers of the edge and the hub.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Cmp::Eq => "=",
+            Cmp::Ne => "!=",
+            Cmp::Lt => "<",
+            Cmp::Le => "<=",
+            Cmp::Gt => ">",
+            Cmp::Ge => ">=",
+            Cmp::Like => "LIKE",
+        }
+    }
+}
+
+/// One condition on a column; the values are typed for the column already.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    Compare(String, Cmp, Value),
+    In(String, Vec<Value>),
+    IsNull(String),
+}
+
+/// A checked query. Build it with column names from [`column_type`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuerySpec {
+    pub table: usize,
+    pub filters: Vec<Filter>,
+    /// `(column, descending)`.
+    pub order: Vec<(String, bool)>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// The type of a queryable column of table `ti`: the server's columns and the user columns.
+pub fn column_type(schema: &Schema, ti: usize, name: &str) -> Option<ColumnType> {
+    match name {
+        "id" => Some(ColumnType::Text),
+        "version" | "seq" => Some(ColumnType::Integer),
+        "created_at" | "updated_at" => Some(ColumnType::Timestamp),
+        _ => schema.tables()[ti].column(name).map(|c| c.ty),
+    }
+}
+
+/// The value of a queryable column of a row, server columns included.
+pub fn row_value(row: &Row, name: &str) -> Value {
+    match name {
+        "id" => Value::Text(row.id.clone()),
+        "version" => Value::Int(row.version as i64),
+        "created_at" => Value::Timestamp(row.created_at),
+        "updated_at" => Value::Timestamp(row.updated_at),
+        "seq" => row.seq.map_or(Value::Null, |s| Value::Int(s as i64)),
+        _ => row.get(name).clone(),
+    }
+}
+
+/// SQL `LIKE` in memory: `%` matches any run, `_` one character, ASCII letters ignore case.
+fn like(text: &str, pattern: &str) -> bool {
+    let t: Vec<char> = text.chars().map(|c| c.to_ascii_lowercase()).collect();
+    let p: Vec<char> = pattern.chars().map(|c| c.to_ascii_lowercase()).collect();
+    // Classic two-pointer wildcard match with backtracking to the last `%`.
+    let (mut ti, mut pi) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '_' || p[pi] == t[ti]) {
+            ti += 1;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == '%' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '%')
+}
+
+impl Filter {
+    /// Whether a row satisfies the condition, with SQL's meaning (null matches only IS NULL).
+    pub fn matches(&self, row: &Row) -> bool {
+        match self {
+            Filter::IsNull(c) => row_value(row, c).is_null(),
+            Filter::In(c, values) => {
+                let v = row_value(row, c);
+                !v.is_null() && values.contains(&v)
+            }
+            Filter::Compare(c, cmp, value) => {
+                let v = row_value(row, c);
+                if v.is_null() {
+                    return false;
+                }
+                match cmp {
+                    Cmp::Eq => v == *value,
+                    Cmp::Ne => v != *value,
+                    Cmp::Lt => v < *value,
+                    Cmp::Le => v <= *value,
+                    Cmp::Gt => v > *value,
+                    Cmp::Ge => v >= *value,
+                    Cmp::Like => match (&v, value) {
+                        (Value::Text(t), Value::Text(p)) => like(t, p),
+                        _ => false,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// A typed value for column `c`.
+fn typed(ty: ColumnType, c: &str, v: &Json) -> Result<Value, QueryError> {
+    value_from_json(ty, v).map_err(|expected| {
+        bad(
+            "invalid_value",
+            format!("values for {c:?} must be {expected}"),
+        )
+    })
+}
+
+/// The body as an object whose members are all in `members` (the [`QUERY_MEMBERS`], plus
+/// whatever the caller's API adds).
+pub fn query_object<'a>(
+    body: &'a Json,
+    members: &[&str],
+) -> Result<&'a Map<String, Json>, QueryError> {
+    let q = body
+        .as_object()
+        .ok_or_else(|| bad("invalid_body", "a query is a JSON object"))?;
+    if let Some(k) = q.keys().find(|k| !members.contains(&k.as_str())) {
+        return Err(bad(
+            "invalid_body",
+            format!(
+                "unknown query member {:?} ({})",
+                excerpt(k),
+                members.join(", ")
+            ),
+        ));
+    }
+    Ok(q)
+}
+
+/// The query's `table` member, unchecked: the caller resolves it (and answers 404 or 403).
+pub fn query_table(q: &Map<String, Json>) -> Result<&str, QueryError> {
+    match q.get("table") {
+        Some(Json::String(t)) => Ok(t.as_str()),
+        _ => Err(bad("invalid_body", "a query needs \"table\": a table name")),
+    }
+}
+
+/// A bounded non-negative integer member of the query.
+pub fn parse_count(
+    q: &Map<String, Json>,
+    name: &str,
+    default: usize,
+    max: usize,
+) -> Result<usize, QueryError> {
+    match q.get(name) {
+        None | Some(Json::Null) => Ok(default),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= max as u64 => Ok(n as usize),
+            _ => Err(bad(
+                "invalid_parameter",
+                format!("\"{name}\" must be an integer from 0 to {max}"),
+            )),
+        },
+    }
+}
+
+/// Parses a `select` list of table `ti`'s columns; `None` selects every column.
+pub fn parse_select(
+    schema: &Schema,
+    ti: usize,
+    select: Option<&Json>,
+) -> Result<Option<Vec<String>>, QueryError> {
+    let t = &schema.tables()[ti];
+    match select {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Array(cols)) if cols.len() <= QUERY_SELECT_MAX => {
+            let mut names = Vec::with_capacity(cols.len());
+            for c in cols {
+                let c = c
+                    .as_str()
+                    .ok_or_else(|| bad("invalid_body", "\"select\" lists column names"))?;
+                column_type(schema, ti, c).ok_or_else(|| unknown_column(&t.name, c))?;
+                names.push(c.to_owned());
+            }
+            Ok(Some(names))
+        }
+        Some(_) => Err(bad("invalid_body", "\"select\" lists column names")),
+    }
+}
+
+/// Parses a `where` object (CONTRACT 2.2) for table `ti`: a scalar is equality, an array is
+/// IN, null is IS NULL, `{"op": .., "value": ..}` a comparison. Also used by feed filters.
+pub fn parse_where(
+    schema: &Schema,
+    ti: usize,
+    filter: Option<&Json>,
+) -> Result<Vec<Filter>, QueryError> {
+    let t = &schema.tables()[ti];
+    let ty_of = |c: &str| column_type(schema, ti, c).ok_or_else(|| unknown_column(&t.name, c));
+    let mut filters = Vec::new();
+    match filter {
+        None | Some(Json::Null) => {}
+        Some(Json::Object(w)) if w.len() <= QUERY_TERMS_MAX => {
+            for (c, v) in w {
+                let ty = ty_of(c)?;
+                filters.push(match v {
+                    Json::Null => Filter::IsNull(c.clone()),
+                    Json::Array(vs) if vs.len() <= QUERY_IN_VALUES_MAX => Filter::In(
+                        c.clone(),
+                        vs.iter()
+                            .map(|v| typed(ty, c, v))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    Json::Array(_) => {
+                        return Err(bad(
+                            "invalid_parameter",
+                            format!("an IN list holds at most {QUERY_IN_VALUES_MAX} values"),
+                        ));
+                    }
+                    Json::Object(o) => {
+                        let op = o
+                            .get("op")
+                            .and_then(Json::as_str)
+                            .and_then(Cmp::parse)
+                            .ok_or_else(|| {
+                                bad(
+                                    "invalid_value",
+                                    format!("{c:?}: \"op\" must be one of = != < <= > >= like"),
+                                )
+                            })?;
+                        let value = o.get("value").unwrap_or(&Json::Null);
+                        if op == Cmp::Like && !(ty == ColumnType::Text && value.is_string()) {
+                            return Err(bad(
+                                "invalid_value",
+                                format!("{c:?}: like compares a text column with a string"),
+                            ));
+                        }
+                        match (op, typed(ty, c, value)?) {
+                            (Cmp::Eq, Value::Null) => Filter::IsNull(c.clone()),
+                            (_, Value::Null) => {
+                                return Err(bad(
+                                    "invalid_value",
+                                    format!("{c:?}: only = compares with null"),
+                                ));
+                            }
+                            (op, v) => Filter::Compare(c.clone(), op, v),
+                        }
+                    }
+                    scalar => Filter::Compare(c.clone(), Cmp::Eq, typed(ty, c, scalar)?),
+                });
+            }
+        }
+        Some(_) => {
+            return Err(bad(
+                "invalid_body",
+                format!("\"where\" is an object of at most {QUERY_TERMS_MAX} columns"),
+            ));
+        }
+    }
+    Ok(filters)
+}
+
+/// Parses an `orderBy` list into `(field, descending)` terms. `check_field` decides which
+/// fields may be named (the table's columns at the edge; group columns and aggregate names too
+/// at the hub) and gives the error for the others.
+pub fn parse_order(
+    order_by: Option<&Json>,
+    mut check_field: impl FnMut(&str) -> Result<(), QueryError>,
+) -> Result<Vec<(String, bool)>, QueryError> {
+    let mut order = Vec::new();
+    match order_by {
+        None | Some(Json::Null) => {}
+        Some(Json::Array(terms)) if terms.len() <= QUERY_TERMS_MAX => {
+            for term in terms {
+                let field = term.get("field").and_then(Json::as_str).ok_or_else(|| {
+                    bad(
+                        "invalid_body",
+                        "each orderBy term is {\"field\": column, \"direction\": \"asc\"|\"desc\"}",
+                    )
+                })?;
+                check_field(field)?;
+                let desc = match term.get("direction").and_then(Json::as_str) {
+                    None | Some("asc") | Some("ASC") => false,
+                    Some("desc") | Some("DESC") => true,
+                    Some(_) => {
+                        return Err(bad("invalid_value", "\"direction\" is \"asc\" or \"desc\""));
+                    }
+                };
+                order.push((field.to_owned(), desc));
+            }
+        }
+        Some(_) => {
+            return Err(bad(
+                "invalid_body",
+                "\"orderBy\" is a list of {field, direction}",
+            ));
+        }
+    }
+    Ok(order)
+}
+
+/// Parses the members of a CONTRACT 2.2 body other than `table` for table `ti`: `select`,
+/// `where`, `orderBy` (the table's columns), `limit` and `offset`, in that order. Returns the
+/// spec and the selected columns (`None`: all).
+pub fn parse_spec(
+    schema: &Schema,
+    ti: usize,
+    q: &Map<String, Json>,
+) -> Result<(QuerySpec, Option<Vec<String>>), QueryError> {
+    let t = &schema.tables()[ti];
+    let select = parse_select(schema, ti, q.get("select"))?;
+    let filters = parse_where(schema, ti, q.get("where"))?;
+    let order = parse_order(q.get("orderBy"), |field| {
+        column_type(schema, ti, field)
+            .map(|_| ())
+            .ok_or_else(|| unknown_column(&t.name, field))
+    })?;
+    let spec = QuerySpec {
+        table: ti,
+        filters,
+        order,
+        limit: parse_count(q, "limit", QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX)?,
+        offset: parse_count(q, "offset", 0, QUERY_OFFSET_MAX)?,
+    };
+    Ok((spec, select))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::pos;
+
+    #[test]
+    fn like_matches_as_sql_does() {
+        for (t, p, want) in [
+            ("Grill", "grill", true),
+            ("grill station", "grill%", true),
+            ("the grill", "%grill", true),
+            ("bar", "b_r", true),
+            ("bar", "b_", false),
+            ("", "%", true),
+            ("abc", "a%c%", true),
+            ("abc", "a%d", false),
+        ] {
+            assert_eq!(like(t, p), want, "{t:?} LIKE {p:?}");
+        }
+    }
+
+    fn parse(body: Json) -> Result<(QuerySpec, Option<Vec<String>>), QueryError> {
+        let s = pos::schema();
+        let q = query_object(&body, &QUERY_MEMBERS)?;
+        let ti = s.table_index(query_table(q)?).expect("a pos table");
+        parse_spec(&s, ti, q)
+    }
+
+    #[test]
+    fn parses_a_full_body() {
+        let (spec, select) = parse(json!({
+            "table": "order_payment",
+            "select": ["id", "amount"],
+            "where": {"method": ["cash", "card"], "reference": null, "amount": {"op": ">=", "value": 100},
+                      "order_id": "o1"},
+            "orderBy": [{"field": "amount", "direction": "desc"}, {"field": "seq"}],
+            "limit": 5,
+            "offset": 10,
+        }))
+        .unwrap();
+        assert_eq!(select, Some(vec!["id".to_owned(), "amount".to_owned()]));
+        assert_eq!(spec.limit, 5);
+        assert_eq!(spec.offset, 10);
+        assert_eq!(
+            spec.order,
+            vec![("amount".to_owned(), true), ("seq".to_owned(), false)]
+        );
+        assert!(
+            spec.filters
+                .contains(&Filter::Compare("amount".into(), Cmp::Ge, Value::Int(100)))
+        );
+        assert!(spec.filters.contains(&Filter::IsNull("reference".into())));
+        let (spec, select) = parse(json!({"table": "order_header"})).unwrap();
+        assert_eq!(
+            (spec.limit, spec.offset, select),
+            (QUERY_LIMIT_DEFAULT, 0, None)
+        );
+    }
+
+    #[test]
+    fn refuses_bad_bodies_with_stable_codes() {
+        let check = |body: Json, code: &str| {
+            let e = parse(body.clone()).unwrap_err();
+            assert_eq!(e.code, code, "{body}: {e}");
+        };
+        let sql_col = "notes\" OR 1=1 --";
+        check(json!([1]), "invalid_body");
+        check(json!({"where": {}}), "invalid_body");
+        check(
+            json!({"table": "order_header", "having": 1}),
+            "invalid_body",
+        );
+        check(
+            json!({"table": "order_header", "where": {sql_col: 1}}),
+            "unknown_column",
+        );
+        check(
+            json!({"table": "order_header", "select": [sql_col]}),
+            "unknown_column",
+        );
+        check(
+            json!({"table": "order_header", "orderBy": [{"field": sql_col}]}),
+            "unknown_column",
+        );
+        check(
+            json!({"table": "order_header", "orderBy": [{"field": "id", "direction": "up"}]}),
+            "invalid_value",
+        );
+        check(
+            json!({"table": "order_header", "where": {"total_amount": {"op": "like", "value": "1%"}}}),
+            "invalid_value",
+        );
+        check(
+            json!({"table": "order_header", "where": {"status": {"op": "<", "value": null}}}),
+            "invalid_value",
+        );
+        check(
+            json!({"table": "order_header", "limit": -1}),
+            "invalid_parameter",
+        );
+        check(
+            json!({"table": "order_header", "limit": 1001}),
+            "invalid_parameter",
+        );
+        check(
+            json!({"table": "order_header", "offset": u64::MAX}),
+            "invalid_parameter",
+        );
+        let e = parse(json!({"table": "order_header", "having": 1})).unwrap_err();
+        assert_eq!(
+            e.message,
+            "unknown query member \"having\" (table, select, where, orderBy, limit, offset)"
+        );
+    }
+}
