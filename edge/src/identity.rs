@@ -68,7 +68,7 @@ pub enum IdentityError {
     Mismatch {
         key: PathBuf,
         cert: PathBuf,
-        reason: String,
+        reason: &'static str,
     },
     #[error("invalid TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
@@ -133,14 +133,21 @@ impl EdgeIdentity {
         }
         let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?)
             .map_err(|e| invalid(&key_path, "PEM private key", e))?;
-        let provider = rustls::crypto::ring::default_provider();
-        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
-            |e| IdentityError::Mismatch {
-                key: key_path.clone(),
-                cert: cert_path.clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        let signing_key = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| invalid(&key_path, "private key", e))?;
+        match rustls::sign::CertifiedKey::new(chain.clone(), signing_key).keys_match() {
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                return Err(IdentityError::Mismatch {
+                    key: key_path,
+                    cert: cert_path,
+                    reason: "the certificate carries another public key",
+                });
+            }
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) | Ok(()) => {}
+            Err(e) => return Err(invalid(&cert_path, "branch certificate", e)),
+        }
 
         let (branch, not_after) = read_certificate(&chain[0])
             .map_err(|reason| invalid(&cert_path, "branch certificate", reason))?;

@@ -62,6 +62,7 @@ impl From<HubStoreError> for ApiError {
             HubStoreError::UnknownBranch(_) => (StatusCode::NOT_FOUND, "unknown_branch"),
             HubStoreError::UnknownTable(_) => (StatusCode::NOT_FOUND, "unknown_table"),
             HubStoreError::NotHubOwned(_) => (StatusCode::FORBIDDEN, "not_hub_owned"),
+            HubStoreError::SharedScoped(_) => (StatusCode::BAD_REQUEST, "shared_scoped"),
             HubStoreError::Field(f) => (StatusCode::BAD_REQUEST, f.code()),
             HubStoreError::NotNext { .. } | HubStoreError::Storage(_) => {
                 tracing::error!("storage: {e}");
@@ -140,6 +141,7 @@ pub fn router(hub: Hub) -> Router {
     let api = Router::new()
         .route("/api/branches", get(branches))
         .route("/api/query", post(query))
+        .route("/api/conflicts", get(conflicts))
         .route("/api/modules/{module}/tables/{table}/{id}", put(put_row))
         .route_layer(middleware::from_fn_with_state(hub.clone(), auth));
     Router::new()
@@ -189,6 +191,27 @@ async fn branches(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> 
         })
         .collect();
     Ok(axum::Json(Json::Array(out)))
+}
+
+async fn conflicts(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> {
+    let store = hub.store.clone();
+    let list = tokio::task::spawn_blocking(move || store.conflicts(100))
+        .await
+        .map_err(blocking_failed)??;
+    Ok(axum::Json(Json::Array(
+        list.into_iter()
+            .map(|c| {
+                json!({
+                    "table": c.table,
+                    "id": c.row_id,
+                    "at": c.at.to_rfc3339(),
+                    "origin": c.origin,
+                    "versions": c.versions,
+                    "winner": c.winner,
+                })
+            })
+            .collect(),
+    )))
 }
 
 async fn query(

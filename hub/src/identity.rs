@@ -251,7 +251,8 @@ impl HubIdentity {
 
     /// Loads an existing identity; fails if `data_dir` has none or an incomplete one.
     pub fn load(data_dir: &Path) -> Result<HubIdentity, IdentityError> {
-        for name in HUB_FILES {
+        // ca.pem first: without it there is no identity at all, rather than an incomplete one.
+        for name in HUB_FILES.iter().rev().copied() {
             let path = data_dir.join(name);
             if !path.try_exists().map_err(io_error("look for", &path))? {
                 if name == CA_CERT_FILE {
@@ -864,6 +865,18 @@ mod tests {
         // The CA was left alone.
         let pem = fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap();
         assert_eq!(pem, first.ca_cert_pem());
+    }
+
+    #[test]
+    fn identity_load_without_identity_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(CA_KEY_FILE), "half").unwrap();
+        let err = HubIdentity::load(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, IdentityError::Io { path, source, .. }
+                if path.ends_with(CA_CERT_FILE) && source.kind() == io::ErrorKind::NotFound),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use shared::log::{ChainHash, EntryOp, LogEntry, Segment};
 use shared::schema::Owner;
 use shared::wire::Position;
+use shared::merge::SharedRow;
 use shared::{BranchId, Fields, HlcClock, OriginId, Row, Schema, Seq, Timestamp, Value};
 
 use crate::rows;
@@ -32,8 +33,10 @@ pub enum HubStoreError {
     NotNext { first: Seq, last: Seq, stored: Seq },
     #[error("there is no table {0:?} in this module")]
     UnknownTable(String),
-    #[error("table {0:?} is not owned by head office")]
+    #[error("table {0:?} is written by the branches, not head office")]
     NotHubOwned(String),
+    #[error("rows of shared table {0:?} are the same at every branch; leave out ?branch")]
+    SharedScoped(String),
     #[error(transparent)]
     Field(#[from] shared::json::FieldError),
 }
@@ -87,6 +90,29 @@ pub struct BranchInfo {
     pub edge_head_seq: Seq,
 }
 
+/// What persisting a segment did.
+#[derive(Debug, Clone)]
+pub struct Persisted {
+    /// The branch's durable position afterwards.
+    pub position: Position,
+    /// Branches whose feed received shared rows relayed from this segment.
+    pub relayed: Vec<BranchId>,
+}
+
+/// Concurrent versions of a shared row, as head office sees them.
+#[derive(Debug, Clone)]
+pub struct Conflict {
+    pub table: String,
+    pub row_id: String,
+    pub at: Timestamp,
+    /// The origin whose write revealed the conflict.
+    pub origin: String,
+    /// Every concurrent version's row (JSON).
+    pub versions: serde_json::Value,
+    /// The row every replica shows (JSON).
+    pub winner: serde_json::Value,
+}
+
 /// A head-office row written by [`HubStore::put_hub_row`].
 #[derive(Debug, Clone)]
 pub struct PutOutcome {
@@ -117,7 +143,7 @@ pub trait HubStore: Send + Sync + 'static {
         branch: &BranchId,
         segment: &Segment,
         entries: &[LogEntry],
-    ) -> Result<Position, HubStoreError>;
+    ) -> Result<Persisted, HubStoreError>;
     fn feed_after(
         &self,
         branch: &BranchId,
@@ -144,6 +170,8 @@ pub trait HubStore: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<PutOutcome, HubStoreError>;
     fn branches(&self) -> Result<Vec<BranchInfo>, HubStoreError>;
+    /// The most recent shared-row conflicts, newest first.
+    fn conflicts(&self, limit: usize) -> Result<Vec<Conflict>, HubStoreError>;
     fn query(&self, body: &serde_json::Value) -> Result<serde_json::Value, rows::QueryError>;
 }
 
@@ -211,6 +239,21 @@ CREATE TABLE IF NOT EXISTS feed (
     PRIMARY KEY (branch, last_seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shared_rows (
+    tbl TEXT NOT NULL,
+    id TEXT NOT NULL,
+    reg BLOB NOT NULL,
+    PRIMARY KEY (tbl, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conflicts (
+    n INTEGER PRIMARY KEY,
+    tbl TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    winner TEXT NOT NULL
+);
 ";
 
 /// The rows head office wrote for every branch are kept under this branch name.
@@ -339,6 +382,108 @@ impl Writer {
             .prepare_cached("UPDATE branches SET feed_seq = ?2, feed_head = ?3 WHERE branch = ?1")?
             .execute(params![branch, seg.last_seq.0 as i64, &seg.hash.0[..]])?;
         Ok(())
+    }
+
+    /// The enrolled, admitted branches.
+    fn live_branches(&self) -> Result<Vec<BranchId>, HubStoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT branch FROM branches WHERE revoked = 0 ORDER BY branch")?;
+        let names = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        names
+            .into_iter()
+            .map(|b| BranchId::parse(&b).map_err(|e| HubStoreError::Storage(e.to_string())))
+            .collect()
+    }
+
+    /// Applies a write of a shared row (from a branch, or head office when `from` is
+    /// `None`) to the row's register; when the register changes, the winner is materialised
+    /// for every branch (`*`), a conflict is recorded if versions are concurrent, and the
+    /// write is relayed to every other branch's feed. Returns the branches relayed to.
+    fn merge_shared(
+        &mut self,
+        schema: &Schema,
+        e: &LogEntry,
+        from: Option<&BranchId>,
+    ) -> Result<Vec<BranchId>, HubStoreError> {
+        if e.op == EntryOp::Delete {
+            // Edges never delete shared rows; a delete in a log is ignored, not merged.
+            return Ok(Vec::new());
+        }
+        let ti = schema
+            .table_index(&e.table)
+            .ok_or_else(|| HubStoreError::UnknownTable(e.table.clone()))?;
+        let stored: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT reg FROM shared_rows WHERE tbl = ?1 AND id = ?2")?
+            .query_row(params![&e.table, &e.row_id], |r| r.get(0))
+            .optional()?;
+        let mut reg = match stored {
+            Some(b) => SharedRow::decode(&b)
+                .map_err(|err| HubStoreError::Storage(format!("shared row state: {err}")))?,
+            None => SharedRow::default(),
+        };
+        let clock = e.clock.clone().unwrap_or_default();
+        let mut values = e.row.values.clone();
+        values.resize(schema.columns(ti).len(), Value::Null);
+        if !reg.apply(clock.clone(), e.hlc, values.clone()) {
+            return Ok(Vec::new()); // seen before, or superseded
+        }
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO shared_rows (tbl, id, reg) VALUES (?1, ?2, ?3)")?
+            .execute(params![&e.table, &e.row_id, reg.encode()])?;
+        let winner = reg.winner().expect("a register that took a write has a version");
+        let current = rows::get(&self.conn, schema, ALL_BRANCHES, &e.table, &e.row_id)?;
+        let mut row = e.row.clone();
+        row.id = e.row_id.clone();
+        row.seq = None;
+        row.columns = schema.columns(ti).clone();
+        row.values = winner.values.clone();
+        if let Some(c) = &current {
+            row.version = c.version + 1;
+            row.created_at = c.created_at;
+        } else {
+            row.version = 1;
+        }
+        let versions = reg.versions();
+        if versions.len() > 1 {
+            let as_json = |vals: &[Value]| {
+                let mut r = row.clone();
+                r.values = vals.to_vec();
+                serde_json::Value::Object(shared::json::row_to_json(&r))
+            };
+            let all: Vec<serde_json::Value> = versions.iter().map(|v| as_json(&v.values)).collect();
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO conflicts (tbl, row_id, at, origin, versions, winner) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    &e.table,
+                    &e.row_id,
+                    now_micros(),
+                    from.map_or(OriginId::HUB, |b| b.as_str()),
+                    serde_json::Value::Array(all).to_string(),
+                    as_json(&winner.values).to_string()
+                ])?;
+        }
+        if current.as_ref().is_none_or(|c| c.values != row.values) {
+            let materialised = hub_entry(&e.table, EntryOp::Update, row, e.hlc, None);
+            rows::apply(&self.conn, schema, ALL_BRANCHES, &materialised)?;
+        }
+        // Relay the write itself (with its clock and HLC): every replica's register takes it.
+        let mut relay = hub_entry(&e.table, EntryOp::Update, e.row.clone(), e.hlc, None);
+        relay.row.values = values;
+        relay.clock = Some(clock);
+        let mut out = Vec::new();
+        for b in self.live_branches()? {
+            if Some(&b) != from {
+                self.append_feed(b.as_str(), std::slice::from_ref(&relay))?;
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     fn tick(&mut self, now: Timestamp) -> Result<shared::Hlc, HubStoreError> {
@@ -505,12 +650,15 @@ impl HubStore for SqliteHubStore {
         branch: &BranchId,
         segment: &Segment,
         entries: &[LogEntry],
-    ) -> Result<Position, HubStoreError> {
+    ) -> Result<Persisted, HubStoreError> {
         let schema = self.schema.clone();
         self.write(|w| {
             let state = Self::sync_state_on(&w.conn, branch)?;
             if segment.last_seq <= state.durable.seq {
-                return Ok(state.durable);
+                return Ok(Persisted {
+                    position: state.durable,
+                    relayed: Vec::new(),
+                });
             }
             if segment.first_seq != state.durable.seq.next()
                 || segment.prev_hash != state.durable.hash
@@ -535,8 +683,16 @@ impl HubStore for SqliteHubStore {
                     &segment.body,
                     now_micros()
                 ])?;
+            let mut relayed = std::collections::BTreeSet::new();
             for e in entries {
-                rows::apply(&w.conn, &schema, branch.as_str(), e)?;
+                let shared = schema
+                    .table(&e.table)
+                    .is_some_and(|t| t.owner == Owner::Shared);
+                if shared {
+                    relayed.extend(w.merge_shared(&schema, e, Some(branch))?);
+                } else {
+                    rows::apply(&w.conn, &schema, branch.as_str(), e)?;
+                }
             }
             w.conn
                 .prepare_cached(
@@ -548,10 +704,13 @@ impl HubStore for SqliteHubStore {
                     &segment.hash.0[..],
                     now_micros()
                 ])?;
-            Ok(Position {
-                origin: segment.origin.clone(),
-                seq: segment.last_seq,
-                hash: segment.hash,
+            Ok(Persisted {
+                position: Position {
+                    origin: segment.origin.clone(),
+                    seq: segment.last_seq,
+                    hash: segment.hash,
+                },
+                relayed: relayed.into_iter().collect(),
             })
         })
     }
@@ -631,8 +790,49 @@ impl HubStore for SqliteHubStore {
         let ti = schema
             .table_index(table)
             .ok_or_else(|| HubStoreError::UnknownTable(table.to_owned()))?;
-        if schema.tables()[ti].owner != Owner::Hub {
+        let owner = schema.tables()[ti].owner;
+        if owner == Owner::Branch {
             return Err(HubStoreError::NotHubOwned(table.to_owned()));
+        }
+        if owner == Owner::Shared {
+            if scope.is_some() {
+                return Err(HubStoreError::SharedScoped(table.to_owned()));
+            }
+            return self.write(|w| {
+                let mut row = rows::get(&w.conn, &schema, ALL_BRANCHES, table, id)?.unwrap_or(Row {
+                    id: id.to_owned(),
+                    version: 0,
+                    created_at: now,
+                    updated_at: now,
+                    seq: None,
+                    columns: schema.columns(ti).clone(),
+                    values: vec![Value::Null; schema.columns(ti).len()],
+                });
+                row.updated_at = now;
+                for (k, v) in fields {
+                    row.set(&k, v);
+                }
+                let stored: Option<Vec<u8>> = w
+                    .conn
+                    .prepare_cached("SELECT reg FROM shared_rows WHERE tbl = ?1 AND id = ?2")?
+                    .query_row(params![table, id], |r| r.get(0))
+                    .optional()?;
+                let reg = match stored {
+                    Some(b) => SharedRow::decode(&b)
+                        .map_err(|err| HubStoreError::Storage(format!("shared row state: {err}")))?,
+                    None => SharedRow::default(),
+                };
+                // Head office writes on top of everything it has seen.
+                let hlc = w.tick(now)?;
+                let mut next = reg.clone();
+                let clock = next.write(&OriginId::hub(), hlc, row.values.clone());
+                let mut entry = hub_entry(table, EntryOp::Update, row, hlc, None);
+                entry.clock = Some(clock);
+                let branches = w.merge_shared(&schema, &entry, None)?;
+                let row = rows::get(&w.conn, &schema, ALL_BRANCHES, table, id)?
+                    .ok_or_else(|| HubStoreError::Storage("a merged shared row is missing".into()))?;
+                Ok(PutOutcome { row, branches })
+            });
         }
         self.write(|w| {
             let key = scope.map_or(ALL_BRANCHES, |b| b.as_str());
@@ -745,6 +945,36 @@ impl HubStore for SqliteHubStore {
                 })
             })
             .collect()
+    }
+
+    fn conflicts(&self, limit: usize) -> Result<Vec<Conflict>, HubStoreError> {
+        let conn = self.reader.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT tbl, row_id, at, origin, versions, winner FROM conflicts ORDER BY n DESC LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows
+            .into_iter()
+            .map(|(table, row_id, at, origin, versions, winner)| Conflict {
+                table,
+                row_id,
+                at: Timestamp(at),
+                origin,
+                versions: serde_json::from_str(&versions).unwrap_or_default(),
+                winner: serde_json::from_str(&winner).unwrap_or_default(),
+            })
+            .collect())
     }
 
     fn query(&self, body: &serde_json::Value) -> Result<serde_json::Value, rows::QueryError> {

@@ -353,8 +353,9 @@ impl SyncServer {
                     self.metrics
                         .entries_persisted
                         .fetch_add(n, Ordering::Relaxed);
-                    if pos.seq > session.durable().seq {
-                        session.handle_persisted(self.now(), pos);
+                    self.feeds_grew(&pos.relayed);
+                    if pos.position.seq > session.durable().seq {
+                        session.handle_persisted(self.now(), pos.position);
                     }
                 }
                 SyncIo::LoadSegments { after, max } => {

@@ -9,6 +9,7 @@ pub mod hlc;
 pub mod ids;
 pub mod json;
 pub mod log;
+pub mod merge;
 pub mod metrics;
 pub mod pos;
 pub mod query;

@@ -312,6 +312,25 @@ impl EdgeProcess {
         edge
     }
 
+    /// Starts an edge for `branch` syncing with the hub at `hub_quic` using the identity in
+    /// `identity` as it is (not enrolled here: e.g. one another hub issued), with extra
+    /// environment variables (test hooks).
+    pub fn start_with_identity(
+        branch: &str,
+        hub_quic: SocketAddr,
+        identity: &Path,
+        env: &[(&str, &str)],
+    ) -> EdgeProcess {
+        let mut edge = EdgeProcess::prepare(branch);
+        edge.hub = Some((hub_quic, identity.to_owned()));
+        edge.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        edge.spawn();
+        edge
+    }
+
     /// Starts an edge for `branch` on a fresh data dir.
     pub fn start_branch(branch: &str) -> EdgeProcess {
         let mut edge = EdgeProcess::prepare(branch);

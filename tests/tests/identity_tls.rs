@@ -285,3 +285,29 @@ async fn edge_trusting_another_ca_refuses_the_hub() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn edge_identity_load_checks_its_files() {
+    use edge::identity::IdentityError;
+
+    let hub = Hub::new();
+    let (b001, _) = hub.enroll("B001");
+    let (b002, _) = hub.enroll("B002");
+
+    // release.pub is optional.
+    fs::remove_file(b001.join("release.pub")).unwrap();
+    let edge = EdgeIdentity::load(&b001).unwrap();
+    assert_eq!(edge.branch.as_str(), "B001");
+    assert_eq!(edge.release_key, None);
+
+    // A key from another enrollment does not belong to the certificate.
+    fs::copy(b002.join("edge.key"), b001.join("edge.key")).unwrap();
+    let err = EdgeIdentity::load(&b001).unwrap_err();
+    assert!(matches!(err, IdentityError::Mismatch { .. }), "{err}");
+
+    // A missing file is named.
+    fs::remove_file(b002.join("edge.pem")).unwrap();
+    let err = EdgeIdentity::load(&b002).unwrap_err();
+    assert!(matches!(err, IdentityError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("edge.pem"), "{err}");
+}

@@ -67,7 +67,9 @@ impl ApiError {
             | StoreError::IllegalTransition { .. }
             | StoreError::AmountOverflow { .. } => StatusCode::CONFLICT,
             StoreError::HubOwned(_) | StoreError::ServerWritten(_) => StatusCode::FORBIDDEN,
-            StoreError::LogImmutable(_) => StatusCode::METHOD_NOT_ALLOWED,
+            StoreError::LogImmutable(_) | StoreError::SharedDelete(_) => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             StoreError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             StoreError::Closed => StatusCode::SERVICE_UNAVAILABLE,

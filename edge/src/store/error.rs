@@ -38,6 +38,8 @@ pub enum StoreError {
     ServerWritten(String),
     #[error("rows of log table {0:?} are immutable")]
     LogImmutable(String),
+    #[error("rows of shared table {0:?} are never deleted (branches and head office share them); update a column instead")]
+    SharedDelete(String),
     #[error("the transaction is too large: {0}")]
     TooLarge(&'static str),
     #[error("order {order_id:?} would exceed the largest amount")]
@@ -67,6 +69,7 @@ impl StoreError {
             StoreError::HubOwned(_) => "hub_owned",
             StoreError::ServerWritten(_) => "forbidden",
             StoreError::LogImmutable(_) => "log_immutable",
+            StoreError::SharedDelete(_) => "shared_delete",
             StoreError::TooLarge(_) => "too_large",
             StoreError::AmountOverflow { .. } => "amount_overflow",
             StoreError::EmptyTransaction => "empty_transaction",

@@ -117,6 +117,9 @@ fn prepare_op(schema: &Schema, op: Op) -> Result<PreparedOp, StoreError> {
     if mutating && t.kind == TableKind::Log {
         return Err(StoreError::LogImmutable(t.name.clone()));
     }
+    if matches!(op, Op::Delete { .. }) && t.owner == Owner::Shared {
+        return Err(StoreError::SharedDelete(t.name.clone()));
+    }
     Ok(match op {
         Op::Insert { id, fields, .. } => {
             if t.server_written {

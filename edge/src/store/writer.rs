@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crdts::{CmRDT, VClock};
+use crdts::VClock;
 use rusqlite::{Connection, params, params_from_iter};
 use shared::log::{
     ChainHash, ENTRY_BYTES_MAX, EntryOp, LogEntry, LogEntryRef, SEGMENT_BYTES_TARGET,
@@ -17,6 +17,7 @@ use shared::log::{
 };
 use shared::schema::{Owner, Schema, TableKind};
 use shared::wire::Position;
+use shared::merge::SharedRow;
 use shared::{Fields, Hlc, HlcClock, OriginId, Row, Seq, Timestamp, Value, Version};
 use tokio::sync::{mpsc, oneshot};
 
@@ -118,6 +119,12 @@ pub(crate) struct OpenSegment {
     flushed: usize,
     bytes: usize,
     since: Option<Timestamp>,
+}
+
+/// A shared row's write stamp: the clock that travels with its log entry, and its HLC.
+struct Stamp {
+    clock: VClock<OriginId>,
+    hlc: Hlc,
 }
 
 /// What a request may need to undo in memory when its savepoint rolls back.
@@ -701,7 +708,8 @@ impl Writer {
         Ok(current)
     }
 
-    fn next_clock(&self, ti: usize, id: &str) -> Result<Option<VClock<OriginId>>, StoreError> {
+    /// The replicated state of a shared row (`None` for other tables).
+    fn shared_row(&self, ti: usize, id: &str) -> Result<Option<SharedRow>, StoreError> {
         if self.schema.tables()[ti].owner != Owner::Shared {
             return Ok(None);
         }
@@ -714,13 +722,27 @@ impl Writer {
                 rusqlite::Error::QueryReturnedNoRows => Ok(None),
                 e => Err(e),
             })?;
-        let mut clock: VClock<OriginId> = match stored.flatten() {
-            Some(bytes) => postcard::from_bytes(&bytes)
-                .map_err(|e| StoreError::Storage(format!("stored version vector: {e}")))?,
-            None => VClock::new(),
+        Ok(Some(match stored.flatten() {
+            Some(bytes) => SharedRow::decode(&bytes)
+                .map_err(|e| StoreError::Storage(format!("stored shared row state: {e}")))?,
+            None => SharedRow::default(),
+        }))
+    }
+
+    /// A local write of a shared row: its register takes the new version, stamped now.
+    /// Returns the stamp for the log entry and the register's bytes for `_clock`.
+    fn stamp_shared(
+        &mut self,
+        ti: usize,
+        row: &Row,
+        now: Timestamp,
+    ) -> Result<(Option<Stamp>, Option<Vec<u8>>), StoreError> {
+        let Some(mut reg) = self.shared_row(ti, &row.id)? else {
+            return Ok((None, None));
         };
-        clock.apply(clock.inc(self.origin.clone()));
-        Ok(Some(clock))
+        let hlc = self.hlc.tick(now.as_millis());
+        let clock = reg.write(&self.origin, hlc, row.values.clone());
+        Ok((Some(Stamp { clock, hlc }), Some(reg.encode())))
     }
 
     pub(crate) fn insert_row(
@@ -748,10 +770,8 @@ impl Writer {
                 row.version = v as u64 + 1;
             }
         }
-        let clock = self.next_clock(ti, &row.id)?;
-        let clock_bytes = clock
-            .as_ref()
-            .map(|c| postcard::to_stdvec(c).expect("encode clock"));
+        let (stamp, clock_bytes) = self.stamp_shared(ti, &row, s.now)?;
+        let t = &self.schema.tables()[ti];
         let inserted = self
             .conn
             .prepare_cached(&self.sql[ti].insert)?
@@ -780,7 +800,7 @@ impl Writer {
             Err(e) => return Err(e.into()),
         }
         let row = Arc::new(row);
-        self.append(ti, EntryOp::Insert, row.clone(), clock, Vec::new(), s)?;
+        self.append(ti, EntryOp::Insert, row.clone(), stamp, Vec::new(), s)?;
         if let Some(rules) = self.rules.clone() {
             rules.after_write(self, ti, None, &row, s)?;
         }
@@ -820,17 +840,14 @@ impl Writer {
         changed: Vec<String>,
         s: &mut Scratch<'_>,
     ) -> Result<OpResult, StoreError> {
-        let t = &self.schema.tables()[ti];
         let mut row = current.clone();
         row.version += 1;
         row.updated_at = s.now;
         for (k, v) in set {
             row.set(&k, v);
         }
-        let clock = self.next_clock(ti, &row.id)?;
-        let clock_bytes = clock
-            .as_ref()
-            .map(|c| postcard::to_stdvec(c).expect("encode clock"));
+        let (stamp, clock_bytes) = self.stamp_shared(ti, &row, s.now)?;
+        let t = &self.schema.tables()[ti];
         self.conn
             .prepare_cached(&self.sql[ti].update)?
             .execute(params_from_iter(sql::row_params(
@@ -841,7 +858,7 @@ impl Writer {
         s.wrote = true;
         let row = Arc::new(row);
         let before = Arc::new(current);
-        self.append(ti, EntryOp::Update, row.clone(), clock, changed, s)?;
+        self.append(ti, EntryOp::Update, row.clone(), stamp, changed, s)?;
         if let Some(c) = s.changes.last_mut() {
             c.before = Some(before.clone());
         }
@@ -860,8 +877,10 @@ impl Writer {
         current: Row,
         s: &mut Scratch<'_>,
     ) -> Result<OpResult, StoreError> {
-        // The version vector is read before the row (and its `_clock`) is gone.
-        let clock = self.next_clock(ti, &current.id)?;
+        debug_assert!(
+            self.schema.tables()[ti].owner != Owner::Shared,
+            "shared rows are never deleted (refused when prepared)"
+        );
         self.conn
             .prepare_cached(&self.sql[ti].delete)?
             .execute([&current.id])?;
@@ -879,7 +898,7 @@ impl Writer {
                 tombstone.version as i64
             ])?;
         let tombstone = Arc::new(tombstone);
-        self.append(ti, EntryOp::Delete, tombstone.clone(), clock, Vec::new(), s)?;
+        self.append(ti, EntryOp::Delete, tombstone.clone(), None, Vec::new(), s)?;
         if let Some(rules) = self.rules.clone() {
             rules.after_delete(self, ti, &current, s)?;
         }
@@ -895,20 +914,24 @@ impl Writer {
         ti: usize,
         op: EntryOp,
         row: Arc<Row>,
-        clock: Option<VClock<OriginId>>,
+        stamp: Option<Stamp>,
         changed: Vec<String>,
         s: &mut Scratch<'_>,
     ) -> Result<(), StoreError> {
         let seq = self.status.last_seq.next();
+        let hlc = match &stamp {
+            Some(st) => st.hlc,
+            None => self.hlc.tick(s.now.as_millis()),
+        };
         let entry = LogEntryRef {
             origin: &self.origin,
             seq,
-            hlc: self.hlc.tick(s.now.as_millis()),
+            hlc,
             table: &self.schema.tables()[ti].name,
             op,
             row_id: &row.id,
             row: row.wire(),
-            clock: clock.as_ref(),
+            clock: stamp.as_ref().map(|st| &st.clock),
             scope: None,
         };
         let bytes = entry.encode();
@@ -1133,10 +1156,31 @@ impl Writer {
         row.seq = None;
         row.columns = self.schema.columns(ti).clone();
         row.values.resize(row.columns.len(), Value::Null);
-        let clock_bytes = entry
-            .clock
-            .as_ref()
-            .map(|c| postcard::to_stdvec(c).expect("encode clock"));
+        let mut clock_bytes = None;
+        if let Some(mut reg) = self.shared_row(ti, &row.id)? {
+            // A shared row: the hub relays another replica's write; the register decides
+            // what terminals see (the same everywhere), and keeps a concurrent local write.
+            self.hlc.observe(entry.hlc, now.as_millis());
+            let clock = entry.clock.clone().unwrap_or_default();
+            if !reg.apply(clock, entry.hlc, row.values.clone()) {
+                return Ok(None);
+            }
+            let winner = reg.winner().expect("a register that took a write has a version");
+            row.values = winner.values;
+            clock_bytes = Some(reg.encode());
+            if let Some(current) = &existing
+                && current.values == row.values
+            {
+                // The visible row stays; only the register changed.
+                self.conn
+                    .prepare_cached(&format!(
+                        "UPDATE {} SET _clock = ?2 WHERE id = ?1",
+                        sql::table_name(&t.name)
+                    ))?
+                    .execute(params![&row.id, clock_bytes.as_deref()])?;
+                return Ok(None);
+            }
+        }
         match existing {
             Some(current) => {
                 let changed: Vec<String> = row
