@@ -119,6 +119,9 @@ pub(crate) struct OpenSegment {
     flushed: usize,
     bytes: usize,
     since: Option<Timestamp>,
+    /// It holds an entry of a priority table (payments): sealed at the end of the group,
+    /// so that it leaves for the hub at once instead of waiting for the segment to age.
+    priority: bool,
 }
 
 /// A shared row's write stamp: the clock that travels with its log entry, and its HLC.
@@ -432,6 +435,9 @@ impl Writer {
             if full {
                 self.seal(now)?;
             }
+        }
+        if self.open.priority {
+            self.seal(now)?;
         }
         if !commits.is_empty() {
             self.flush_chunk()?;
@@ -949,6 +955,7 @@ impl Writer {
         self.open.bytes += bytes.len();
         self.open.entries.push((s.version, bytes));
         self.open.since.get_or_insert(s.now);
+        self.open.priority |= self.schema.tables()[ti].priority;
         s.changes.push(Change {
             table: ti,
             op,
