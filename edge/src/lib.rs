@@ -6,5 +6,5 @@ pub mod feed;
 pub mod identity;
 pub mod server;
 pub mod store;
-pub mod tokens;
 pub mod sync;
+pub mod tokens;

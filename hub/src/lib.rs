@@ -1,7 +1,7 @@
 //! Outpost's hub: the QUIC sync server, its storage and the head-office API.
 
+pub mod api;
 pub mod identity;
 pub mod rows;
-pub mod api;
 pub mod store;
 pub mod sync;

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::log::{ChainHash, EntryOp, LogEntry, Segment};
+use shared::merge::SharedRow;
 use shared::schema::Owner;
 use shared::wire::Position;
-use shared::merge::SharedRow;
 use shared::{BranchId, Fields, HlcClock, OriginId, Row, Schema, Seq, Timestamp, Value};
 
 use crate::rows;
@@ -432,9 +432,13 @@ impl Writer {
             return Ok(Vec::new()); // seen before, or superseded
         }
         self.conn
-            .prepare_cached("INSERT OR REPLACE INTO shared_rows (tbl, id, reg) VALUES (?1, ?2, ?3)")?
+            .prepare_cached(
+                "INSERT OR REPLACE INTO shared_rows (tbl, id, reg) VALUES (?1, ?2, ?3)",
+            )?
             .execute(params![&e.table, &e.row_id, reg.encode()])?;
-        let winner = reg.winner().expect("a register that took a write has a version");
+        let winner = reg
+            .winner()
+            .expect("a register that took a write has a version");
         let current = rows::get(&self.conn, schema, ALL_BRANCHES, &e.table, &e.row_id)?;
         let mut row = e.row.clone();
         row.id = e.row_id.clone();
@@ -799,15 +803,16 @@ impl HubStore for SqliteHubStore {
                 return Err(HubStoreError::SharedScoped(table.to_owned()));
             }
             return self.write(|w| {
-                let mut row = rows::get(&w.conn, &schema, ALL_BRANCHES, table, id)?.unwrap_or(Row {
-                    id: id.to_owned(),
-                    version: 0,
-                    created_at: now,
-                    updated_at: now,
-                    seq: None,
-                    columns: schema.columns(ti).clone(),
-                    values: vec![Value::Null; schema.columns(ti).len()],
-                });
+                let mut row =
+                    rows::get(&w.conn, &schema, ALL_BRANCHES, table, id)?.unwrap_or(Row {
+                        id: id.to_owned(),
+                        version: 0,
+                        created_at: now,
+                        updated_at: now,
+                        seq: None,
+                        columns: schema.columns(ti).clone(),
+                        values: vec![Value::Null; schema.columns(ti).len()],
+                    });
                 row.updated_at = now;
                 for (k, v) in fields {
                     row.set(&k, v);
@@ -818,8 +823,9 @@ impl HubStore for SqliteHubStore {
                     .query_row(params![table, id], |r| r.get(0))
                     .optional()?;
                 let reg = match stored {
-                    Some(b) => SharedRow::decode(&b)
-                        .map_err(|err| HubStoreError::Storage(format!("shared row state: {err}")))?,
+                    Some(b) => SharedRow::decode(&b).map_err(|err| {
+                        HubStoreError::Storage(format!("shared row state: {err}"))
+                    })?,
                     None => SharedRow::default(),
                 };
                 // Head office writes on top of everything it has seen.
@@ -829,8 +835,10 @@ impl HubStore for SqliteHubStore {
                 let mut entry = hub_entry(table, EntryOp::Update, row, hlc, None);
                 entry.clock = Some(clock);
                 let branches = w.merge_shared(&schema, &entry, None)?;
-                let row = rows::get(&w.conn, &schema, ALL_BRANCHES, table, id)?
-                    .ok_or_else(|| HubStoreError::Storage("a merged shared row is missing".into()))?;
+                let row =
+                    rows::get(&w.conn, &schema, ALL_BRANCHES, table, id)?.ok_or_else(|| {
+                        HubStoreError::Storage("a merged shared row is missing".into())
+                    })?;
                 Ok(PutOutcome { row, branches })
             });
         }

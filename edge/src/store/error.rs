@@ -38,7 +38,9 @@ pub enum StoreError {
     ServerWritten(String),
     #[error("rows of log table {0:?} are immutable")]
     LogImmutable(String),
-    #[error("rows of shared table {0:?} are never deleted (branches and head office share them); update a column instead")]
+    #[error(
+        "rows of shared table {0:?} are never deleted (branches and head office share them); update a column instead"
+    )]
     SharedDelete(String),
     #[error("the transaction is too large: {0}")]
     TooLarge(&'static str),

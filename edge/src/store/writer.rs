@@ -15,9 +15,9 @@ use shared::log::{
     ChainHash, ENTRY_BYTES_MAX, EntryOp, LogEntry, LogEntryRef, SEGMENT_BYTES_TARGET,
     SEGMENT_ENTRIES_TARGET, Segment, TXN_BYTES_MAX, TXN_ENTRIES_MAX, chain_hash, segment_body,
 };
+use shared::merge::SharedRow;
 use shared::schema::{Owner, Schema, TableKind};
 use shared::wire::Position;
-use shared::merge::SharedRow;
 use shared::{Fields, Hlc, HlcClock, OriginId, Row, Seq, Timestamp, Value, Version};
 use tokio::sync::{mpsc, oneshot};
 
@@ -1172,7 +1172,9 @@ impl Writer {
             if !reg.apply(clock, entry.hlc, row.values.clone()) {
                 return Ok(None);
             }
-            let winner = reg.winner().expect("a register that took a write has a version");
+            let winner = reg
+                .winner()
+                .expect("a register that took a write has a version");
             row.values = winner.values;
             clock_bytes = Some(reg.encode());
             if let Some(current) = &existing
