@@ -107,7 +107,11 @@ mod tests {
         // B002 saw B001's write and writes later, with a clock that runs behind.
         let c2 = b.write(&o("B002"), Hlc(50), vals(false));
         assert!(a.apply(c2, Hlc(50), vals(false)));
-        assert_eq!(a.versions().len(), 1, "no conflict: one write saw the other");
+        assert_eq!(
+            a.versions().len(),
+            1,
+            "no conflict: one write saw the other"
+        );
         assert_eq!(a.winner().unwrap().values, vals(false));
         assert_eq!(a, b);
     }
