@@ -16,13 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use shared::log::{LogEntry, Segment};
 use shared::sync::{HubSession, SyncConfig, SyncIo};
 use shared::wire::{Frame, FrameReader};
 use shared::{BranchId, OriginId, Timestamp};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::identity::{self, HubIdentity};
-use crate::store::{Admission, HubStore};
+use crate::store::{Admission, HubStore, Persisted};
 
 /// QUIC application close codes.
 pub mod close {
@@ -32,6 +33,9 @@ pub mod close {
     pub const PROTOCOL: u32 = 3;
     pub const SHUTDOWN: u32 = 4;
 }
+
+/// Verified segments queued for the persister, at most (the window bounds it anyway).
+const PERSIST_QUEUE: usize = 16;
 
 /// How often a live session checks that its branch is still admitted (revocation).
 const ADMISSION_RECHECK: Duration = Duration::from_secs(2);
@@ -211,12 +215,50 @@ impl SyncServer {
         result
     }
 
+    /// Runs a session with its persister: verified segments are stored by a task of their
+    /// own, in order, while the session goes on receiving and verifying the next ones; the
+    /// session acks each when its commit is reported back. The session ends only after the
+    /// persister has finished what it was given.
     async fn run_session(
         &self,
         branch: &BranchId,
         fingerprint: [u8; 32],
         conn: &quinn::Connection,
+        stop: oneshot::Receiver<()>,
+    ) -> Result<(), String> {
+        let (persist_tx, mut persist_rx) = mpsc::channel::<(Segment, Vec<LogEntry>)>(PERSIST_QUEUE);
+        let (done_tx, done_rx) = mpsc::channel(PERSIST_QUEUE);
+        let store = self.store.clone();
+        let b = branch.clone();
+        let persister = tokio::spawn(async move {
+            while let Some((segment, entries)) = persist_rx.recv().await {
+                let (store, b2) = (store.clone(), b.clone());
+                let n = entries.len() as u64;
+                let r = tokio::task::spawn_blocking(move || store.persist(&b2, &segment, &entries))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| format!("persisting {b}'s segment: {e}")));
+                let failed = r.is_err();
+                if done_tx.send(r.map(|p| (p, n))).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let result = self
+            .session_loop(branch, fingerprint, conn, stop, persist_tx, done_rx)
+            .await;
+        let _ = persister.await;
+        result
+    }
+
+    async fn session_loop(
+        &self,
+        branch: &BranchId,
+        fingerprint: [u8; 32],
+        conn: &quinn::Connection,
         mut stop: oneshot::Receiver<()>,
+        persist: mpsc::Sender<(Segment, Vec<LogEntry>)>,
+        mut persisted: mpsc::Receiver<Result<(Persisted, u64), String>>,
     ) -> Result<(), String> {
         let mut recheck = tokio::time::interval(ADMISSION_RECHECK);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,7 +294,7 @@ impl SyncServer {
         let mut feed_send: Option<quinn::SendStream> = None;
         let feed = self.feed_notify(branch);
         loop {
-            self.drive(branch, &mut session).await?;
+            self.drive(branch, &mut session, &persist).await?;
             while let Some(frame) = session.poll_transmit() {
                 let stream = match &frame {
                     Frame::Segment(_) => {
@@ -300,6 +342,18 @@ impl SyncServer {
                     }
                     None => return Ok(()),
                 },
+                done = persisted.recv() => match done {
+                    Some(Ok((p, n))) => {
+                        self.metrics.segments_persisted.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.entries_persisted.fetch_add(n, Ordering::Relaxed);
+                        self.feeds_grew(&p.relayed);
+                        if p.position.seq > session.durable().seq {
+                            session.handle_persisted(self.now(), p.position);
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => return Err("the persister stopped".into()),
+                },
                 _ = feed.notified() => {
                     let store = self.store.clone();
                     let b = branch.clone();
@@ -335,28 +389,21 @@ impl SyncServer {
     }
 
     /// Answers the session's storage requests, in order.
-    async fn drive(&self, branch: &BranchId, session: &mut HubSession) -> Result<(), String> {
+    async fn drive(
+        &self,
+        branch: &BranchId,
+        session: &mut HubSession,
+        persist: &mpsc::Sender<(Segment, Vec<LogEntry>)>,
+    ) -> Result<(), String> {
         while let Some(io) = session.poll_io() {
             let store = self.store.clone();
             let b = branch.clone();
             match io {
                 SyncIo::Persist { segment, entries } => {
-                    let n = entries.len() as u64;
-                    let pos =
-                        tokio::task::spawn_blocking(move || store.persist(&b, &segment, &entries))
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| format!("persisting {branch}'s segment: {e}"))?;
-                    self.metrics
-                        .segments_persisted
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .entries_persisted
-                        .fetch_add(n, Ordering::Relaxed);
-                    self.feeds_grew(&pos.relayed);
-                    if pos.position.seq > session.durable().seq {
-                        session.handle_persisted(self.now(), pos.position);
-                    }
+                    persist
+                        .send((segment, entries))
+                        .await
+                        .map_err(|_| "the persister stopped".to_owned())?;
                 }
                 SyncIo::LoadSegments { after, max } => {
                     let segs =

@@ -5,3 +5,4 @@
 pub mod demo;
 pub mod load;
 pub mod sim;
+pub mod catchup;
