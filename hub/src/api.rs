@@ -180,6 +180,7 @@ async fn branches(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> 
                 "connected": hub.sync.is_connected(&b.branch),
                 "last_seen": b.last_seen.map(|t| t.to_rfc3339()),
                 "synced_seq": b.synced_seq.0,
+                "materialised_seq": b.materialised_seq.0,
                 "chain_head": b.chain_head.to_hex(),
                 "edge_version": b.edge_version,
                 "unsynced_estimate": b.edge_head_seq.0.saturating_sub(b.synced_seq.0),

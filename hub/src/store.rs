@@ -20,6 +20,9 @@ use shared::{BranchId, Fields, HlcClock, OriginId, Row, Schema, Seq, Timestamp, 
 
 use crate::rows;
 
+/// Segments materialised per transaction.
+pub const MATERIALISE_BATCH: usize = 64;
+
 /// Most entries in one feed segment written when a branch is enrolled.
 const FEED_SEED_SEGMENT_ENTRIES: usize = 512;
 
@@ -81,6 +84,8 @@ pub struct BranchInfo {
     pub revoked: bool,
     pub ring: String,
     pub synced_seq: Seq,
+    /// Rows of the log up to here are materialised (queryable).
+    pub materialised_seq: Seq,
     pub chain_head: ChainHash,
     pub last_seen: Option<Timestamp>,
     pub edge_version: Option<String>,
@@ -90,13 +95,15 @@ pub struct BranchInfo {
     pub edge_head_seq: Seq,
 }
 
-/// What persisting a segment did.
-#[derive(Debug, Clone)]
-pub struct Persisted {
-    /// The branch's durable position afterwards.
-    pub position: Position,
-    /// Branches whose feed received shared rows relayed from this segment.
+/// What a round of materialisation did.
+#[derive(Debug, Clone, Default)]
+pub struct Materialised {
+    pub segments: usize,
+    pub entries: usize,
+    /// Branches whose feed received relayed shared rows.
     pub relayed: Vec<BranchId>,
+    /// Stored segments remain to be materialised.
+    pub more: bool,
 }
 
 /// Concurrent versions of a shared row, as head office sees them.
@@ -138,12 +145,12 @@ pub trait HubStore: Send + Sync + 'static {
     /// Stores a verified segment of the branch's log with its entries and advances the
     /// branch's position, in one transaction. A segment at or below the stored position is
     /// already there: nothing is written and the stored position is returned.
-    fn persist(
-        &self,
-        branch: &BranchId,
-        segment: &Segment,
-        entries: &[LogEntry],
-    ) -> Result<Persisted, HubStoreError>;
+    fn persist(&self, branch: &BranchId, segment: &Segment) -> Result<Position, HubStoreError>;
+    /// Materialises up to `max_segments` stored segments that are not yet (in log order per
+    /// branch): their rows for queries, shared-row merges, conflicts, and relays of shared
+    /// writes to the other branches' feeds. Runs behind `persist`, which acknowledges as
+    /// soon as the segment's bytes are durable; queries catch it up first.
+    fn materialise(&self, max_segments: usize) -> Result<Materialised, HubStoreError>;
     fn feed_after(
         &self,
         branch: &BranchId,
@@ -217,7 +224,8 @@ CREATE TABLE IF NOT EXISTS branches (
     feed_acked_hash BLOB NOT NULL,
     last_seen INTEGER,
     edge_version TEXT,
-    edge_head_seq INTEGER NOT NULL DEFAULT 0
+    edge_head_seq INTEGER NOT NULL DEFAULT 0,
+    materialised_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS segments (
     origin TEXT NOT NULL,
@@ -382,6 +390,78 @@ impl Writer {
             .prepare_cached("UPDATE branches SET feed_seq = ?2, feed_head = ?3 WHERE branch = ?1")?
             .execute(params![branch, seg.last_seq.0 as i64, &seg.hash.0[..]])?;
         Ok(())
+    }
+
+    /// See [`HubStore::materialise`]; runs inside the caller's transaction.
+    fn materialise(
+        &mut self,
+        schema: &Schema,
+        max_segments: usize,
+    ) -> Result<Materialised, HubStoreError> {
+        let mut out = Materialised::default();
+        let behind: Vec<(String, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT branch, materialised_seq FROM branches WHERE materialised_seq < synced_seq ORDER BY branch",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut relayed = std::collections::BTreeSet::new();
+        for (name, from) in behind {
+            let branch =
+                BranchId::parse(&name).map_err(|e| HubStoreError::Storage(e.to_string()))?;
+            let origin = OriginId::from(&branch);
+            let left = max_segments - out.segments;
+            if left == 0 {
+                out.more = true;
+                break;
+            }
+            let segs: Vec<(i64, i64, Vec<u8>, Vec<u8>, Vec<u8>)> = self
+                .conn
+                .prepare_cached(
+                    "SELECT first_seq, last_seq, prev_hash, hash, body FROM segments WHERE origin = ?1 AND last_seq > ?2 ORDER BY last_seq LIMIT ?3",
+                )?
+                .query_map(params![origin.as_str(), from, left as i64 + 1], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            if segs.len() > left {
+                out.more = true;
+            }
+            let mut last = from;
+            for (first, l, prev, hash, body) in segs.into_iter().take(left) {
+                let segment = Segment {
+                    origin: origin.clone(),
+                    first_seq: Seq(first as u64),
+                    last_seq: Seq(l as u64),
+                    prev_hash: hash32(prev)?,
+                    hash: hash32(hash)?,
+                    body,
+                };
+                // The stored bytes were verified on arrival; decoding them checks them again.
+                let entries = segment.verify(&segment.prev_hash, schema).map_err(|e| {
+                    HubStoreError::Storage(format!("stored segment {first}..={l} of {branch}: {e}"))
+                })?;
+                for e in &entries {
+                    let shared = schema
+                        .table(&e.table)
+                        .is_some_and(|t| t.owner == Owner::Shared);
+                    if shared {
+                        relayed.extend(self.merge_shared(schema, e, Some(&branch))?);
+                    } else {
+                        rows::apply(&self.conn, schema, branch.as_str(), e)?;
+                    }
+                }
+                out.entries += entries.len();
+                out.segments += 1;
+                last = l;
+            }
+            self.conn
+                .prepare_cached("UPDATE branches SET materialised_seq = ?2 WHERE branch = ?1")?
+                .execute(params![branch.as_str(), last])?;
+        }
+        out.relayed = relayed.into_iter().collect();
+        Ok(out)
     }
 
     /// The enrolled, admitted branches.
@@ -649,20 +729,11 @@ impl HubStore for SqliteHubStore {
         Self::sync_state_on(&self.reader.lock(), branch)
     }
 
-    fn persist(
-        &self,
-        branch: &BranchId,
-        segment: &Segment,
-        entries: &[LogEntry],
-    ) -> Result<Persisted, HubStoreError> {
-        let schema = self.schema.clone();
+    fn persist(&self, branch: &BranchId, segment: &Segment) -> Result<Position, HubStoreError> {
         self.write(|w| {
             let state = Self::sync_state_on(&w.conn, branch)?;
             if segment.last_seq <= state.durable.seq {
-                return Ok(Persisted {
-                    position: state.durable,
-                    relayed: Vec::new(),
-                });
+                return Ok(state.durable);
             }
             if segment.first_seq != state.durable.seq.next()
                 || segment.prev_hash != state.durable.hash
@@ -687,17 +758,6 @@ impl HubStore for SqliteHubStore {
                     &segment.body,
                     now_micros()
                 ])?;
-            let mut relayed = std::collections::BTreeSet::new();
-            for e in entries {
-                let shared = schema
-                    .table(&e.table)
-                    .is_some_and(|t| t.owner == Owner::Shared);
-                if shared {
-                    relayed.extend(w.merge_shared(&schema, e, Some(branch))?);
-                } else {
-                    rows::apply(&w.conn, &schema, branch.as_str(), e)?;
-                }
-            }
             w.conn
                 .prepare_cached(
                     "UPDATE branches SET synced_seq = ?2, chain_head = ?3, last_seen = ?4 WHERE branch = ?1",
@@ -708,15 +768,17 @@ impl HubStore for SqliteHubStore {
                     &segment.hash.0[..],
                     now_micros()
                 ])?;
-            Ok(Persisted {
-                position: Position {
-                    origin: segment.origin.clone(),
-                    seq: segment.last_seq,
-                    hash: segment.hash,
-                },
-                relayed: relayed.into_iter().collect(),
+            Ok(Position {
+                origin: segment.origin.clone(),
+                seq: segment.last_seq,
+                hash: segment.hash,
             })
         })
+    }
+
+    fn materialise(&self, max_segments: usize) -> Result<Materialised, HubStoreError> {
+        let schema = self.schema.clone();
+        self.write(|w| w.materialise(&schema, max_segments))
     }
 
     fn feed_after(
@@ -918,7 +980,7 @@ impl HubStore for SqliteHubStore {
     fn branches(&self) -> Result<Vec<BranchInfo>, HubStoreError> {
         let conn = self.reader.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT branch, revoked, ring, synced_seq, chain_head, last_seen, edge_version, feed_seq, feed_acked_seq, edge_head_seq FROM branches ORDER BY branch",
+            "SELECT branch, revoked, ring, synced_seq, chain_head, last_seen, edge_version, feed_seq, feed_acked_seq, edge_head_seq, materialised_seq FROM branches ORDER BY branch",
         )?;
         let rows = stmt
             .query_map([], |r| {
@@ -933,6 +995,7 @@ impl HubStore for SqliteHubStore {
                     r.get::<_, i64>(7)?,
                     r.get::<_, i64>(8)?,
                     r.get::<_, i64>(9)?,
+                    r.get::<_, i64>(10)?,
                 ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -950,6 +1013,7 @@ impl HubStore for SqliteHubStore {
                     feed_seq: Seq(r.7 as u64),
                     feed_acked_seq: Seq(r.8 as u64),
                     edge_head_seq: Seq(r.9 as u64),
+                    materialised_seq: Seq(r.10 as u64),
                 })
             })
             .collect()
@@ -986,6 +1050,21 @@ impl HubStore for SqliteHubStore {
     }
 
     fn query(&self, body: &serde_json::Value) -> Result<serde_json::Value, rows::QueryError> {
+        // A query sees every acknowledged entry: what is stored but not yet materialised is
+        // materialised first.
+        loop {
+            match self.materialise(MATERIALISE_BATCH) {
+                Ok(m) if m.more => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    return Err(rows::QueryError {
+                        status: 500,
+                        code: "storage",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
         rows::query(&self.reader.lock(), &self.schema, body)
     }
 }

@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use shared::log::{LogEntry, Segment};
 use shared::sync::{HubSession, SyncConfig, SyncIo};
-use shared::wire::{Frame, FrameReader};
+use shared::wire::{Frame, FrameReader, Position};
 use shared::{BranchId, OriginId, Timestamp};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::identity::{self, HubIdentity};
-use crate::store::{Admission, HubStore, Persisted};
+use crate::store::{Admission, HubStore};
 
 /// QUIC application close codes.
 pub mod close {
@@ -33,6 +33,10 @@ pub mod close {
     pub const PROTOCOL: u32 = 3;
     pub const SHUTDOWN: u32 = 4;
 }
+
+/// Segments the background materialiser takes per transaction: small, so that the
+/// persisters (which acknowledge) get the database between its steps.
+const MATERIALISER_STEP: usize = 2;
 
 /// Verified segments queued for the persister, at most (the window bounds it anyway).
 const PERSIST_QUEUE: usize = 16;
@@ -47,6 +51,7 @@ pub struct SyncMetrics {
     pub refused_connections: AtomicU64,
     pub segments_persisted: AtomicU64,
     pub entries_persisted: AtomicU64,
+    pub entries_materialised: AtomicU64,
     pub bytes_received: AtomicU64,
     pub segments_refused: AtomicU64,
     pub divergences: AtomicU64,
@@ -68,6 +73,8 @@ pub struct SyncServer {
     sessions: Mutex<HashMap<BranchId, Slot>>,
     feeds: Mutex<HashMap<BranchId, Arc<Notify>>>,
     next_generation: AtomicU64,
+    /// Wakes the materialiser (stored segments wait to become rows).
+    materialise: Notify,
     pub metrics: SyncMetrics,
     epoch: Instant,
 }
@@ -80,6 +87,7 @@ impl SyncServer {
             sessions: Mutex::new(HashMap::new()),
             feeds: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
+            materialise: Notify::new(),
             metrics: SyncMetrics::default(),
             epoch: Instant::now(),
         })
@@ -132,8 +140,31 @@ impl SyncServer {
         )
     }
 
+    /// Materialises stored segments behind the acks, relaying shared rows to the feeds;
+    /// catches up on any backlog at start (after a crash).
+    async fn materialiser(self: Arc<Self>) {
+        loop {
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.materialise(MATERIALISER_STEP)).await {
+                Ok(Ok(m)) => {
+                    self.metrics
+                        .entries_materialised
+                        .fetch_add(m.entries as u64, Ordering::Relaxed);
+                    self.feeds_grew(&m.relayed);
+                    if m.more {
+                        continue;
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("materialising stored segments failed: {e}"),
+                Err(e) => tracing::error!("the materialiser failed: {e}"),
+            }
+            self.materialise.notified().await;
+        }
+    }
+
     /// Accepts connections until the endpoint closes.
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let materialiser = tokio::spawn(self.clone().materialiser());
         while let Some(incoming) = endpoint.accept().await {
             let server = self.clone();
             tokio::spawn(async move {
@@ -142,6 +173,7 @@ impl SyncServer {
                 }
             });
         }
+        materialiser.abort();
     }
 
     async fn connection(self: Arc<Self>, incoming: quinn::Incoming) -> Result<(), String> {
@@ -234,7 +266,7 @@ impl SyncServer {
             while let Some((segment, entries)) = persist_rx.recv().await {
                 let (store, b2) = (store.clone(), b.clone());
                 let n = entries.len() as u64;
-                let r = tokio::task::spawn_blocking(move || store.persist(&b2, &segment, &entries))
+                let r = tokio::task::spawn_blocking(move || store.persist(&b2, &segment))
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.map_err(|e| format!("persisting {b}'s segment: {e}")));
@@ -258,7 +290,7 @@ impl SyncServer {
         conn: &quinn::Connection,
         mut stop: oneshot::Receiver<()>,
         persist: mpsc::Sender<(Segment, Vec<LogEntry>)>,
-        mut persisted: mpsc::Receiver<Result<(Persisted, u64), String>>,
+        mut persisted: mpsc::Receiver<Result<(Position, u64), String>>,
     ) -> Result<(), String> {
         let mut recheck = tokio::time::interval(ADMISSION_RECHECK);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,9 +378,9 @@ impl SyncServer {
                     Some(Ok((p, n))) => {
                         self.metrics.segments_persisted.fetch_add(1, Ordering::Relaxed);
                         self.metrics.entries_persisted.fetch_add(n, Ordering::Relaxed);
-                        self.feeds_grew(&p.relayed);
-                        if p.position.seq > session.durable().seq {
-                            session.handle_persisted(self.now(), p.position);
+                        self.materialise.notify_one();
+                        if p.seq > session.durable().seq {
+                            session.handle_persisted(self.now(), p);
                         }
                     }
                     Some(Err(e)) => return Err(e),
