@@ -34,6 +34,9 @@ pub mod close {
     pub const SHUTDOWN: u32 = 4;
 }
 
+/// The materialiser waits until no segment was persisted for this long.
+const INGEST_QUIET_MS: u64 = 20;
+
 /// Segments the background materialiser takes per transaction: small, so that the
 /// persisters (which acknowledge) get the database between its steps.
 const MATERIALISER_STEP: usize = 2;
@@ -75,6 +78,8 @@ pub struct SyncServer {
     next_generation: AtomicU64,
     /// Wakes the materialiser (stored segments wait to become rows).
     materialise: Notify,
+    /// When a segment was last persisted (ms since `epoch`).
+    last_persist: AtomicU64,
     pub metrics: SyncMetrics,
     epoch: Instant,
 }
@@ -88,6 +93,7 @@ impl SyncServer {
             feeds: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             materialise: Notify::new(),
+            last_persist: AtomicU64::new(0),
             metrics: SyncMetrics::default(),
             epoch: Instant::now(),
         })
@@ -144,6 +150,15 @@ impl SyncServer {
     /// catches up on any backlog at start (after a crash).
     async fn materialiser(self: Arc<Self>) {
         loop {
+            // Ingest comes first: while segments are arriving, rows wait (a query catches
+            // them up itself when it needs them).
+            while self
+                .now()
+                .saturating_sub(self.last_persist.load(Ordering::Relaxed))
+                < INGEST_QUIET_MS
+            {
+                tokio::time::sleep(Duration::from_millis(INGEST_QUIET_MS)).await;
+            }
             let store = self.store.clone();
             match tokio::task::spawn_blocking(move || store.materialise(MATERIALISER_STEP)).await {
                 Ok(Ok(m)) => {
@@ -378,6 +393,7 @@ impl SyncServer {
                     Some(Ok((p, n))) => {
                         self.metrics.segments_persisted.fetch_add(1, Ordering::Relaxed);
                         self.metrics.entries_persisted.fetch_add(n, Ordering::Relaxed);
+                        self.last_persist.store(self.now(), Ordering::Relaxed);
                         self.materialise.notify_one();
                         if p.seq > session.durable().seq {
                             session.handle_persisted(self.now(), p);
