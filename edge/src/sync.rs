@@ -23,6 +23,8 @@ use crate::store::Store;
 /// First reconnect delay; it doubles up to [`BACKOFF_MAX`], with jitter.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A segment unacknowledged for this long marks the link as down in `/healthz`.
+const STALLED_MS: u64 = 2_000;
 /// How often the client looks for newly sealed segments.
 const SEAL_POLL: Duration = Duration::from_millis(50);
 
@@ -206,7 +208,14 @@ impl SyncClient {
                 stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
             }
             let welcomed = session.is_welcomed();
-            self.status.connected.store(welcomed, Ordering::Relaxed);
+            // Up: welcomed, and the hub acknowledges what was sent (a cut link keeps its
+            // QUIC connection until the idle timeout; it is not "connected" meanwhile).
+            let stalled = session
+                .oldest_unacked()
+                .is_some_and(|t| self.now().saturating_sub(t) > STALLED_MS);
+            self.status
+                .connected
+                .store(welcomed && !stalled, Ordering::Relaxed);
             if session.is_diverged() {
                 return Ok(welcomed);
             }

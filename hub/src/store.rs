@@ -20,8 +20,8 @@ use shared::{BranchId, Fields, HlcClock, OriginId, Row, Schema, Seq, Timestamp, 
 
 use crate::rows;
 
-/// Segments materialised per transaction.
-pub const MATERIALISE_BATCH: usize = 64;
+/// Entries materialised per transaction when a query catches up.
+pub const MATERIALISE_BATCH: usize = 65_536;
 
 /// Most entries in one feed segment written when a branch is enrolled.
 const FEED_SEED_SEGMENT_ENTRIES: usize = 512;
@@ -146,11 +146,11 @@ pub trait HubStore: Send + Sync + 'static {
     /// branch's position, in one transaction. A segment at or below the stored position is
     /// already there: nothing is written and the stored position is returned.
     fn persist(&self, branch: &BranchId, segment: &Segment) -> Result<Position, HubStoreError>;
-    /// Materialises up to `max_segments` stored segments that are not yet (in log order per
+    /// Materialises stored segments (whole ones, until about `max_entries` entries) that are not yet (in log order per
     /// branch): their rows for queries, shared-row merges, conflicts, and relays of shared
     /// writes to the other branches' feeds. Runs behind `persist`, which acknowledges as
     /// soon as the segment's bytes are durable; queries catch it up first.
-    fn materialise(&self, max_segments: usize) -> Result<Materialised, HubStoreError>;
+    fn materialise(&self, max_entries: usize) -> Result<Materialised, HubStoreError>;
     fn feed_after(
         &self,
         branch: &BranchId,
@@ -200,6 +200,21 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
+}
+
+/// A stored segment's columns: first and last seq, previous hash, hash, body.
+type SegmentRow = (i64, i64, Vec<u8>, Vec<u8>, Vec<u8>);
+
+fn segment_of(origin: OriginId, row: SegmentRow) -> Result<Segment, HubStoreError> {
+    let (first, last, prev, hash, body) = row;
+    Ok(Segment {
+        origin,
+        first_seq: Seq(first as u64),
+        last_seq: Seq(last as u64),
+        prev_hash: hash32(prev)?,
+        hash: hash32(hash)?,
+        body,
+    })
 }
 
 fn hash32(bytes: Vec<u8>) -> Result<ChainHash, HubStoreError> {
@@ -396,7 +411,7 @@ impl Writer {
     fn materialise(
         &mut self,
         schema: &Schema,
-        max_segments: usize,
+        max_entries: usize,
     ) -> Result<Materialised, HubStoreError> {
         let mut out = Materialised::default();
         let behind: Vec<(String, i64)> = self
@@ -411,33 +426,25 @@ impl Writer {
             let branch =
                 BranchId::parse(&name).map_err(|e| HubStoreError::Storage(e.to_string()))?;
             let origin = OriginId::from(&branch);
-            let left = max_segments - out.segments;
-            if left == 0 {
+            if out.entries >= max_entries {
                 out.more = true;
                 break;
             }
-            let segs: Vec<(i64, i64, Vec<u8>, Vec<u8>, Vec<u8>)> = self
+            // Whole segments up to about `max_entries` entries (at least one).
+            let upto: i64 = from + (max_entries - out.entries) as i64;
+            let segs: Vec<SegmentRow> = self
                 .conn
                 .prepare_cached(
-                    "SELECT first_seq, last_seq, prev_hash, hash, body FROM segments WHERE origin = ?1 AND last_seq > ?2 ORDER BY last_seq LIMIT ?3",
+                    "SELECT first_seq, last_seq, prev_hash, hash, body FROM segments WHERE origin = ?1 AND last_seq > ?2 AND (first_seq <= ?3 OR first_seq = ?2 + 1) ORDER BY last_seq",
                 )?
-                .query_map(params![origin.as_str(), from, left as i64 + 1], |r| {
+                .query_map(params![origin.as_str(), from, upto], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
-            if segs.len() > left {
-                out.more = true;
-            }
             let mut last = from;
-            for (first, l, prev, hash, body) in segs.into_iter().take(left) {
-                let segment = Segment {
-                    origin: origin.clone(),
-                    first_seq: Seq(first as u64),
-                    last_seq: Seq(l as u64),
-                    prev_hash: hash32(prev)?,
-                    hash: hash32(hash)?,
-                    body,
-                };
+            for row in segs {
+                let segment = segment_of(origin.clone(), row)?;
+                let (first, l) = (segment.first_seq, segment.last_seq.0 as i64);
                 // The stored bytes were verified on arrival; decoding them checks them again.
                 let entries = segment.verify(&segment.prev_hash, schema).map_err(|e| {
                     HubStoreError::Storage(format!("stored segment {first}..={l} of {branch}: {e}"))
@@ -776,9 +783,9 @@ impl HubStore for SqliteHubStore {
         })
     }
 
-    fn materialise(&self, max_segments: usize) -> Result<Materialised, HubStoreError> {
+    fn materialise(&self, max_entries: usize) -> Result<Materialised, HubStoreError> {
         let schema = self.schema.clone();
-        self.write(|w| w.materialise(&schema, max_segments))
+        self.write(|w| w.materialise(&schema, max_entries))
     }
 
     fn feed_after(

@@ -37,9 +37,11 @@ pub mod close {
 /// The materialiser waits until no segment was persisted for this long.
 const INGEST_QUIET_MS: u64 = 20;
 
-/// Segments the background materialiser takes per transaction: small, so that the
-/// persisters (which acknowledge) get the database between its steps.
-const MATERIALISER_STEP: usize = 2;
+/// Entries the background materialiser takes per transaction: few, so that the persisters
+/// (which acknowledge) get the database between its steps.
+const MATERIALISER_STEP: usize = 2048;
+/// The longest the materialiser defers to ingest.
+const MATERIALISE_DEFER_MS: u64 = 100;
 
 /// Verified segments queued for the persister, at most (the window bounds it anyway).
 const PERSIST_QUEUE: usize = 16;
@@ -150,12 +152,15 @@ impl SyncServer {
     /// catches up on any backlog at start (after a crash).
     async fn materialiser(self: Arc<Self>) {
         loop {
-            // Ingest comes first: while segments are arriving, rows wait (a query catches
-            // them up itself when it needs them).
+            // Ingest comes first: while segments are arriving, rows wait a little (a query
+            // catches them up itself when it needs them), but never more than
+            // `MATERIALISE_DEFER_MS`, so shared rows still reach the other branches.
+            let waiting = self.now();
             while self
                 .now()
                 .saturating_sub(self.last_persist.load(Ordering::Relaxed))
                 < INGEST_QUIET_MS
+                && self.now().saturating_sub(waiting) < MATERIALISE_DEFER_MS
             {
                 tokio::time::sleep(Duration::from_millis(INGEST_QUIET_MS)).await;
             }

@@ -720,6 +720,12 @@ impl EdgeSession {
         self.fx.io.pop_front()
     }
 
+    /// When the oldest segment still waiting for the hub's ack was sent, if any: a link
+    /// that has not acknowledged for a while is down in all but name.
+    pub fn oldest_unacked(&self) -> Option<Millis> {
+        self.up.conn.as_ref()?.in_flight.front().map(|(_, at)| *at)
+    }
+
     /// When [`EdgeSession::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let c = self.conn.as_ref()?;

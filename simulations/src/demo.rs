@@ -1,35 +1,71 @@
-//! The newcomer's first command: a branch's rush hour on a real edge store. Many terminals at
-//! once open orders with their lines, take split payments and close the orders; half-way the
-//! edge restarts; at the end every order, payment and the log's hash chain are checked.
+//! The newcomer's first command: a hub and several branches on loopback, in this process,
+//! with embedded storage and no configuration. Each branch is a real edge (store, terminal
+//! HTTP API, sync client over QUIC with mutual TLS through a UDP relay); simulated tills run a
+//! rush hour over HTTP, kitchens mark items sold out (a shared table), head office changes a
+//! price. A third of the way in one branch is cut off from the hub; later the link heals.
+//! At the end everything must have arrived exactly once: the report checks it against the
+//! hub's query API and every edge, then prints the dashboard's address.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use edge::store::{Op, Store, StoreConfig, StoreError, Txn};
-use shared::{BranchId, Fields, Value, pos};
+use edge::identity::EdgeIdentity;
+use edge::store::{Store, StoreConfig};
+use edge::sync::{SyncClient, SyncStatus};
+use hub::identity::HubIdentity;
+use hub::store::{HubStore, SqliteHubStore};
+use hub::sync::SyncServer;
+use parking_lot::Mutex;
+use serde_json::{Value as Json, json};
+use shared::BranchId;
+
+use crate::proxy::UdpRelay;
 
 pub struct DemoConfig {
+    /// Where to keep the databases (a temporary directory by default).
     pub data_dir: Option<PathBuf>,
-    pub orders: usize,
-    pub terminals: usize,
+    pub branches: usize,
+    pub duration: Duration,
+    /// Tills per branch.
+    pub tills: usize,
+    /// Each till starts an order this often (a busy till; the load generator runs flat out).
+    pub pace: Duration,
+    /// Print progress lines while it runs.
+    pub progress: bool,
 }
 
-/// What the demo saw, and whether every check held.
+/// What one branch's tills got acknowledged (2xx): the truth the hub is checked against.
+#[derive(Debug, Default)]
+struct Accepted {
+    orders: u64,
+    payments: BTreeMap<String, i64>,
+    errors: u64,
+}
+
+/// The demo's final state and checks.
 pub struct Report {
-    pub orders: usize,
-    pub lines: usize,
-    pub payments: usize,
-    pub conflicts_retried: usize,
-    pub revenue: i64,
-    pub commits: u64,
-    pub groups: u64,
+    pub branches: Vec<BranchLine>,
     pub seconds: f64,
-    pub log_entries: u64,
-    pub hot_rows_at_end: usize,
+    pub partitioned: String,
+    pub dropped_packets: u64,
     pub failures: Vec<String>,
+    pub dashboard: String,
+    pub hub_url: String,
+    pub token: String,
+}
+
+pub struct BranchLine {
+    pub branch: String,
+    pub orders: u64,
+    pub payments: usize,
+    pub takings: i64,
+    pub last_seq: u64,
+    pub hub_seq: u64,
 }
 
 impl Report {
@@ -40,285 +76,637 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "\n== Outpost demo: one branch's rush hour ==")?;
-        writeln!(f, "orders served and closed   {}", self.orders)?;
         writeln!(
             f,
-            "lines / payments           {} / {}",
-            self.lines, self.payments
+            "\n== Outpost demo: {} branches, {:.0} s of rush hour ==",
+            self.branches.len(),
+            self.seconds
         )?;
         writeln!(
             f,
-            "revenue                    {}.{:02}",
-            self.revenue / 100,
-            self.revenue % 100
+            "{:<7} {:>7} {:>9} {:>12} {:>10} {:>10}",
+            "branch", "orders", "payments", "takings", "edge seq", "hub seq"
         )?;
-        writeln!(f, "CAS conflicts, retried     {}", self.conflicts_retried)?;
+        for b in &self.branches {
+            writeln!(
+                f,
+                "{:<7} {:>7} {:>9} {:>9}.{:02} {:>10} {:>10}",
+                b.branch,
+                b.orders,
+                b.payments,
+                b.takings / 100,
+                b.takings % 100,
+                b.last_seq,
+                b.hub_seq
+            )?;
+        }
         writeln!(
             f,
-            "durable commits            {} in {} group commits ({:.1} per fsync), {:.0} commits/s",
-            self.commits,
-            self.groups,
-            self.commits as f64 / self.groups.max(1) as f64,
-            self.commits as f64 / self.seconds
-        )?;
-        writeln!(
-            f,
-            "origin log                 {} entries, sealed and chain-verified",
-            self.log_entries
-        )?;
-        writeln!(
-            f,
-            "hot tier at the end        {} rows (closed orders evicted)",
-            self.hot_rows_at_end
+            "partition: {} was cut off from the hub for a third of the run ({} packets dropped) and kept serving",
+            self.partitioned, self.dropped_packets
         )?;
         if self.ok() {
-            write!(
+            writeln!(
                 f,
-                "checks                     all passed: no payment or line lost, totals match"
+                "checks: all passed (every acknowledged payment at the hub exactly once, sums per branch, \
+                 synced_seq = edge last seq, chains verified, menu price and shared rows everywhere)"
             )?;
         } else {
             for e in &self.failures {
                 writeln!(f, "FAILED: {e}")?;
             }
         }
-        Ok(())
+        writeln!(f, "dashboard: {}", self.dashboard)?;
+        write!(
+            f,
+            "head-office API: {} (Authorization: Bearer {})",
+            self.hub_url, self.token
+        )
     }
 }
 
-fn text(s: &str) -> Value {
-    Value::Text(s.into())
+struct Branch {
+    id: BranchId,
+    store: Store,
+    url: String,
+    token: String,
+    relay: UdpRelay,
+    sync: Arc<SyncStatus>,
+    accepted: Arc<Mutex<Accepted>>,
 }
 
-fn fields(pairs: &[(&str, Value)]) -> Fields {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
+fn err(e: impl fmt::Display) -> String {
+    e.to_string()
 }
 
-/// One terminal serving `orders` start to finish: open with lines, pay, close. A close that
-/// loses a compare-and-set re-reads the order and retries.
-fn serve_orders(
-    store: &Store,
-    terminal: usize,
-    orders: std::ops::Range<usize>,
-    conflicts: &AtomicUsize,
-) -> Result<(), String> {
-    let err = |e: StoreError| e.to_string();
-    for o in orders {
-        let order_id = format!("o{o}");
-        let lines = 1 + (o * 7 + terminal) % 5;
-        let mut ops = vec![Op::Insert {
-            table: "order_header".into(),
-            id: Some(order_id.clone()),
-            fields: fields(&[
-                ("table_id", text(&format!("T{}", o % 40))),
-                ("customer_name", text("guest")),
-            ]),
-        }];
+/// One till: open an order with lines (one batch), pay it, close it; again until `stop`.
+async fn till(
+    http: reqwest::Client,
+    b: (String, String, String),
+    n: usize,
+    accepted: Arc<Mutex<Accepted>>,
+    stop: Arc<AtomicBool>,
+    pace: Duration,
+) {
+    let mut ticker = tokio::time::interval(pace);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (url, token, branch) = b;
+    let base = format!("{url}/api/branches/{branch}/modules/pos");
+    let auth = format!("Bearer {token}");
+    let mut cycle = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        ticker.tick().await;
+        cycle += 1;
+        let order = format!("{branch}-t{n}-o{cycle}");
+        let post = |path: String, body: Json| {
+            http.post(format!("{base}{path}"))
+                .header("Authorization", &auth)
+                .json(&body)
+                .send()
+        };
+        let lines = 1 + (cycle as usize + n) % 4;
+        let mut ops = vec![
+            json!({"op":"insert","table":"order_header","row":{"id": order, "table_id": format!("T{}", (cycle as usize + n) % 30)}}),
+        ];
         for l in 0..lines {
-            ops.push(Op::Insert {
-                table: "order_line".into(),
-                id: Some(format!("{order_id}-l{l}")),
-                fields: fields(&[
-                    ("order_id", text(&order_id)),
-                    ("item_id", text(&format!("item{}", (o + l) % 30))),
-                    ("quantity", Value::Int(1 + (l as i64 % 3))),
-                    ("unit_price", Value::Int(450 + 125 * (l as i64 % 4))),
-                    ("station_id", text(if l % 2 == 0 { "grill" } else { "bar" })),
-                ]),
-            });
+            ops.push(json!({"op":"insert","table":"order_line","row":{
+                "id": format!("{order}-l{l}"), "order_id": order, "item_id": format!("m{}", l % 5),
+                "quantity": 1 + l % 3, "unit_price": 450 + 125 * (l % 4) as i64,
+                "station_id": if l % 2 == 0 { "grill" } else { "bar" }}}));
         }
-        let opened = store
-            .commit_blocking(Txn::new("waiter", ops))
-            .map_err(|e| err(e.error))?;
-        let total = opened.results[0]
-            .row
-            .get("total_amount")
-            .as_int()
-            .unwrap_or(0);
-        // Two payments (a split bill), each idempotent by id.
-        let first = total / 2;
-        for (i, amount) in [first, total - first].into_iter().enumerate() {
-            store
-                .commit_blocking(Txn::single(
-                    "cashier",
-                    Op::Insert {
-                        table: "order_payment".into(),
-                        id: Some(format!("{order_id}-p{i}")),
-                        fields: fields(&[
-                            ("order_id", text(&order_id)),
-                            ("amount", Value::Int(amount)),
-                            ("method", text(if i == 0 { "card" } else { "cash" })),
-                        ]),
-                    },
-                ))
-                .map_err(|e| err(e.error))?;
-        }
-        loop {
-            let current = store
-                .get("order_header", &order_id)
-                .map_err(err)?
-                .ok_or("order vanished")?;
-            let close = Op::Update {
-                table: "order_header".into(),
-                id: order_id.clone(),
-                version: current.version,
-                set: fields(&[("status", text("closed"))]),
-            };
-            match store.commit_blocking(Txn::single("cashier", close)) {
-                Ok(_) => break,
-                Err(e) if e.error.code() == "version_conflict" => {
-                    conflicts.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => return Err(err(e.error)),
+        let opened = match post("/batch".into(), json!({"ops": ops})).await {
+            Ok(r) if r.status().is_success() => r.json::<Json>().await.ok(),
+            _ => None,
+        };
+        let Some(opened) = opened else {
+            accepted.lock().errors += 1;
+            continue;
+        };
+        accepted.lock().orders += 1;
+        let total = opened["results"][0]["total_amount"].as_i64().unwrap_or(0);
+        let version = opened["results"][0]["version"].as_u64().unwrap_or(1);
+        let pay = format!("{order}-p");
+        let paid = post(
+            "/tables/order_payment".into(),
+            json!({"id": pay, "order_id": order, "amount": total, "method": if cycle.is_multiple_of(3) { "cash" } else { "card" }}),
+        )
+        .await;
+        match paid {
+            Ok(r) if r.status().is_success() => {
+                accepted.lock().payments.insert(pay, total);
+            }
+            _ => {
+                accepted.lock().errors += 1;
+                continue;
             }
         }
+        let closed = http
+            .patch(format!("{base}/tables/order_header/{order}"))
+            .header("Authorization", &auth)
+            .json(&json!({"version": version + 1, "set": {"status": "closed"}}))
+            .send()
+            .await;
+        if !closed.is_ok_and(|r| r.status().is_success()) {
+            accepted.lock().errors += 1;
+        }
     }
-    Ok(())
 }
 
-fn run_phase(
-    store: &Store,
-    terminals: usize,
-    orders: std::ops::Range<usize>,
-    conflicts: &Arc<AtomicUsize>,
-) -> Result<(), String> {
-    let per = orders.len().div_ceil(terminals.max(1));
-    let handles: Vec<_> = (0..terminals)
-        .map(|t| {
-            let store = store.clone();
-            let conflicts = conflicts.clone();
-            let start = orders.start + t * per;
-            let end = (start + per).min(orders.end);
-            std::thread::spawn(move || serve_orders(&store, t, start..end.max(start), &conflicts))
-        })
-        .collect();
-    for h in handles {
-        h.join()
-            .map_err(|_| "a terminal thread panicked".to_string())??;
-    }
-    Ok(())
+async fn json_get(http: &reqwest::Client, url: &str, token: &str) -> Result<Json, String> {
+    http.get(url)
+        .header("Authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .map_err(err)?
+        .json()
+        .await
+        .map_err(err)
 }
 
-pub fn run(config: DemoConfig) -> Result<Report, String> {
-    let tmp;
-    let dir = match &config.data_dir {
+async fn json_send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Json,
+) -> Result<Json, String> {
+    let r = http
+        .request(method, url)
+        .header("Authorization", format!("Bearer {token}"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(err)?;
+    let status = r.status();
+    let body: Json = r.json().await.map_err(err)?;
+    if !status.is_success() {
+        return Err(format!("{url}: {status} {body}"));
+    }
+    Ok(body)
+}
+
+/// A kitchen marks an item available or sold out (a shared row: insert it the first time,
+/// compare-and-set it after). A lost race with another writer is simply skipped.
+async fn set_availability(http: &reqwest::Client, b: &Branch, item: &str, available: bool) {
+    let url = format!(
+        "{}/api/branches/{}/modules/pos/tables/item_availability",
+        b.url, b.id
+    );
+    let current = json_get(http, &format!("{url}/{item}"), &b.token).await;
+    let body = json!({"available": available, "reason": format!("kitchen {}", b.id)});
+    let _ = match current {
+        Ok(row) if row["version"].is_u64() => {
+            json_send(
+                http,
+                reqwest::Method::PATCH,
+                &format!("{url}/{item}"),
+                &b.token,
+                json!({"version": row["version"], "set": body}),
+            )
+            .await
+        }
+        _ => {
+            let mut row = body;
+            row["id"] = json!(item);
+            json_send(http, reqwest::Method::POST, &url, &b.token, row).await
+        }
+    };
+}
+
+/// Serves an axum router on a free loopback port.
+async fn serve_http(router: axum::Router) -> Result<SocketAddr, String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok(addr)
+}
+
+/// A running demo: the hub, the branches, and what stops them.
+pub struct Demo {
+    pub report: Report,
+    stop_sync: tokio::sync::watch::Sender<bool>,
+    syncs: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    stores: Vec<Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Demo {
+    /// Stops the sync clients and closes the stores.
+    pub async fn shutdown(self) {
+        let _ = self.stop_sync.send(true);
+        for s in self.syncs {
+            let _ = s.await;
+        }
+        for s in self.stores {
+            let _ = tokio::task::spawn_blocking(move || s.close()).await;
+        }
+    }
+}
+
+pub async fn run(config: DemoConfig) -> Result<Demo, String> {
+    let (tmp, root) = match &config.data_dir {
         Some(d) => {
-            std::fs::create_dir_all(d)
-                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-            d.clone()
+            std::fs::create_dir_all(d).map_err(err)?;
+            (None, d.clone())
         }
         None => {
-            tmp = std::env::temp_dir().join(format!("outpost-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&tmp)
-                .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-            tmp.clone()
+            let t = tempfile::Builder::new()
+                .prefix("outpost-demo-")
+                .tempdir()
+                .map_err(err)?;
+            let p = t.path().to_owned();
+            (Some(t), p)
         }
     };
-    let store_config = StoreConfig::new(
-        dir.join("edge.db"),
-        BranchId::parse("B001").expect("valid id"),
-        Arc::new(pos::schema()),
-    );
-    let open = || Store::open(store_config.clone()).map_err(|e| e.to_string());
-    println!("edge store: {}", dir.join("edge.db").display());
-    println!(
-        "{} terminals serving {} orders; the edge restarts half-way",
-        config.terminals, config.orders
-    );
-    let conflicts = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let half = config.orders / 2;
-    let store = open()?;
-    run_phase(&store, config.terminals, 0..half, &conflicts)?;
-    let m = store.metrics();
-    let (mut commits, mut groups) = (
-        m.requests.load(Ordering::Relaxed),
-        m.groups.load(Ordering::Relaxed),
-    );
-    println!(
-        "half-way: {half} orders closed at version {}; restarting the edge",
-        store.version()
-    );
-    store.close();
-    drop(store);
-    let store = open()?;
-    run_phase(&store, config.terminals, half..config.orders, &conflicts)?;
-    let seconds = started.elapsed().as_secs_f64();
-    commits += store.metrics().requests.load(Ordering::Relaxed);
-    groups += store.metrics().groups.load(Ordering::Relaxed);
-    store.seal_blocking().map_err(|e| e.to_string())?;
+    let schema = Arc::new(shared::pos::schema());
+    let say = |s: String| {
+        if config.progress {
+            println!("{s}");
+        }
+    };
 
+    // The hub.
+    let hub_dir = root.join("hub");
+    let identity = HubIdentity::init_or_load(&hub_dir).map_err(err)?;
+    let store: Arc<dyn HubStore> =
+        Arc::new(SqliteHubStore::open(&hub_dir.join("hub.db"), schema.clone()).map_err(err)?);
+    let server = SyncServer::new(store.clone());
+    let endpoint =
+        SyncServer::bind(&identity, "127.0.0.1:0".parse().expect("address")).map_err(err)?;
+    let quic = endpoint.local_addr().map_err(err)?;
+    tokio::spawn(server.clone().serve(endpoint));
+    let mut token_bytes = [0u8; 16];
+    getrandom::fill(&mut token_bytes).map_err(err)?;
+    let hub_token: String = token_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hub_http = serve_http(hub::api::router(hub::api::Hub {
+        store: store.clone(),
+        sync: server.clone(),
+        admin_token_hash: *blake3::hash(hub_token.as_bytes()).as_bytes(),
+    }))
+    .await?;
+    let hub_url = format!("http://{hub_http}");
+    say(format!("hub: {hub_url} (QUIC {quic})"));
+
+    // Branches, each through a relay that can cut it off.
+    let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+    let mut branches = Vec::new();
+    let mut syncs = Vec::new();
+    for i in 1..=config.branches {
+        let id = BranchId::parse(&format!("B{i:03}")).map_err(err)?;
+        let dir = root.join(id.as_str());
+        let enrolled = identity
+            .enroll(&id, &dir.join("identity"), Duration::from_secs(86_400))
+            .map_err(err)?;
+        store.enroll(&id, enrolled.fingerprint).map_err(err)?;
+        let edge_store = Store::open(StoreConfig::new(
+            dir.join("edge.db"),
+            id.clone(),
+            schema.clone(),
+        ))
+        .map_err(err)?;
+        let token = edge_store.create_token(shared::Role::Admin).map_err(err)?;
+        let relay = UdpRelay::start(quic).await.map_err(err)?;
+        let client = SyncClient::new(
+            edge_store.clone(),
+            EdgeIdentity::load(&dir.join("identity")).map_err(err)?,
+            relay.addr(),
+            env!("CARGO_PKG_VERSION"),
+        );
+        let sync = client.status.clone();
+        syncs.push(tokio::spawn(client.run(sync_stopped.clone())));
+        let http = serve_http(edge::server::router(
+            edge_store.clone(),
+            id.clone(),
+            Some(sync.clone()),
+        ))
+        .await?;
+        say(format!("edge {id}: http://{http}"));
+        branches.push(Branch {
+            id,
+            store: edge_store,
+            url: format!("http://{http}"),
+            token,
+            relay,
+            sync,
+            accepted: Arc::new(Mutex::new(Accepted::default())),
+        });
+    }
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .map_err(err)?;
+
+    // Head office's menu, before the rush.
+    for (m, name, price) in [
+        ("m0", "Soup", 450),
+        ("m1", "Burger", 1250),
+        ("m2", "Salad", 875),
+        ("m3", "Lemonade", 300),
+        ("m4", "Cake", 550),
+    ] {
+        json_send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{hub_url}/api/modules/pos/tables/menu_item/{m}"),
+            &hub_token,
+            json!({"name": name, "price": price, "station_id": "grill", "active": true}),
+        )
+        .await?;
+    }
+
+    // The rush hour.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tills = Vec::new();
+    for b in &branches {
+        for n in 0..config.tills {
+            tills.push(tokio::spawn(till(
+                http.clone(),
+                (b.url.clone(), b.token.clone(), b.id.to_string()),
+                n,
+                b.accepted.clone(),
+                stop.clone(),
+                config.pace,
+            )));
+        }
+    }
+    let started = Instant::now();
+    let cut_target = branches.get(1).or(branches.first()).expect("a branch");
+    let partitioned = cut_target.id.to_string();
+    let third = config.duration / 3;
+    let mut cut_done = false;
+    let mut healed = false;
+    let mut price_set = false;
+    let sold_out_seq = AtomicU64::new(0);
+    while started.elapsed() < config.duration {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let t = started.elapsed();
+        if !cut_done && t >= third {
+            cut_target.relay.set_cut(true);
+            cut_done = true;
+            say(format!("-- {partitioned} is cut off from the hub --"));
+        }
+        if cut_done && !healed && t >= third * 2 {
+            cut_target.relay.set_cut(false);
+            healed = true;
+            say(format!("-- {partitioned}'s link heals --"));
+        }
+        if !price_set && t >= config.duration / 2 {
+            // Head office raises a price while one branch is unreachable.
+            json_send(
+                &http,
+                reqwest::Method::PUT,
+                &format!("{hub_url}/api/modules/pos/tables/menu_item/m1"),
+                &hub_token,
+                json!({"price": 1350}),
+            )
+            .await?;
+            price_set = true;
+            say("-- head office raises the burger to 13.50 --".into());
+        }
+        // A kitchen marks an item sold out, or back; head office too, now and then.
+        let k = sold_out_seq.fetch_add(1, Ordering::Relaxed);
+        let b = &branches[k as usize % branches.len()];
+        set_availability(&http, b, &format!("m{}", k % 5), k.is_multiple_of(2)).await;
+        if k.is_multiple_of(4) {
+            let _ = json_send(
+                &http,
+                reqwest::Method::PUT,
+                &format!(
+                    "{hub_url}/api/modules/pos/tables/item_availability/m{}",
+                    k % 5
+                ),
+                &hub_token,
+                json!({"available": k.is_multiple_of(8), "reason": "head office"}),
+            )
+            .await;
+        }
+        if config.progress {
+            let mut line = format!("{:>4.0} s ", t.as_secs_f64());
+            for b in &branches {
+                let a = b.accepted.lock();
+                let status = b.store.log_status();
+                line.push_str(&format!(
+                    " | {} {:>5} orders {:>5} paid {:>5} unsynced {}",
+                    b.id,
+                    a.orders,
+                    a.payments.len(),
+                    status.last_seq.0.saturating_sub(status.acked_seq.0),
+                    if b.sync.connected.load(Ordering::Relaxed) {
+                        "up  "
+                    } else {
+                        "DOWN"
+                    }
+                ));
+            }
+            println!("{line}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tills {
+        let _ = t.await;
+    }
+    cut_target.relay.set_cut(false);
+    let seconds = started.elapsed().as_secs_f64();
+    say("-- rush hour over; waiting for every branch to sync --".into());
+
+    // Quiescence: every edge's log is at the hub and acknowledged, and the feeds are applied.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut failures = Vec::new();
-    let orders = store.scan("order_header").map_err(|e| e.to_string())?;
-    let lines = store.scan("order_line").map_err(|e| e.to_string())?;
-    let payments = store.scan("order_payment").map_err(|e| e.to_string())?;
-    let mut revenue = 0;
-    for o in &orders {
-        let paid: i64 = payments
-            .iter()
-            .filter(|p| p.get("order_id").as_str() == Some(&o.id))
-            .filter_map(|p| p.get("amount").as_int())
-            .sum();
-        let total: i64 = lines
-            .iter()
-            .filter(|l| l.get("order_id").as_str() == Some(&o.id))
-            .map(|l| {
-                l.get("quantity").as_int().unwrap_or(0) * l.get("unit_price").as_int().unwrap_or(0)
-            })
-            .sum();
-        if o.get("status").as_str() != Some("closed") {
+    loop {
+        let infos = {
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.branches())
+                .await
+                .map_err(err)?
+                .map_err(err)?
+        };
+        let synced = branches.iter().all(|b| {
+            let st = b.store.log_status();
+            let hub = infos.iter().find(|i| i.branch == b.id);
+            st.sealed_seq == st.last_seq
+                && st.acked_seq == st.last_seq
+                && hub.is_some_and(|h| {
+                    h.synced_seq == st.last_seq
+                        && h.materialised_seq == h.synced_seq
+                        && h.feed_acked_seq == h.feed_seq
+                })
+        });
+        if synced {
+            break;
+        }
+        if Instant::now() > deadline {
+            failures.push("the branches did not converge within 120 s after healing".into());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Checks against the real APIs.
+    let q = json_send(
+        &http,
+        reqwest::Method::POST,
+        &format!("{hub_url}/api/query"),
+        &hub_token,
+        json!({"table": "order_payment", "groupBy": ["branch"],
+               "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
+    )
+    .await?;
+    let infos = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.branches())
+            .await
+            .map_err(err)?
+            .map_err(err)?
+    };
+    let mut lines = Vec::new();
+    for b in &branches {
+        let (orders, payments) = {
+            let a = b.accepted.lock();
+            (a.orders, a.payments.clone())
+        };
+        let row = q["rows"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["branch"] == b.id.as_str()));
+        let (n, total) = row.map_or((0, 0), |r| {
+            (
+                r["n"].as_u64().unwrap_or(0),
+                r["total"].as_i64().unwrap_or(0),
+            )
+        });
+        let expected: i64 = payments.values().sum();
+        if n != payments.len() as u64 || total != expected {
             failures.push(format!(
-                "order {} is {:?}, not closed",
-                o.id,
-                o.get("status")
+                "{}: the hub holds {n} payments summing {total}; the tills were acknowledged {} summing {expected}",
+                b.id,
+                payments.len()
             ));
         }
-        if o.get("paid_amount").as_int() != Some(paid)
-            || o.get("total_amount").as_int() != Some(total)
-            || paid != total
+        // Every acknowledged payment id is at the hub (ids are unique per branch there).
+        let ids: Vec<&String> = payments.keys().collect();
+        for chunk in ids.chunks(1000) {
+            let found = json_send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{hub_url}/api/query"),
+                &hub_token,
+                json!({"table": "order_payment", "branch": b.id.as_str(), "where": {"id": chunk},
+                       "aggregates": [{"fn": "count", "as": "n"}]}),
+            )
+            .await?;
+            let n = found["rows"][0]["n"].as_u64().unwrap_or(0);
+            if n != chunk.len() as u64 {
+                failures.push(format!(
+                    "{}: {} of {} acknowledged payment ids found at the hub",
+                    b.id,
+                    n,
+                    chunk.len()
+                ));
+            }
+        }
+        let st = b.store.log_status();
+        let hub_seq = infos
+            .iter()
+            .find(|i| i.branch == b.id)
+            .map_or(0, |i| i.synced_seq.0);
+        if hub_seq != st.last_seq.0 {
+            failures.push(format!(
+                "{}: the hub's synced_seq {hub_seq} is not the edge's last seq {}",
+                b.id, st.last_seq
+            ));
+        }
         {
+            let s = b.store.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || s.verify_log())
+                .await
+                .map_err(err)?
+            {
+                failures.push(format!("{}: the edge's chain does not verify: {e}", b.id));
+            }
+        }
+        let m1 = json_get(
+            &http,
+            &format!(
+                "{}/api/branches/{}/modules/pos/tables/menu_item/m1",
+                b.url, b.id
+            ),
+            &b.token,
+        )
+        .await?;
+        if m1["price"] != 1350 {
             failures.push(format!(
-                "order {}: total {total}, paid {paid}, stored {:?}/{:?}",
-                o.id,
-                o.get("total_amount"),
-                o.get("paid_amount")
+                "{}: the burger costs {} at the edge, not head office's 1350",
+                b.id, m1["price"]
             ));
         }
-        revenue += paid;
+        lines.push(BranchLine {
+            branch: b.id.to_string(),
+            orders,
+            payments: payments.len(),
+            takings: expected,
+            last_seq: st.last_seq.0,
+            hub_seq,
+        });
     }
-    if orders.len() != config.orders {
-        failures.push(format!(
-            "{} orders stored, {} served",
-            orders.len(),
-            config.orders
-        ));
-    }
-    let log_entries = match store.verify_log() {
-        Ok(seq) => seq.0,
-        Err(e) => {
-            failures.push(format!("log chain: {e}"));
-            0
+    // Shared rows agree everywhere.
+    let hub_avail = json_send(
+        &http,
+        reqwest::Method::POST,
+        &format!("{hub_url}/api/query"),
+        &hub_token,
+        json!({"table": "item_availability", "limit": 1000, "orderBy": [{"field": "id", "direction": "asc"}]}),
+    )
+    .await?;
+    let strip = |rows: &Json| -> Vec<(String, Json, Json)> {
+        rows.as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r["id"].as_str().unwrap_or("").to_owned(),
+                            r["available"].clone(),
+                            r["reason"].clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let hub_rows = strip(&hub_avail["rows"]);
+    for b in &branches {
+        let edge_avail = json_send(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/api/branches/{}/modules/pos/query", b.url, b.id),
+            &b.token,
+            json!({"table": "item_availability", "limit": 1000, "orderBy": [{"field": "id", "direction": "asc"}]}),
+        )
+        .await?;
+        if strip(&edge_avail["rows"]) != hub_rows {
+            failures.push(format!(
+                "{}: its shared rows differ from the hub's: {} vs {}",
+                b.id, edge_avail["rows"], hub_avail["rows"]
+            ));
         }
-    };
-    let report = Report {
-        orders: orders.len(),
-        lines: lines.len(),
-        payments: payments.len(),
-        conflicts_retried: conflicts.load(Ordering::Relaxed),
-        revenue,
-        commits,
-        groups,
-        seconds,
-        log_entries,
-        hot_rows_at_end: store.hot_rows(),
-        failures,
-    };
-    store.close();
-    if config.data_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
     }
-    Ok(report)
+    let report = Report {
+        branches: lines,
+        seconds,
+        partitioned,
+        dropped_packets: cut_target.relay.dropped.load(Ordering::Relaxed),
+        failures,
+        dashboard: format!("{hub_url}/#token={hub_token}"),
+        hub_url,
+        token: hub_token,
+    };
+    Ok(Demo {
+        report,
+        stop_sync,
+        syncs,
+        stores: branches.iter().map(|b| b.store.clone()).collect(),
+        _dir: tmp,
+    })
 }

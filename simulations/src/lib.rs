@@ -2,7 +2,8 @@
 //! deterministic protocol simulator and the real-network partition harness live here too as
 //! they land.
 
+pub mod catchup;
 pub mod demo;
 pub mod load;
+pub mod proxy;
 pub mod sim;
-pub mod catchup;

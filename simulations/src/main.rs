@@ -1,5 +1,5 @@
-//! `outpost-sim`: the demo now; the deterministic simulator and the partition harness join it
-//! as the sync protocol lands.
+//! `outpost-sim`: the demo, the deterministic simulator, the load generator and the catch-up
+//! benchmark.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,17 +19,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// A branch's rush hour on a real edge store, with a restart in the middle, and a report.
+    /// A hub and branches on loopback: a rush hour, one branch cut off for a while, a final
+    /// report checked against the hub, then the dashboard until Ctrl-C.
     Demo {
-        /// Where to keep the demo's database (a temporary directory by default).
+        /// Where to keep the databases (a temporary directory by default).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Orders to serve.
-        #[arg(long, default_value_t = 2000)]
-        orders: usize,
-        /// Terminals working at once.
-        #[arg(long, default_value_t = 60)]
-        terminals: usize,
+        /// Seconds of rush hour.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Branches (2 to 20).
+        #[arg(long, default_value_t = 3)]
+        branches: usize,
+        /// Tills per branch.
+        #[arg(long, default_value_t = 4)]
+        tills: usize,
+        /// Milliseconds between two orders at one till (0: flat out).
+        #[arg(long, default_value_t = 100)]
+        pace_ms: u64,
+        /// Exit after the report instead of keeping the dashboard up.
+        #[arg(long)]
+        exit: bool,
     },
     /// The deterministic sync simulator: `--seed N` replays one seed, `--seeds A..B` runs a range.
     Sim {
@@ -74,6 +84,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Catchup { entries } => {
@@ -236,27 +252,52 @@ fn main() -> ExitCode {
         }
         Command::Demo {
             data_dir,
-            orders,
-            terminals,
+            duration,
+            branches,
+            tills,
+            pace_ms,
+            exit,
         } => {
-            match simulations::demo::run(simulations::demo::DemoConfig {
-                data_dir,
-                orders,
-                terminals,
-            }) {
-                Ok(report) => {
-                    println!("{report}");
-                    if report.ok() {
-                        ExitCode::SUCCESS
-                    } else {
+            if !(2..=20).contains(&branches) {
+                eprintln!("outpost-sim demo: --branches is 2 to 20");
+                return ExitCode::from(2);
+            }
+            if duration < 3 {
+                eprintln!("outpost-sim demo: --duration is at least 3 seconds");
+                return ExitCode::from(2);
+            }
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async move {
+                let demo = simulations::demo::run(simulations::demo::DemoConfig {
+                    data_dir,
+                    branches,
+                    duration: std::time::Duration::from_secs(duration),
+                    tills,
+                    pace: std::time::Duration::from_millis(pace_ms.max(1)),
+                    progress: true,
+                })
+                .await;
+                match demo {
+                    Ok(demo) => {
+                        println!("{}", demo.report);
+                        let ok = demo.report.ok();
+                        if !exit {
+                            println!("(Ctrl-C to stop)");
+                            let _ = tokio::signal::ctrl_c().await;
+                        }
+                        demo.shutdown().await;
+                        if ok {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("outpost-sim demo: {e}");
                         ExitCode::FAILURE
                     }
                 }
-                Err(e) => {
-                    eprintln!("outpost-sim demo: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            })
         }
     }
 }
