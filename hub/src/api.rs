@@ -145,12 +145,25 @@ pub fn router(hub: Hub) -> Router {
         .route("/api/modules/{module}/tables/{table}/{id}", put(put_row))
         .route_layer(middleware::from_fn_with_state(hub.clone(), auth));
     Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(hub)
+}
+
+/// The head-office dashboard: one page, no build step, no CDN; it reads the API with the
+/// token given in the address's fragment (`/#token=...`).
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("dashboard.html"),
+    )
 }
 
 async fn healthz(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> {
