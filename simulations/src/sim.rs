@@ -17,10 +17,13 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use shared::log::{ChainHash, EntryOp, LogEntry, Segment, verify_chain};
+use shared::merge::SharedRow;
 use shared::sync::{EdgeSession, HubSession, SyncConfig, SyncIo};
 use shared::wire::{Frame, Position};
-use shared::{Hlc, OriginId, Row, Schema, Seq, Timestamp, Value};
+use shared::{BranchId, Hlc, HlcClock, OriginId, Row, Schema, Seq, Timestamp, Value};
 
 /// SplitMix64: small, fast, and the same on every machine.
 #[derive(Debug, Clone)]
@@ -58,6 +61,8 @@ pub struct Faults {
     pub crash_hub: f64,
     /// A segment's bytes changed on the way up (the integrity test hook).
     pub corrupt: f64,
+    /// Swizzle-clogging: cut every link one by one, then heal them in another order.
+    pub swizzle: f64,
 }
 
 impl Default for Faults {
@@ -71,6 +76,7 @@ impl Default for Faults {
             crash_edge: 0.001,
             crash_hub: 0.0005,
             corrupt: 0.01,
+            swizzle: 0.0005,
         }
     }
 }
@@ -112,6 +118,7 @@ pub struct FaultCounts {
     pub hub_crashes: u64,
     pub torn_tails: u64,
     pub corrupted: u64,
+    pub swizzles: u64,
 }
 
 impl FaultCounts {
@@ -125,6 +132,7 @@ impl FaultCounts {
         self.hub_crashes += o.hub_crashes;
         self.torn_tails += o.torn_tails;
         self.corrupted += o.corrupted;
+        self.swizzles += o.swizzles;
     }
 
     /// The kinds that never fired.
@@ -139,6 +147,7 @@ impl FaultCounts {
             ("hub crash", self.hub_crashes),
             ("torn tail", self.torn_tails),
             ("corrupted segment", self.corrupted),
+            ("swizzle-clog", self.swizzles),
         ];
         kinds
             .into_iter()
@@ -215,6 +224,13 @@ struct EdgeNode {
     feed_checked_head: ChainHash,
     /// The edge's feed position when this connection started (resume, not restart, down).
     feed_floor: Seq,
+    /// Shared rows as durable here (fsynced local writes and applied feed writes), and as
+    /// terminals see them (with writes still in volatile segments).
+    shared: BTreeMap<String, SharedRow>,
+    shared_visible: BTreeMap<String, SharedRow>,
+    /// Local shared writes in volatile segments: lost by a crash.
+    shared_pending: Vec<(String, Put)>,
+    hlc: HlcClock,
     reconnect_at: u64,
     clock_skew: u64,
     link_up: bool,
@@ -227,8 +243,8 @@ struct HubOrigin {
     checked: usize,
     checked_head: ChainHash,
     session: Option<HubSession>,
-    /// Verified segments whose persistence has not completed: `(done_at, segment)`.
-    persisting: VecDeque<(u64, Segment)>,
+    /// Verified segments whose persistence has not completed: `(done_at, segment, entries)`.
+    persisting: VecDeque<(u64, Segment, Vec<LogEntry>)>,
     /// The branch's feed: head-office rows for it, written by the hub (durable at once).
     feed: Vec<Segment>,
     feed_next_seq: u64,
@@ -236,7 +252,24 @@ struct HubOrigin {
     feed_acked: Position,
 }
 
+/// A write of a shared row: its clock, HLC and values.
+type Put = (crdts::VClock<OriginId>, Hlc, Vec<Value>);
+
+/// Ids of the shared rows the workload edits (few, so that edits collide).
+const SHARED_ROWS: u64 = 3;
+
+/// A swizzle in progress: links still to cut, then links to heal, one every few steps.
+struct Swizzle {
+    cut: Vec<usize>,
+    heal: Vec<usize>,
+    next_at: u64,
+}
+
 struct Sim {
+    swizzle: Option<Swizzle>,
+    /// The hub's shared rows.
+    hub_shared: BTreeMap<String, SharedRow>,
+    hub_hlc: HlcClock,
     config: SimConfig,
     rng: Rng,
     schema: Arc<Schema>,
@@ -312,6 +345,10 @@ impl Sim {
                     feed_checked: 0,
                     feed_checked_head: hub.hash,
                     feed_floor: Seq::ZERO,
+                    shared: BTreeMap::new(),
+                    shared_visible: BTreeMap::new(),
+                    shared_pending: Vec::new(),
+                    hlc: HlcClock::starting_after(Hlc::default()),
                     head_hash: genesis.hash,
                     origin,
                     durable: Vec::new(),
@@ -342,6 +379,9 @@ impl Sim {
             })
             .collect();
         Sim {
+            swizzle: None,
+            hub_shared: BTreeMap::new(),
+            hub_hlc: HlcClock::starting_after(Hlc::default()),
             config,
             rng,
             schema,
@@ -365,7 +405,13 @@ impl Sim {
 
     /// `n` encoded entries of `origin` from `first`: payments at an edge, menu prices in a
     /// branch's feed.
-    fn entries(&self, origin: &OriginId, first: u64, n: u64) -> Vec<Vec<u8>> {
+    fn entries(
+        &self,
+        origin: &OriginId,
+        first: u64,
+        n: u64,
+        scope: Option<BranchId>,
+    ) -> Vec<Vec<u8>> {
         let hub = origin.as_str() == OriginId::HUB;
         let table = if hub { "menu_item" } else { "order_payment" };
         let ti = self.schema.table_index(table).expect("pos table");
@@ -404,18 +450,74 @@ impl Sim {
                         values,
                     },
                     clock: None,
-                    scope: None,
+                    scope: scope.clone(),
                 }
                 .encode()
             })
             .collect()
     }
 
+    /// A shared-row entry of `origin` at `seq`.
+    fn shared_entry(
+        &self,
+        origin: &OriginId,
+        seq: u64,
+        id: &str,
+        put: &Put,
+        scope: Option<BranchId>,
+    ) -> LogEntry {
+        let ti = self
+            .schema
+            .table_index("item_availability")
+            .expect("pos table");
+        LogEntry {
+            origin: origin.clone(),
+            seq: Seq(seq),
+            hlc: put.1,
+            table: "item_availability".into(),
+            op: EntryOp::Update,
+            row_id: id.to_owned(),
+            row: Row {
+                id: id.to_owned(),
+                version: 1,
+                created_at: Timestamp(0),
+                updated_at: Timestamp(0),
+                seq: None,
+                columns: self.schema.columns(ti).clone(),
+                values: put.2.clone(),
+            },
+            clock: Some(put.0.clone()),
+            scope,
+        }
+    }
+
     /// The edge's terminals commit a few rows; they become a sealed (not yet durable) segment.
+    /// Sometimes a kitchen marks an item available or not (a shared row).
     fn workload(&mut self, i: usize) {
         let n = 1 + self.rng.below(4);
         let first = self.edges[i].next_seq;
-        let encoded = self.entries(&self.edges[i].origin, first, n);
+        let mut encoded = self.entries(&self.edges[i].origin, first, n, None);
+        let mut n = n;
+        if self.rng.chance(0.3) {
+            let id = format!("s{}", self.rng.below(SHARED_ROWS));
+            let values = vec![
+                Value::Bool(self.rng.chance(0.5)),
+                Value::Text(format!("{} at {}", self.edges[i].origin, self.now)),
+            ];
+            let now = self.now + self.edges[i].clock_skew;
+            let e = &mut self.edges[i];
+            let hlc = e.hlc.tick(now);
+            let reg = e.shared_visible.entry(id.clone()).or_default();
+            let clock = reg.write(&e.origin, hlc, values.clone());
+            let put = (clock, hlc, values);
+            e.shared_pending.push((id.clone(), put.clone()));
+            let origin = e.origin.clone();
+            encoded.push(
+                self.shared_entry(&origin, first + n, &id, &put, None)
+                    .encode(),
+            );
+            n += 1;
+        }
         let e = &mut self.edges[i];
         let seg = Segment::seal(
             e.origin.clone(),
@@ -429,12 +531,61 @@ impl Sim {
         self.entries += n;
     }
 
+    /// Appends entries to branch `j`'s feed as one durable segment.
+    fn append_feed(&mut self, j: usize, entries: Vec<LogEntry>) {
+        let hub = OriginId::hub();
+        let encoded: Vec<Vec<u8>> = entries.iter().map(LogEntry::encode).collect();
+        let h = &mut self.hub[j];
+        let first = h.feed_next_seq;
+        let prev = head_of(&hub, &h.feed).hash;
+        let seg = Segment::seal(
+            hub.clone(),
+            Seq(first),
+            prev,
+            encoded.iter().map(Vec::as_slice),
+        );
+        h.feed_next_seq += entries.len() as u64;
+        h.feed.push(seg);
+        let head = head_of(&hub, &h.feed);
+        if let Some(s) = h.session.as_mut() {
+            s.handle_sealed(self.now, head);
+        }
+    }
+
+    /// Relays a shared write to branch `j`'s feed.
+    fn relay_shared(&mut self, j: usize, id: &str, put: &Put) {
+        let seq = self.hub[j].feed_next_seq;
+        let entry = self.shared_entry(&OriginId::hub(), seq, id, put, None);
+        self.append_feed(j, vec![entry]);
+    }
+
+    /// Head office marks an item (a shared row) for every branch.
+    fn hub_shared_write(&mut self) {
+        let id = format!("s{}", self.rng.below(SHARED_ROWS));
+        let values = vec![
+            Value::Bool(self.rng.chance(0.5)),
+            Value::Text(format!("hub at {}", self.now)),
+        ];
+        let hlc = self.hub_hlc.tick(self.now);
+        let clock = self.hub_shared.entry(id.clone()).or_default().write(
+            &OriginId::hub(),
+            hlc,
+            values.clone(),
+        );
+        let put = (clock, hlc, values);
+        for j in 0..self.hub.len() {
+            self.relay_shared(j, &id, &put);
+        }
+    }
+
     /// Head office changes a few menu rows for branch `i`: a durable segment of its feed.
     fn hub_workload(&mut self, i: usize) {
         let n = 1 + self.rng.below(3);
         let hub = OriginId::hub();
         let first = self.hub[i].feed_next_seq;
-        let encoded = self.entries(&hub, first, n);
+        // Menu rows for this branch only: they must reach exactly this branch.
+        let scope = BranchId::parse(self.edges[i].origin.as_str()).ok();
+        let encoded = self.entries(&hub, first, n, scope);
         let h = &mut self.hub[i];
         let prev = head_of(&hub, &h.feed).hash;
         let seg = Segment::seal(
@@ -459,6 +610,9 @@ impl Sim {
             return;
         }
         e.durable.append(&mut e.volatile);
+        for (id, (c, h, v)) in e.shared_pending.drain(..) {
+            e.shared.entry(id).or_default().apply(c, h, v);
+        }
         let head = head_of(&e.origin, &e.durable);
         e.session.handle_sealed(now, head);
     }
@@ -470,6 +624,8 @@ impl Sim {
             self.faults.torn_tails += 1;
         }
         e.volatile.clear();
+        e.shared_pending.clear();
+        e.shared_visible = e.shared.clone();
         // What was not fsynced is gone: the log continues from the durable head.
         let head = head_of(&e.origin, &e.durable);
         e.head_hash = head.hash;
@@ -641,9 +797,9 @@ impl Sim {
                 }
                 for io in ios {
                     match io {
-                        SyncIo::Persist { segment, .. } => {
+                        SyncIo::Persist { segment, entries } => {
                             let done = self.now + 1 + self.rng.below(10);
-                            self.hub[i].persisting.push_back((done, segment));
+                            self.hub[i].persisting.push_back((done, segment, entries));
                         }
                         SyncIo::LoadSegments { after, max } => {
                             let segs = after_seq(&self.hub[i].feed, after, max);
@@ -704,6 +860,7 @@ impl Sim {
 
     /// Completes persistence that is due: the segment is durable, then the session acks.
     fn persist(&mut self) {
+        let schema = self.schema.clone();
         for e in &mut self.edges {
             while e.applying.front().is_some_and(|(t, _)| *t <= self.now) {
                 let Some((_, seg)) = e.applying.pop_front() else {
@@ -714,6 +871,25 @@ impl Sim {
                     seq: seg.last_seq,
                     hash: seg.hash,
                 };
+                if let Ok(entries) = seg.verify(&seg.prev_hash, &schema) {
+                    for en in entries.iter().filter(|en| en.table == "item_availability") {
+                        let (c, h, v) = (
+                            en.clock.clone().unwrap_or_default(),
+                            en.hlc,
+                            en.row.values.clone(),
+                        );
+                        e.hlc.observe(h, self.now + e.clock_skew);
+                        e.shared.entry(en.row_id.clone()).or_default().apply(
+                            c.clone(),
+                            h,
+                            v.clone(),
+                        );
+                        e.shared_visible
+                            .entry(en.row_id.clone())
+                            .or_default()
+                            .apply(c, h, v);
+                    }
+                }
                 e.feed.push(seg);
                 e.session.handle_persisted(self.now + e.clock_skew, pos);
             }
@@ -722,11 +898,27 @@ impl Sim {
             while self.hub[i]
                 .persisting
                 .front()
-                .is_some_and(|(t, _)| *t <= self.now)
+                .is_some_and(|(t, _, _)| *t <= self.now)
             {
-                let Some((_, seg)) = self.hub[i].persisting.pop_front() else {
+                let Some((_, seg, entries)) = self.hub[i].persisting.pop_front() else {
                     break;
                 };
+                // The hub merges shared writes and relays each new one to the other branches.
+                for e in entries.iter().filter(|e| e.table == "item_availability") {
+                    let put: Put = (
+                        e.clock.clone().unwrap_or_default(),
+                        e.hlc,
+                        e.row.values.clone(),
+                    );
+                    let reg = self.hub_shared.entry(e.row_id.clone()).or_default();
+                    if reg.apply(put.0.clone(), put.1, put.2.clone()) {
+                        for j in 0..self.hub.len() {
+                            if j != i {
+                                self.relay_shared(j, &e.row_id, &put);
+                            }
+                        }
+                    }
+                }
                 let pos = Position {
                     origin: seg.origin.clone(),
                     seq: seg.last_seq,
@@ -795,6 +987,18 @@ impl Sim {
             }
             let feed_head = verify_chain(e.feed_checked_head, new, &self.schema)
                 .map_err(|err| format!("edge {i}: the applied feed does not verify: {err}"))?;
+            for seg in new {
+                let entries = seg
+                    .verify(&seg.prev_hash, &self.schema)
+                    .map_err(|err| format!("edge {i}: a feed segment does not decode: {err}"))?;
+                if let Some(b) = entries.iter().find_map(|en| {
+                    en.scope
+                        .as_ref()
+                        .filter(|b| b.as_str() != e.origin.as_str())
+                }) {
+                    return Err(format!("edge {i}: its feed carries a row scoped to {b}"));
+                }
+            }
             let applied = head_of(&OriginId::hub(), &e.feed);
             if h.feed_acked.seq > applied.seq {
                 return Err(format!(
@@ -821,7 +1025,35 @@ impl Sim {
                 && e.recorded_ack == head
                 && e.feed.len() == h.feed.len()
                 && h.feed_acked == head_of(&OriginId::hub(), &h.feed)
+                && e.shared_pending.is_empty()
         })
+    }
+
+    /// Every replica shows the same version of every shared row (and has seen the same
+    /// writes): convergence of concurrent edits.
+    fn shared_agree(&self) -> Result<(), String> {
+        let view = |m: &BTreeMap<String, SharedRow>| -> Vec<(String, Option<Vec<Value>>)> {
+            m.iter()
+                .map(|(k, r)| (k.clone(), r.winner().map(|w| w.values)))
+                .collect()
+        };
+        let hub = view(&self.hub_shared);
+        for (i, e) in self.edges.iter().enumerate() {
+            let edge = view(&e.shared_visible);
+            if edge != hub {
+                return Err(format!(
+                    "edge {i}'s shared rows {edge:?} differ from the hub's {hub:?}"
+                ));
+            }
+            for (k, r) in &e.shared_visible {
+                if self.hub_shared.get(k).map(SharedRow::clock) != Some(r.clock()) {
+                    return Err(format!(
+                        "edge {i} has seen other writes of {k} than the hub"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
@@ -865,9 +1097,43 @@ impl Sim {
                 if self.rng.chance(0.01) {
                     self.hub_workload(i);
                 }
+                if i == 0 && self.rng.chance(0.003) {
+                    self.hub_shared_write();
+                }
             }
             if self.rng.chance(0.3) {
                 self.fsync_edge(i);
+            }
+        }
+        if faults && self.swizzle.is_none() && self.edges.len() > 1 && self.rng.chance(f.swizzle) {
+            // Cut the links one by one in a random order, then heal them in another.
+            let mut cut: Vec<usize> = (0..self.edges.len()).collect();
+            let mut heal = cut.clone();
+            for v in [&mut cut, &mut heal] {
+                for k in (1..v.len()).rev() {
+                    let j = self.rng.below(k as u64 + 1) as usize;
+                    v.swap(k, j);
+                }
+            }
+            self.swizzle = Some(Swizzle {
+                cut,
+                heal,
+                next_at: self.now,
+            });
+            self.faults.swizzles += 1;
+        }
+        if let Some(sw) = self.swizzle.as_mut()
+            && self.now >= sw.next_at
+        {
+            sw.next_at = self.now + 20 + self.rng.below(40);
+            if let Some(i) = sw.cut.pop() {
+                self.edges[i].link_up = false;
+                self.edges[i].link_down = false;
+            } else if let Some(i) = sw.heal.pop() {
+                self.edges[i].link_up = true;
+                self.edges[i].link_down = true;
+            } else {
+                self.swizzle = None;
             }
         }
         if faults && self.rng.chance(f.crash_hub) {
@@ -893,6 +1159,7 @@ impl Sim {
         }
         if failure.is_none() {
             // Liveness: heal everything, stop the workload, require convergence.
+            self.swizzle = None;
             for e in &mut self.edges {
                 e.link_up = true;
                 e.link_down = true;
@@ -908,6 +1175,9 @@ impl Sim {
                     converged = true;
                     break;
                 }
+            }
+            if converged && let Err(e) = self.shared_agree() {
+                failure = Some(format!("after convergence: {e}"));
             }
             if failure.is_none() && !converged {
                 let state: Vec<String> = self
