@@ -172,8 +172,12 @@ impl SyncClient {
             });
         }
         drop(frames_tx);
+        // The hello carries everything sealed so far, offline time included.
+        let head = self.sealed_head();
+        if head.seq > session.head().seq {
+            session.handle_sealed(self.now(), head);
+        }
         session.handle_connected(self.now());
-        let mut sealed = self.sealed_head();
         let mut poll = tokio::time::interval(SEAL_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -237,9 +241,9 @@ impl SyncClient {
                     None => return Ok(welcomed),
                 },
                 _ = poll.tick() => {
+                    // Whatever was sealed since the session last heard, offline time included.
                     let head = self.sealed_head();
-                    if head.seq > sealed.seq {
-                        sealed = head.clone();
+                    if head.seq > session.head().seq {
                         session.handle_sealed(self.now(), head);
                     }
                 }

@@ -547,6 +547,11 @@ impl EdgeSession {
         &self.up.acked
     }
 
+    /// The edge's last sealed position, as the session knows it.
+    pub fn head(&self) -> &Position {
+        &self.up.head
+    }
+
     /// How far the edge holds the hub's feed durably.
     pub fn feed(&self) -> &Position {
         &self.down.durable
