@@ -41,9 +41,12 @@ pub const BRANCH_URI_PREFIX: &str = "outpost://branch/";
 
 /// Interval of QUIC keep-alives: well within the idle timeout, and often enough that NAT
 /// bindings on branch routers survive a quiet shop.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// QUIC idle timeout of the sync link (the hub uses the same).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// QUIC idle timeout of the sync link (the hub uses the same). Short: an outage longer than
+/// this closes the connection and the client reconnects and resumes, which costs one
+/// handshake; a long timeout only delays noticing a hub that restarted (its new process
+/// cannot reset the old connection).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First RTT estimate: branch WAN links, not the spec's 333 ms, so a lost handshake packet is
 /// retried after ~300 ms rather than ~1 s.
 pub const INITIAL_RTT: Duration = Duration::from_millis(100);

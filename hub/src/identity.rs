@@ -78,7 +78,7 @@ pub const BRANCH_CERT_VALIDITY_DEFAULT: Duration = Duration::from_secs(2 * 365 *
 pub const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 
 /// QUIC idle timeout of the sync link (the edge sends keep-alives well within it).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First RTT estimate: branch WAN links, not the spec's 333 ms, so a lost handshake packet is
 /// retried after ~300 ms rather than ~1 s.
 pub const INITIAL_RTT: Duration = Duration::from_millis(100);

@@ -41,10 +41,13 @@ pub struct DemoConfig {
 
 /// What one branch's tills got acknowledged (2xx): the truth the hub is checked against.
 #[derive(Debug, Default)]
-struct Accepted {
-    orders: u64,
-    payments: BTreeMap<String, i64>,
-    errors: u64,
+pub(crate) struct Accepted {
+    pub(crate) orders: u64,
+    pub(crate) payments: BTreeMap<String, i64>,
+    /// Payments whose answer never came (the edge was killed mid-request): they may or may
+    /// not have committed.
+    pub(crate) in_doubt: BTreeMap<String, i64>,
+    pub(crate) errors: u64,
 }
 
 /// The demo's final state and checks.
@@ -135,12 +138,12 @@ struct Branch {
     accepted: Arc<Mutex<Accepted>>,
 }
 
-fn err(e: impl fmt::Display) -> String {
+pub(crate) fn err(e: impl fmt::Display) -> String {
     e.to_string()
 }
 
 /// One till: open an order with lines (one batch), pay it, close it; again until `stop`.
-async fn till(
+pub(crate) async fn till(
     http: reqwest::Client,
     b: (String, String, String),
     n: usize,
@@ -195,8 +198,14 @@ async fn till(
             Ok(r) if r.status().is_success() => {
                 accepted.lock().payments.insert(pay, total);
             }
-            _ => {
+            Ok(_) => {
                 accepted.lock().errors += 1;
+                continue;
+            }
+            Err(_) => {
+                let mut a = accepted.lock();
+                a.errors += 1;
+                a.in_doubt.insert(pay, total);
                 continue;
             }
         }
@@ -212,7 +221,11 @@ async fn till(
     }
 }
 
-async fn json_get(http: &reqwest::Client, url: &str, token: &str) -> Result<Json, String> {
+pub(crate) async fn json_get(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> Result<Json, String> {
     http.get(url)
         .header("Authorization", format!("Bearer {token}"))
         .send()
@@ -223,7 +236,7 @@ async fn json_get(http: &reqwest::Client, url: &str, token: &str) -> Result<Json
         .map_err(err)
 }
 
-async fn json_send(
+pub(crate) async fn json_send(
     http: &reqwest::Client,
     method: reqwest::Method,
     url: &str,
@@ -247,20 +260,22 @@ async fn json_send(
 
 /// A kitchen marks an item available or sold out (a shared row: insert it the first time,
 /// compare-and-set it after). A lost race with another writer is simply skipped.
-async fn set_availability(http: &reqwest::Client, b: &Branch, item: &str, available: bool) {
-    let url = format!(
-        "{}/api/branches/{}/modules/pos/tables/item_availability",
-        b.url, b.id
-    );
-    let current = json_get(http, &format!("{url}/{item}"), &b.token).await;
-    let body = json!({"available": available, "reason": format!("kitchen {}", b.id)});
+pub(crate) async fn set_availability(
+    http: &reqwest::Client,
+    (base, branch, token): (&str, &str, &str),
+    item: &str,
+    available: bool,
+) {
+    let url = format!("{base}/api/branches/{branch}/modules/pos/tables/item_availability");
+    let current = json_get(http, &format!("{url}/{item}"), token).await;
+    let body = json!({"available": available, "reason": format!("kitchen {branch}")});
     let _ = match current {
         Ok(row) if row["version"].is_u64() => {
             json_send(
                 http,
                 reqwest::Method::PATCH,
                 &format!("{url}/{item}"),
-                &b.token,
+                token,
                 json!({"version": row["version"], "set": body}),
             )
             .await
@@ -268,7 +283,7 @@ async fn set_availability(http: &reqwest::Client, b: &Branch, item: &str, availa
         _ => {
             let mut row = body;
             row["id"] = json!(item);
-            json_send(http, reqwest::Method::POST, &url, &b.token, row).await
+            json_send(http, reqwest::Method::POST, &url, token, row).await
         }
     };
 }
@@ -470,7 +485,13 @@ pub async fn run(config: DemoConfig) -> Result<Demo, String> {
         // A kitchen marks an item sold out, or back; head office too, now and then.
         let k = sold_out_seq.fetch_add(1, Ordering::Relaxed);
         let b = &branches[k as usize % branches.len()];
-        set_availability(&http, b, &format!("m{}", k % 5), k.is_multiple_of(2)).await;
+        set_availability(
+            &http,
+            (&b.url, b.id.as_str(), &b.token),
+            &format!("m{}", k % 5),
+            k.is_multiple_of(2),
+        )
+        .await;
         if k.is_multiple_of(4) {
             let _ = json_send(
                 &http,

@@ -4,6 +4,8 @@
 
 pub mod catchup;
 pub mod demo;
+pub mod faultproxy;
 pub mod load;
+pub mod partition;
 pub mod proxy;
 pub mod sim;

@@ -57,6 +57,21 @@ enum Command {
         #[arg(long, default_value = "0..1000")]
         seeds: String,
     },
+    /// Real hub and edge processes through UDP fault proxies, driven by a scenario's
+    /// timeline, checked against the real APIs at the end. Needs the binaries built
+    /// (`cargo build --release --bins`).
+    Partition {
+        /// A shipped scenario (rush-hour-partition, flapping-wan, hub-crash,
+        /// edge-crash-mid-segment, ci-smoke) or a TOML file.
+        #[arg(long, default_value = "rush-hour-partition")]
+        scenario: String,
+        /// Where outpost-hub and outpost-edge are (default: beside this program).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Catch-up benchmark: an edge writes N entries offline, then syncs them to a hub over
     /// QUIC; prints entries/s next to raw SQLite and raw quinn measured in the same run.
     Catchup {
@@ -92,6 +107,47 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Partition {
+            scenario,
+            bin_dir,
+            json,
+        } => {
+            let scenario = match simulations::partition::Scenario::load(&scenario) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("outpost-sim partition: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let bin_dir = bin_dir.unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(std::path::Path::to_owned))
+                    .unwrap_or_default()
+            });
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            match rt.block_on(simulations::partition::run(&scenario, &bin_dir)) {
+                Ok(report) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).expect("a report encodes")
+                        );
+                    } else {
+                        println!("{report}");
+                    }
+                    if report.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("outpost-sim partition: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Catchup { entries } => {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             match rt.block_on(simulations::catchup::run(entries)) {

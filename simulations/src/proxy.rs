@@ -36,7 +36,12 @@ impl UdpRelay {
             );
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65_536];
-                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                loop {
+                    // A receive error reports an earlier send's ICMP error; keep going.
+                    let Ok((n, from)) = front.recv_from(&mut buf).await else {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        continue;
+                    };
                     *client.lock() = Some(from);
                     if cut.load(Ordering::Relaxed) {
                         dropped.fetch_add(1, Ordering::Relaxed);
@@ -50,7 +55,13 @@ impl UdpRelay {
             let (cut, dropped) = (cut.clone(), dropped.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65_536];
-                while let Ok(n) = back.recv(&mut buf).await {
+                loop {
+                    // "Connection refused" means the hub was down at our last send; it may
+                    // be back, so keep listening.
+                    let Ok(n) = back.recv(&mut buf).await else {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        continue;
+                    };
                     if cut.load(Ordering::Relaxed) {
                         dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
