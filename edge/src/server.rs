@@ -361,6 +361,23 @@ async fn shutdown_signal() {
 
 /// Runs the edge until a shutdown signal.
 pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
+    // The identity is checked before anything is created: a refused start leaves no trace.
+    let identity = match &config.hub {
+        None => None,
+        Some((_, dir)) => {
+            let identity = crate::identity::EdgeIdentity::load(dir)
+                .map_err(|e| StartError(format!("identity {}: {e}", dir.display())))?;
+            if identity.branch != config.branch {
+                return Err(StartError(format!(
+                    "identity {} belongs to branch {}, not {}",
+                    dir.display(),
+                    identity.branch,
+                    config.branch
+                )));
+            }
+            Some(identity)
+        }
+    };
     let store = open_data_dir(&config.data_dir, &config.branch, config.schema.clone())?;
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
@@ -375,25 +392,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         .and_then(|()| std::fs::rename(&tmp, &ports_path))
         .map_err(|e| StartError(format!("cannot write {}: {e}", ports_path.display())))?;
     let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
-    let (sync, sync_task) = match &config.hub {
-        None => (None, None),
-        Some((addr, dir)) => {
-            let identity = crate::identity::EdgeIdentity::load(dir)
-                .map_err(|e| StartError(format!("identity {}: {e}", dir.display())))?;
-            if identity.branch != config.branch {
-                return Err(StartError(format!(
-                    "identity {} belongs to branch {}, not {}",
-                    dir.display(),
-                    identity.branch,
-                    config.branch
-                )));
-            }
+    let (sync, sync_task) = match (&config.hub, identity) {
+        (Some((addr, _)), Some(identity)) => {
             let client = SyncClient::new(store.clone(), identity, *addr, env!("CARGO_PKG_VERSION"));
             let status = client.status.clone();
             let task = tokio::spawn(client.run(sync_stopped));
             tracing::info!(hub = %addr, "syncing with the hub");
             (Some(status), Some(task))
         }
+        _ => (None, None),
     };
     tracing::info!(branch = %config.branch, http = %bound, "edge serving");
     axum::serve(

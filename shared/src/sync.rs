@@ -251,6 +251,11 @@ impl Outbound {
             if s.first_seq != c.sent.seq.next() {
                 continue; // a stale load from before a reject or a resume
             }
+            if s.last_seq > self.head.seq {
+                // Sealed after the driver last told us: it goes out once announced, so that
+                // nothing past the known head is ever sent (an ack beyond it is divergence).
+                break;
+            }
             if s.prev_hash != c.sent.hash {
                 // Our own log does not chain onto the position the receiver holds.
                 let ours = Position {

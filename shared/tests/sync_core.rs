@@ -423,3 +423,70 @@ fn a_late_duplicate_hello_is_not_divergence() {
     w.assert_converged();
     assert!(!w.hub.is_closed());
 }
+
+/// The driver may load segments sealed after it last told the session (its load has no upper
+/// bound): they wait until announced, so the hub never acks past the head the edge knows,
+/// which would look like divergence (found by an end-to-end test, 1 run in 40).
+#[test]
+fn segments_sealed_after_the_last_announcement_wait_for_it() {
+    let segs = log("B001", 9, 3);
+    let origin = segs[0].origin.clone();
+    let genesis = Position::genesis(&origin);
+    let pos = |s: &Segment| Position {
+        origin: origin.clone(),
+        seq: s.last_seq,
+        hash: s.hash,
+    };
+    let mut edge = EdgeSession::new(
+        SyncConfig::default(),
+        "0.1.0",
+        schema(),
+        genesis.clone(),
+        pos(&segs[0]),
+        Position::genesis(&OriginId::hub()),
+    );
+    let mut hub = hub_session(genesis);
+    edge.handle_connected(0);
+    let mut sent = Vec::new();
+    let mut announced = false;
+    for _ in 0..100 {
+        while let Some(io) = edge.poll_io() {
+            if let EdgeIo::LoadSegments { after, max } = io {
+                // The store holds all three sealed segments already.
+                let loaded: Vec<Segment> = segs
+                    .iter()
+                    .filter(|s| s.first_seq > after)
+                    .take(max)
+                    .cloned()
+                    .collect();
+                edge.handle_segments(0, loaded);
+            }
+        }
+        while let Some(f) = edge.poll_transmit() {
+            if let Frame::Segment(s) = &f {
+                sent.push(s.last_seq);
+            }
+            hub.handle_frame(0, f);
+        }
+        while let Some(io) = hub.poll_io() {
+            if let HubIo::Persist { segment, .. } = io {
+                hub.handle_persisted(0, pos(&segment));
+            }
+        }
+        while let Some(f) = hub.poll_transmit() {
+            edge.handle_frame(0, f);
+        }
+        if !announced && sent == vec![Seq(3)] {
+            // Only the announced segment went out; now the driver announces the rest.
+            announced = true;
+            edge.handle_sealed(0, pos(&segs[2]));
+        }
+    }
+    assert!(
+        announced,
+        "only the announced segment was sent first: {sent:?}"
+    );
+    assert!(!edge.is_diverged(), "no false divergence");
+    assert_eq!(sent, vec![Seq(3), Seq(6), Seq(9)]);
+    assert_eq!(edge.acked(), &pos(&segs[2]));
+}
