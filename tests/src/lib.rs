@@ -174,7 +174,12 @@ impl HubProcess {
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--http", &self.http.to_string(), "--quic", &self.quic.to_string()])
+            .args([
+                "--http",
+                &self.http.to_string(),
+                "--quic",
+                &self.quic.to_string(),
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -213,7 +218,10 @@ impl HubProcess {
 
     fn admin_command(&self, args: &[&str], path: Option<&Path>) -> Result<(), String> {
         let mut cmd = Command::new(&self.binary);
-        cmd.arg(args[0]).arg("--data-dir").arg(&self.data_dir).args(&args[1..]);
+        cmd.arg(args[0])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&args[1..]);
         if let Some(p) = path {
             cmd.arg(p);
         }
