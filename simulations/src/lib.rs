@@ -5,6 +5,7 @@
 pub mod catchup;
 pub mod demo;
 pub mod faultproxy;
+pub mod fleet;
 pub mod load;
 pub mod partition;
 pub mod proxy;

@@ -72,6 +72,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Many edges (real processes) syncing with one hub at once at a steady rate: hub CPU
+    /// and acknowledgement latency. Needs the binaries built (`cargo build --release --bins`).
+    Fleet {
+        #[arg(long, default_value_t = 50)]
+        edges: usize,
+        /// Log entries per second per edge.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
     /// Catch-up benchmark: an edge writes N entries offline, then syncs them to a hub over
     /// QUIC; prints entries/s next to raw SQLite and raw quinn measured in the same run.
     Catchup {
@@ -107,6 +120,45 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Fleet {
+            edges,
+            rate,
+            seconds,
+            bin_dir,
+        } => {
+            let bin_dir = bin_dir.unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(std::path::Path::to_owned))
+                    .unwrap_or_default()
+            });
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            match rt.block_on(simulations::fleet::run(edges, rate, seconds, &bin_dir)) {
+                Ok(r) => {
+                    println!(
+                        "{} edges at {rate} entries/s each for {:.1} s: {} entries ({:.0}/s), {} payments failed",
+                        r.edges,
+                        r.seconds,
+                        r.entries,
+                        r.entries as f64 / r.seconds,
+                        r.payments_failed
+                    );
+                    println!(
+                        "hub CPU {:.0}% of one core; ack latency ms p50 {:.0}, p99 {:.0}, max {:.0} ({} samples, 100 ms sampling)",
+                        r.hub_cpu * 100.0,
+                        r.percentile(0.5),
+                        r.percentile(0.99),
+                        r.percentile(1.0),
+                        r.ack_ms.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("outpost-sim fleet: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Partition {
             scenario,
             bin_dir,

@@ -164,16 +164,16 @@ impl Scenario {
 }
 
 /// One process of the run, restartable on the same ports.
-struct Proc {
-    binary: PathBuf,
-    args: Vec<String>,
-    data_dir: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
+pub(crate) struct Proc {
+    pub(crate) binary: PathBuf,
+    pub(crate) args: Vec<String>,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) child: Option<Child>,
 }
 
 impl Proc {
-    fn spawn(&mut self) -> Result<Json, String> {
+    pub(crate) fn spawn(&mut self) -> Result<Json, String> {
         let _ = std::fs::remove_file(self.data_dir.join("ports.json"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -182,7 +182,10 @@ impl Proc {
             .map_err(err)?;
         let child = Command::new(&self.binary)
             .args(&self.args)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("OUTPOST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -214,7 +217,7 @@ impl Proc {
         }
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -245,12 +248,12 @@ pub fn binary(dir: &Path, name: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn free_port() -> Result<SocketAddr, String> {
+pub(crate) fn free_port() -> Result<SocketAddr, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(err)?;
     l.local_addr().map_err(err)
 }
 
-fn free_udp_port() -> Result<SocketAddr, String> {
+pub(crate) fn free_udp_port() -> Result<SocketAddr, String> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(err)?;
     s.local_addr().map_err(err)
 }
