@@ -155,7 +155,14 @@ pub(crate) struct Writer {
     group_requests_max: usize,
     segment_age_us: i64,
     retention_us: i64,
+    /// When a segment was last sealed: payments seal early at most once per
+    /// `PRIORITY_SEAL_GAP_US`, so a busy till does not cut the log into one-entry segments.
+    last_seal: Timestamp,
 }
+
+/// The shortest gap between two early (payment) seals; a payment waits at most this plus a
+/// housekeeping tick before its segment is sealed.
+const PRIORITY_SEAL_GAP_US: i64 = 20_000;
 
 /// Per-request scratch: its changes, the entries it appended, the orders whose totals it
 /// dirtied.
@@ -232,6 +239,7 @@ impl Writer {
             group_requests_max: config.group_requests_max,
             segment_age_us: config.segment_age_ms as i64 * 1000,
             retention_us: config.retention_ms as i64 * 1000,
+            last_seal: Timestamp(0),
         })
     }
 
@@ -272,7 +280,8 @@ impl Writer {
                 let old = self
                     .open
                     .since
-                    .is_some_and(|t| now.0 - t.0 >= self.segment_age_us);
+                    .is_some_and(|t| now.0 - t.0 >= self.segment_age_us)
+                    || (self.open.priority && now.0 - self.last_seal.0 >= PRIORITY_SEAL_GAP_US);
                 if old && let Err(e) = self.in_txn(|w| w.seal(now)) {
                     tracing::error!("sealing an old segment failed: {e}");
                 }
@@ -436,7 +445,7 @@ impl Writer {
                 self.seal(now)?;
             }
         }
-        if self.open.priority {
+        if self.open.priority && now.0 - self.last_seal.0 >= PRIORITY_SEAL_GAP_US {
             self.seal(now)?;
         }
         if !commits.is_empty() {
@@ -1029,6 +1038,7 @@ impl Writer {
         if self.open.entries.is_empty() {
             return Ok(());
         }
+        self.last_seal = now;
         // A chunk never straddles a segment boundary, so pruning removes whole chunks.
         self.flush_chunk()?;
         let first = self.status.sealed_seq.next();
