@@ -413,22 +413,59 @@ impl Sim {
         scope: Option<BranchId>,
     ) -> Vec<Vec<u8>> {
         let hub = origin.as_str() == OriginId::HUB;
-        let table = if hub { "menu_item" } else { "order_payment" };
-        let ti = self.schema.table_index(table).expect("pos table");
-        let columns = self.schema.columns(ti).clone();
+        // A till's activity: an order, its lines, status changes and payments; head office
+        // edits menu rows.
+        let pick = |seq: u64| -> &'static str {
+            match (hub, seq % 4) {
+                (true, _) => "menu_item",
+                (false, 0) => "order_header",
+                (false, 1) => "order_line",
+                (false, 2) => "order_status_log",
+                (false, _) => "order_payment",
+            }
+        };
         (0..n)
             .map(|k| {
                 let seq = first + k;
+                let table = pick(seq);
+                let ti = self.schema.table_index(table).expect("pos table");
+                let t = &self.schema.tables()[ti];
+                let columns = self.schema.columns(ti).clone();
                 let mut values = vec![Value::Null; columns.len()];
-                let id = if hub {
-                    values[1] = Value::Text(format!("item {seq}"));
-                    values[2] = Value::Int(seq as i64 * 10);
-                    format!("m{}", seq % 7)
-                } else {
-                    values[0] = Value::Text(format!("o{seq}"));
-                    values[2] = Value::Int(seq as i64 * 100);
-                    format!("p{seq}")
+                let mut set = |name: &str, v: Value| {
+                    if let Some(i) = t.column_index(name) {
+                        values[i] = v;
+                    }
                 };
+                let order = format!("o{}", seq / 4);
+                let id = match table {
+                    "menu_item" => {
+                        set("name", Value::Text(format!("item {seq}")));
+                        set("price", Value::Int(seq as i64 * 10));
+                        format!("m{}", seq % 7)
+                    }
+                    "order_header" => {
+                        set("status", Value::Text("open".into()));
+                        order.clone()
+                    }
+                    "order_line" => {
+                        set("order_id", Value::Text(order.clone()));
+                        set("quantity", Value::Int(1 + (seq % 3) as i64));
+                        set("unit_price", Value::Int(450));
+                        format!("{order}-l")
+                    }
+                    "order_status_log" => {
+                        set("order_id", Value::Text(order.clone()));
+                        set("status", Value::Text("preparing".into()));
+                        format!("{order}-s")
+                    }
+                    _ => {
+                        set("order_id", Value::Text(order.clone()));
+                        set("amount", Value::Int(seq as i64 * 100));
+                        format!("p{seq}")
+                    }
+                };
+                let is_log = t.kind == shared::TableKind::Log;
                 LogEntry {
                     origin: origin.clone(),
                     seq: Seq(seq),
@@ -445,7 +482,7 @@ impl Sim {
                         version: 1,
                         created_at: Timestamp(0),
                         updated_at: Timestamp(0),
-                        seq: (!hub).then_some(seq),
+                        seq: is_log.then_some(seq),
                         columns: columns.clone(),
                         values,
                     },
