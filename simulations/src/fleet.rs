@@ -5,13 +5,12 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::demo::{err, json_get, json_send};
-use crate::partition::{Proc, binary, free_port, free_udp_port};
+use crate::partition::{binary, start_edge, start_hub};
 
 pub struct FleetReport {
     pub edges: usize,
@@ -55,25 +54,8 @@ pub async fn run(
         .prefix("outpost-fleet-")
         .tempdir()
         .map_err(err)?;
-    let hub_dir = root.path().join("hub");
-    let (hub_http, hub_quic) = (free_port()?, free_udp_port()?);
-    let mut hub = Proc {
-        binary: hub_bin.clone(),
-        args: vec![
-            "serve".into(),
-            "--data-dir".into(),
-            hub_dir.display().to_string(),
-            "--http".into(),
-            hub_http.to_string(),
-            "--quic".into(),
-            hub_quic.to_string(),
-        ],
-        data_dir: hub_dir.clone(),
-        log: root.path().join("hub.log"),
-        child: None,
-    };
-    tokio::task::block_in_place(|| hub.spawn())?;
-    let hub_pid = hub.child.as_ref().map(|c| c.id()).ok_or("no hub")?;
+    let mut hub = start_hub(&hub_bin, root.path())?;
+    let hub_pid = hub.proc.child.as_ref().map(|c| c.id()).ok_or("no hub")?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -82,46 +64,8 @@ pub async fn run(
     let mut targets = Vec::new();
     for i in 1..=edges {
         let branch = format!("B{i:03}");
-        let dir = root.path().join(&branch);
-        let id = dir.join("identity");
-        let out = Command::new(&hub_bin)
-            .args(["enroll", "--data-dir"])
-            .arg(&hub_dir)
-            .args(["--branch", &branch, "--out"])
-            .arg(&id)
-            .env("RUST_LOG", "warn")
-            .output()
-            .map_err(err)?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let port = free_port()?;
-        let data = dir.join("data");
-        let mut p = Proc {
-            binary: edge_bin.clone(),
-            args: vec![
-                "serve".into(),
-                "--data-dir".into(),
-                data.display().to_string(),
-                "--branch".into(),
-                branch.clone(),
-                "--http".into(),
-                port.to_string(),
-                "--hub".into(),
-                hub_quic.to_string(),
-                "--identity".into(),
-                id.display().to_string(),
-            ],
-            data_dir: data.clone(),
-            log: dir.join("edge.log"),
-            child: None,
-        };
-        tokio::task::block_in_place(|| p.spawn())?;
-        let token = std::fs::read_to_string(data.join("admin.token"))
-            .map_err(err)?
-            .trim()
-            .to_owned();
-        let base = format!("http://{port}/api/branches/{branch}/modules/pos");
+        let (p, url, token) = start_edge(&edge_bin, &hub, root.path(), &branch, hub.quic)?;
+        let base = format!("{url}/api/branches/{branch}/modules/pos");
         json_send(
             &http,
             reqwest::Method::POST,
@@ -131,7 +75,7 @@ pub async fn run(
         )
         .await?;
         procs.push(p);
-        targets.push((format!("http://{port}"), base, token));
+        targets.push((url, base, token));
     }
 
     // Steady writers: each payment is two entries (the payment, the order's totals).
@@ -206,10 +150,10 @@ pub async fn run(
     }
     let secs = started.elapsed().as_secs_f64();
     if ack_ms.is_empty() {
-        let b = json_get(&http, &format!("http://{hub_http}/api/branches"), "").await;
+        let b = json_get(&http, &format!("http://{}/api/branches", hub.http), "").await;
         eprintln!(
             "no acknowledgement seen; hub branches: {b:?}; hub log: {}",
-            std::fs::read_to_string(&hub.log)
+            std::fs::read_to_string(&hub.proc.log)
                 .unwrap_or_default()
                 .lines()
                 .rev()
@@ -248,7 +192,7 @@ pub async fn run(
         .map(|(l, f)| l - f.unwrap_or(*l))
         .sum();
     drop(procs);
-    hub.kill9();
+    hub.proc.kill9();
     Ok(FleetReport {
         edges,
         seconds: secs,

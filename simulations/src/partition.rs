@@ -453,6 +453,106 @@ async fn screen(base: String, token: String, view: Arc<Mutex<Screen>>, stop: Arc
     }
 }
 
+/// A hub process on free loopback ports, with its admin token.
+pub(crate) struct HubRun {
+    pub(crate) proc: Proc,
+    pub(crate) http: SocketAddr,
+    pub(crate) quic: SocketAddr,
+    pub(crate) token: String,
+    dir: PathBuf,
+}
+
+/// Starts `outpost-hub serve` on a fresh data dir under `root`.
+pub(crate) fn start_hub(bin: &Path, root: &Path) -> Result<HubRun, String> {
+    let dir = root.join("hub");
+    let (http, quic) = (free_port()?, free_udp_port()?);
+    let mut proc = Proc {
+        binary: bin.to_owned(),
+        args: vec![
+            "serve".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--http".into(),
+            http.to_string(),
+            "--quic".into(),
+            quic.to_string(),
+        ],
+        data_dir: dir.clone(),
+        log: root.join("hub.log"),
+        child: None,
+    };
+    let ports = tokio::task::block_in_place(|| proc.spawn())?;
+    let quic = ports["quic"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or("the hub wrote no QUIC address")?;
+    let token = std::fs::read_to_string(dir.join("admin.token"))
+        .map_err(err)?
+        .trim()
+        .to_owned();
+    Ok(HubRun {
+        proc,
+        http,
+        quic,
+        token,
+        dir,
+    })
+}
+
+/// Enrolls `branch` at `hub` and starts its edge under `root`, syncing with `hub_addr` (the
+/// hub, or a proxy in front of it). Returns the process, its HTTP base URL and admin token.
+pub(crate) fn start_edge(
+    edge_bin: &Path,
+    hub: &HubRun,
+    root: &Path,
+    branch: &str,
+    hub_addr: SocketAddr,
+) -> Result<(Proc, String, String), String> {
+    let dir = root.join(branch);
+    let id_dir = dir.join("identity");
+    let out = Command::new(&hub.proc.binary)
+        .args(["enroll", "--data-dir"])
+        .arg(&hub.dir)
+        .args(["--branch", branch, "--out"])
+        .arg(&id_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .map_err(err)?;
+    if !out.status.success() {
+        return Err(format!(
+            "enroll {branch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let http = free_port()?;
+    let data = dir.join("data");
+    let mut proc = Proc {
+        binary: edge_bin.to_owned(),
+        args: vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--branch".into(),
+            branch.to_owned(),
+            "--http".into(),
+            http.to_string(),
+            "--hub".into(),
+            hub_addr.to_string(),
+            "--identity".into(),
+            id_dir.display().to_string(),
+        ],
+        data_dir: data.clone(),
+        log: dir.join("edge.log"),
+        child: None,
+    };
+    tokio::task::block_in_place(|| proc.spawn())?;
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .map_err(err)?
+        .trim()
+        .to_owned();
+    Ok((proc, format!("http://{http}"), token))
+}
+
 /// Runs `scenario` with the binaries in `bin_dir`.
 pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport, String> {
     let hub_bin = binary(bin_dir, "outpost-hub")?;
@@ -461,86 +561,20 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
         .prefix("outpost-partition-")
         .tempdir()
         .map_err(err)?;
-    let hub_dir = root.path().join("hub");
-    let (hub_http, hub_quic) = (free_port()?, free_udp_port()?);
-    let mut hub = Proc {
-        binary: hub_bin.clone(),
-        args: vec![
-            "serve".into(),
-            "--data-dir".into(),
-            hub_dir.display().to_string(),
-            "--http".into(),
-            hub_http.to_string(),
-            "--quic".into(),
-            hub_quic.to_string(),
-        ],
-        data_dir: hub_dir.clone(),
-        log: root.path().join("hub.log"),
-        child: None,
-    };
-    let started_hub = tokio::task::block_in_place(|| hub.spawn())?;
-    let hub_quic: SocketAddr = started_hub["quic"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or("the hub wrote no QUIC address")?;
-    let hub_url = format!("http://{hub_http}");
-    let hub_token = std::fs::read_to_string(hub_dir.join("admin.token"))
-        .map_err(err)?
-        .trim()
-        .to_owned();
-
+    let mut hub = start_hub(&hub_bin, root.path())?;
+    let hub_url = format!("http://{}", hub.http);
+    let hub_token = hub.token.clone();
     let mut edges = Vec::new();
     for i in 1..=scenario.branches {
         let branch = format!("B{i:03}");
-        let dir = root.path().join(&branch);
-        let id_dir = dir.join("identity");
-        let out = Command::new(&hub_bin)
-            .args(["enroll", "--data-dir"])
-            .arg(&hub_dir)
-            .args(["--branch", &branch, "--out"])
-            .arg(&id_dir)
-            .env("RUST_LOG", "warn")
-            .output()
-            .map_err(err)?;
-        if !out.status.success() {
-            return Err(format!(
-                "enroll {branch}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let proxy = FaultProxy::start(hub_quic, scenario.link.clone(), 0x9E37_79B9 + i as u64)
+        let proxy = FaultProxy::start(hub.quic, scenario.link.clone(), 0x9E37_79B9 + i as u64)
             .await
             .map_err(err)?;
-        let http = free_port()?;
-        let data = dir.join("data");
-        let mut proc = Proc {
-            binary: edge_bin.clone(),
-            args: vec![
-                "serve".into(),
-                "--data-dir".into(),
-                data.display().to_string(),
-                "--branch".into(),
-                branch.clone(),
-                "--http".into(),
-                http.to_string(),
-                "--hub".into(),
-                proxy.addr().to_string(),
-                "--identity".into(),
-                id_dir.display().to_string(),
-            ],
-            data_dir: data.clone(),
-            log: dir.join("edge.log"),
-            child: None,
-        };
-        tokio::task::block_in_place(|| proc.spawn())?;
-        let token = std::fs::read_to_string(data.join("admin.token"))
-            .map_err(err)?
-            .trim()
-            .to_owned();
+        let (proc, url, token) = start_edge(&edge_bin, &hub, root.path(), &branch, proxy.addr())?;
         edges.push(EdgeRun {
             branch,
             proc,
-            url: format!("http://{http}"),
+            url,
             token,
             proxy,
             accepted: Arc::new(Mutex::new(Accepted::default())),
@@ -656,10 +690,10 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
                 e.proc.kill9();
                 tokio::task::block_in_place(|| e.proc.spawn())?;
             }
-            Action::KillHub => hub.kill9(),
+            Action::KillHub => hub.proc.kill9(),
             Action::RestartHub => {
-                hub.kill9();
-                tokio::task::block_in_place(|| hub.spawn())?;
+                hub.proc.kill9();
+                tokio::task::block_in_place(|| hub.proc.spawn())?;
             }
         }
     }
@@ -674,8 +708,8 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
             tokio::task::block_in_place(|| e.proc.spawn())?;
         }
     }
-    if !hub.running() {
-        tokio::task::block_in_place(|| hub.spawn())?;
+    if !hub.proc.running() {
+        tokio::task::block_in_place(|| hub.proc.spawn())?;
     }
     let seconds = started.elapsed().as_secs_f64();
     // Let the screens catch the last changes, then stop everything.
