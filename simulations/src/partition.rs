@@ -734,7 +734,11 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
                 .as_array()
                 .and_then(|a| a.iter().find(|x| x["branch"] == e.branch.as_str()));
             let synced = at_hub.and_then(|x| x["synced_seq"].as_u64());
-            let feed_done = at_hub.is_some_and(|x| x["feed_acked_seq"] == x["feed_seq"]);
+            // Rows are materialised (and shared rows relayed) behind the acks: wait for
+            // that too, then for the feeds to be applied.
+            let feed_done = at_hub.is_some_and(|x| {
+                x["materialised_seq"] == x["synced_seq"] && x["feed_acked_seq"] == x["feed_seq"]
+            });
             finals.insert(e.branch.clone(), (last, synced.unwrap_or(0)));
             all &= synced == Some(last) && h["synced_seq"].as_u64() == Some(last) && feed_done;
         }
@@ -837,19 +841,28 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
                 e.branch
             ));
         }
-        let edge_shared = json_send(
-            &http,
-            reqwest::Method::POST,
-            &format!("{}/api/branches/{}/modules/pos/query", e.url, e.branch),
-            &e.token,
-            json!({"table": "item_availability", "limit": 1000, "orderBy": [{"field": "id", "direction": "asc"}]}),
-        )
-        .await?;
-        if shared_view(&edge_shared["rows"]) != shared_view(&hub_shared["rows"]) {
-            violations.push(format!(
-                "{}: shared rows differ from the hub's: {} vs {}",
-                e.branch, edge_shared["rows"], hub_shared["rows"]
-            ));
+        // Shared rows come to agree with the hub's (relays may still be on their way).
+        let shared_deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let edge_shared = json_send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{}/api/branches/{}/modules/pos/query", e.url, e.branch),
+                &e.token,
+                json!({"table": "item_availability", "limit": 1000, "orderBy": [{"field": "id", "direction": "asc"}]}),
+            )
+            .await?;
+            if shared_view(&edge_shared["rows"]) == shared_view(&hub_shared["rows"]) {
+                break;
+            }
+            if Instant::now() > shared_deadline {
+                violations.push(format!(
+                    "{}: shared rows differ from the hub's: {} vs {}",
+                    e.branch, edge_shared["rows"], hub_shared["rows"]
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // The screen's view (snapshot plus deltas) comes to equal a final read of the same
         // tables (its last deltas may still be on their way).
