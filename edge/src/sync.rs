@@ -27,6 +27,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const STALLED_MS: u64 = 2_000;
 /// How often the client looks for newly sealed segments.
 const SEAL_POLL: Duration = Duration::from_millis(50);
+/// How often the backlog report (`Frame::Status`) is refreshed while it changes...
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// ... and repeated while it does not.
+const STATUS_REPEAT: Duration = Duration::from_secs(10);
 
 /// What `/healthz` and `/metrics` show about the sync link.
 #[derive(Debug, Default)]
@@ -180,8 +184,25 @@ impl SyncClient {
         session.handle_connected(self.now());
         let mut poll = tokio::time::interval(SEAL_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_checked: Option<Instant> = None;
+        let mut status_sent: Option<(Instant, Frame)> = None;
         loop {
             self.drive(session).await?;
+            if session.is_welcomed() && status_checked.is_none_or(|at| at.elapsed() >= STATUS_EVERY)
+            {
+                status_checked = Some(Instant::now());
+                let status = self.backlog_status().await;
+                let send = status_sent
+                    .as_ref()
+                    .is_none_or(|(at, f)| f != &status || at.elapsed() >= STATUS_REPEAT);
+                if send {
+                    ctrl_send
+                        .write_all(&status.encode())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    status_sent = Some((Instant::now(), status));
+                }
+            }
             while let Some(frame) = session.poll_transmit() {
                 let bytes = match &frame {
                     Frame::Segment(s) => {
@@ -254,6 +275,20 @@ impl SyncClient {
                     return if welcomed { Ok(true) } else { Err(reason.to_string()) };
                 }
             }
+        }
+    }
+
+    /// The backlog as the hub's dashboard shows it.
+    async fn backlog_status(&self) -> Frame {
+        let store = self.store.clone();
+        let (unsynced, oldest) = tokio::task::spawn_blocking(move || {
+            (unsynced(&store), oldest_unsynced_payment(&store))
+        })
+        .await
+        .unwrap_or((0, None));
+        Frame::Status {
+            unsynced,
+            oldest_unsynced_payment: oldest.map(|t| t.0),
         }
     }
 

@@ -185,9 +185,12 @@ async fn branches(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> 
     let branches = tokio::task::spawn_blocking(move || store.branches())
         .await
         .map_err(blocking_failed)??;
+    let now = crate::store::now_micros();
     let out: Vec<Json> = branches
         .into_iter()
         .map(|b| {
+            let report = hub.sync.report(&b.branch);
+            let oldest = report.and_then(|r| r.oldest_unsynced_payment);
             json!({
                 "branch": b.branch.as_str(),
                 "connected": hub.sync.is_connected(&b.branch),
@@ -197,6 +200,11 @@ async fn branches(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> 
                 "chain_head": b.chain_head.to_hex(),
                 "edge_version": b.edge_version,
                 "unsynced_estimate": b.edge_head_seq.0.saturating_sub(b.synced_seq.0),
+                // As the edge last reported it (it ages while the edge is unreachable).
+                "unsynced_reported": report.map(|r| r.unsynced),
+                "reported_at": report.map(|r| r.reported_at.to_rfc3339()),
+                "oldest_unsynced_payment": oldest.map(|t| t.to_rfc3339()),
+                "oldest_unsynced_payment_age_s": oldest.map(|t| (now - t.0).max(0) as f64 / 1e6),
                 "revoked": b.revoked,
                 "ring": b.ring,
                 "feed_seq": b.feed_seq.0,

@@ -63,6 +63,16 @@ pub struct SyncMetrics {
     pub feed_segments_sent: AtomicU64,
 }
 
+/// What an edge last said about its backlog (`Frame::Status`); kept in memory, told again
+/// on every connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeReport {
+    pub unsynced: u64,
+    /// When the oldest payment the hub does not hold yet was taken at the edge.
+    pub oldest_unsynced_payment: Option<Timestamp>,
+    pub reported_at: Timestamp,
+}
+
 struct Slot {
     generation: u64,
     /// Closing it asks the session to stop.
@@ -77,6 +87,7 @@ pub struct SyncServer {
     config: SyncConfig,
     sessions: Mutex<HashMap<BranchId, Slot>>,
     feeds: Mutex<HashMap<BranchId, Arc<Notify>>>,
+    reports: Mutex<HashMap<BranchId, EdgeReport>>,
     next_generation: AtomicU64,
     /// Wakes the materialiser (stored segments wait to become rows).
     materialise: Notify,
@@ -93,6 +104,7 @@ impl SyncServer {
             config: SyncConfig::default(),
             sessions: Mutex::new(HashMap::new()),
             feeds: Mutex::new(HashMap::new()),
+            reports: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             materialise: Notify::new(),
             last_persist: AtomicU64::new(0),
@@ -108,6 +120,11 @@ impl SyncServer {
     /// Whether a session of `branch` is running.
     pub fn is_connected(&self, branch: &BranchId) -> bool {
         self.sessions.lock().contains_key(branch)
+    }
+
+    /// The branch's last report of its backlog, if it sent one since the hub started.
+    pub fn report(&self, branch: &BranchId) -> Option<EdgeReport> {
+        self.reports.lock().get(branch).copied()
     }
 
     pub fn connected_count(&self) -> usize {
@@ -382,6 +399,15 @@ impl SyncServer {
                             let (store, b, sw) = (self.store.clone(), branch.clone(), software.clone());
                             let now = Timestamp(crate::store::now_micros());
                             let _ = tokio::task::spawn_blocking(move || store.record_hello(&b, &sw, head, now)).await;
+                        }
+                        if let Frame::Status { unsynced, oldest_unsynced_payment } = frame {
+                            let report = EdgeReport {
+                                unsynced,
+                                oldest_unsynced_payment: oldest_unsynced_payment.map(Timestamp),
+                                reported_at: Timestamp(crate::store::now_micros()),
+                            };
+                            self.reports.lock().insert(branch.clone(), report);
+                            continue;
                         }
                         if let Frame::Segment(s) = &frame {
                             self.metrics.bytes_received.fetch_add(s.body.len() as u64, Ordering::Relaxed);

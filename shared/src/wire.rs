@@ -92,6 +92,13 @@ pub enum Frame {
     Close {
         reason: String,
     },
+    /// Edge → hub, now and then: how far behind the hub is, as the edge sees it (entries
+    /// written and not yet acknowledged, and the creation time of the oldest such payment,
+    /// in microseconds since the epoch). Informational: it changes no position.
+    Status {
+        unsynced: u64,
+        oldest_unsynced_payment: Option<i64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -257,6 +264,10 @@ mod tests {
             Frame::Ack(Position::genesis(&o)),
             Frame::Close {
                 reason: "bye".into(),
+            },
+            Frame::Status {
+                unsynced: 3,
+                oldest_unsynced_payment: Some(1_700_000_000_000_000),
             },
         ];
         let mut stream = Vec::new();
