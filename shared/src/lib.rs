@@ -13,6 +13,7 @@ pub mod merge;
 pub mod metrics;
 pub mod pos;
 pub mod query;
+pub mod release;
 pub mod schema;
 pub mod sync;
 pub mod value;

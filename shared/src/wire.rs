@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{OriginId, Seq};
 use crate::log::{ChainHash, SEGMENT_BYTES_MAX, Segment};
+use crate::release::{OFFERS_MAX, REPORTS_MAX, ReleaseOffer, UpdateReport};
 
 /// The sync protocol's version, exchanged in the handshake.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -99,6 +100,20 @@ pub enum Frame {
         unsynced: u64,
         oldest_unsynced_payment: Option<i64>,
     },
+    /// Hub → edge, after the welcome and whenever they change: the releases for the branch's
+    /// rollout ring newer than the version the edge runs, newest first.
+    Releases { offers: Vec<ReleaseOffer> },
+    /// Edge → hub, first on a stream of its own: send release `version` from byte `offset`.
+    Fetch { version: String, offset: u64 },
+    /// Hub → edge, the answer to `Fetch`: the release's bytes from `offset` to `size` follow
+    /// raw on the stream, which then finishes. (A refusal is a `Close` instead.)
+    Artifact {
+        version: String,
+        size: u64,
+        offset: u64,
+    },
+    /// Edge → hub after the welcome: how its latest update attempts ended.
+    UpdateReports { reports: Vec<UpdateReport> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,6 +151,29 @@ impl Frame {
                 return Err(WireError::Limit("version vector too long"));
             }
             Frame::Close { reason } => text(reason)?,
+            Frame::Releases { offers } => {
+                if offers.len() > OFFERS_MAX {
+                    return Err(WireError::Limit("too many release offers"));
+                }
+                for o in offers {
+                    text(&o.version)?;
+                    text(&o.target)?;
+                    if o.signature.len() != 64 {
+                        return Err(WireError::Limit("a release signature is 64 bytes"));
+                    }
+                }
+            }
+            Frame::Fetch { version, .. } | Frame::Artifact { version, .. } => text(version)?,
+            Frame::UpdateReports { reports } => {
+                if reports.len() > REPORTS_MAX {
+                    return Err(WireError::Limit("too many update reports"));
+                }
+                for r in reports {
+                    text(&r.version)?;
+                    text(&r.from)?;
+                    text(&r.detail)?;
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -268,6 +306,33 @@ mod tests {
             Frame::Status {
                 unsynced: 3,
                 oldest_unsynced_payment: Some(1_700_000_000_000_000),
+            },
+            Frame::Releases {
+                offers: vec![crate::release::ReleaseOffer {
+                    version: "0.2.0".into(),
+                    target: crate::release::this_target(),
+                    size: 1234,
+                    hash: [9; 32],
+                    signature: vec![1; 64],
+                }],
+            },
+            Frame::Fetch {
+                version: "0.2.0".into(),
+                offset: 77,
+            },
+            Frame::Artifact {
+                version: "0.2.0".into(),
+                size: 1234,
+                offset: 77,
+            },
+            Frame::UpdateReports {
+                reports: vec![crate::release::UpdateReport {
+                    version: "0.2.0".into(),
+                    from: "0.1.0".into(),
+                    outcome: crate::release::UpdateOutcome::RolledBack,
+                    detail: "exited with status 3 on start, 3 times".into(),
+                    at: 1,
+                }],
             },
         ];
         let mut stream = Vec::new();
