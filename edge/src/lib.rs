@@ -8,3 +8,4 @@ pub mod server;
 pub mod store;
 pub mod sync;
 pub mod tokens;
+pub mod update;

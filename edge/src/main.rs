@@ -40,6 +40,9 @@ enum Command {
         #[arg(long)]
         schema: Option<PathBuf>,
     },
+    /// Check that this binary runs, print its version and exit 0 (run on a downloaded release
+    /// before it is switched to).
+    SelfCheck,
     /// Print a new bearer token for a terminal role on stdout.
     Token {
         #[arg(long)]
@@ -71,7 +74,7 @@ fn load_schema(path: Option<&PathBuf>) -> Result<Arc<Schema>, StartError> {
     }
 }
 
-fn run(cli: Cli) -> Result<(), StartError> {
+fn run(cli: Cli) -> Result<ExitCode, StartError> {
     match cli.command {
         Command::Serve {
             data_dir,
@@ -82,15 +85,30 @@ fn run(cli: Cli) -> Result<(), StartError> {
             schema,
         } => {
             let schema = load_schema(schema.as_ref())?;
+            if hub.is_some() && std::env::var_os(edge::update::WORKER_ENV).is_none() {
+                // A syncing edge updates itself: this process keeps the current release
+                // running as its worker (see `edge::update`).
+                let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                return edge::update::keep(&data_dir, args).map_err(StartError);
+            }
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| StartError(format!("cannot start the runtime: {e}")))?;
-            runtime.block_on(edge::server::serve(ServeConfig {
+            let end = runtime.block_on(edge::server::serve(ServeConfig {
                 data_dir,
                 branch,
                 http,
                 schema,
                 hub: hub.zip(identity),
-            }))
+            }))?;
+            Ok(match end {
+                edge::server::ServeEnd::Stopped => ExitCode::SUCCESS,
+                edge::server::ServeEnd::Update => ExitCode::from(edge::update::EXIT_UPDATE),
+            })
+        }
+        Command::SelfCheck => {
+            let version = edge::update::run_self_check().map_err(StartError)?;
+            println!("{version}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Token { data_dir, role } => {
             if !data_dir.join("edge.db").exists() {
@@ -107,7 +125,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
                 .map_err(|e| StartError(format!("cannot create the token: {e}")))?;
             store.close();
             println!("{token}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -140,7 +158,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("outpost-edge: {e}");
             ExitCode::from(2)

@@ -31,6 +31,15 @@ pub struct ServeConfig {
     pub hub: Option<(SocketAddr, PathBuf)>,
 }
 
+/// How `serve` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEnd {
+    /// A shutdown signal, or the keeper asked.
+    Stopped,
+    /// A new release is staged and `releases/current` points at it: the keeper starts it.
+    Update,
+}
+
 /// A fatal start-up problem: printed as one line, exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -43,6 +52,8 @@ struct App {
     api: crate::api::AppState,
     /// The sync link's state; `None` for a standalone edge.
     sync: Option<Arc<SyncStatus>>,
+    updater: Option<Arc<crate::update::Updater>>,
+    version: Arc<str>,
 }
 
 /// Writes `path` readable by the owner only.
@@ -96,6 +107,16 @@ pub fn open_data_dir(
 
 /// Health, metrics and the terminal API. Starts the live feed, so it needs a tokio runtime.
 pub fn router(store: Store, branch: BranchId, sync: Option<Arc<SyncStatus>>) -> Router {
+    router_with_updates(store, branch, sync, None)
+}
+
+/// [`router`], with the updater's state in `/metrics`.
+fn router_with_updates(
+    store: Store,
+    branch: BranchId,
+    sync: Option<Arc<SyncStatus>>,
+    updater: Option<Arc<crate::update::Updater>>,
+) -> Router {
     let api = crate::api::AppState::new(store.clone(), branch.clone());
     Router::new()
         .route("/healthz", get(healthz))
@@ -105,6 +126,8 @@ pub fn router(store: Store, branch: BranchId, sync: Option<Arc<SyncStatus>>) -> 
             branch,
             api: api.clone(),
             sync,
+            updater,
+            version: crate::update::running_version().into(),
         })
         .merge(crate::api::router(api))
         .method_not_allowed_fallback(crate::api::method_not_allowed)
@@ -116,7 +139,7 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
         "status": "ok",
         "role": "edge",
         "branch": app.branch.as_str(),
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": &*app.version,
         "hub": match &app.sync {
             None => "standalone",
             Some(s) if s.diverged.load(Relaxed) => "diverged",
@@ -252,6 +275,37 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
             out.counter(name, help, v.load(Relaxed));
         }
     }
+    if let Some(u) = &app.updater {
+        for (name, help, v) in [
+            (
+                "outpost_update_downloads_total",
+                "Release downloads started (resumptions included).",
+                &u.metrics.downloads_started,
+            ),
+            (
+                "outpost_update_downloads_resumed_total",
+                "Release downloads resumed from a partial file.",
+                &u.metrics.downloads_resumed,
+            ),
+            (
+                "outpost_update_bytes_downloaded_total",
+                "Release bytes received.",
+                &u.metrics.bytes_downloaded,
+            ),
+            (
+                "outpost_update_refused_total",
+                "Releases refused (verification or self-check failed).",
+                &u.metrics.refused,
+            ),
+            (
+                "outpost_update_staged_total",
+                "Releases verified, staged and switched to.",
+                &u.metrics.staged,
+            ),
+        ] {
+            out.counter(name, help, v.load(Relaxed));
+        }
+    }
     out.gauge(
         "outpost_hot_rows",
         "Rows in the in-memory hot tier.",
@@ -359,8 +413,25 @@ async fn shutdown_signal() {
     }
 }
 
-/// Runs the edge until a shutdown signal.
-pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
+/// Binds the terminal API's port. A worker started right after its predecessor (an update,
+/// or a restart after the keeper was killed) may find the port still held for a moment.
+async fn bind(addr: SocketAddr, retry: bool) -> Result<tokio::net::TcpListener, StartError> {
+    let mut tries = 0;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if retry && e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(StartError(format!("cannot listen on {addr}: {e}"))),
+        }
+    }
+}
+
+/// Runs the edge until a shutdown signal (or, under a keeper, until it asks to stop or a new
+/// release is staged).
+pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
     // The identity is checked before anything is created: a refused start leaves no trace.
     let identity = match &config.hub {
         None => None,
@@ -378,10 +449,14 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
             Some(identity)
         }
     };
+    let worker = std::env::var_os(crate::update::WORKER_ENV).is_some();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    if worker {
+        crate::update::watch_keeper(stop_tx);
+    }
+    let version = crate::update::running_version();
     let store = open_data_dir(&config.data_dir, &config.branch, config.schema.clone())?;
-    let listener = tokio::net::TcpListener::bind(config.http)
-        .await
-        .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.http)))?;
+    let listener = bind(config.http, worker).await?;
     let bound = listener
         .local_addr()
         .map_err(|e| StartError(format!("cannot read the bound address: {e}")))?;
@@ -392,22 +467,57 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         .and_then(|()| std::fs::rename(&tmp, &ports_path))
         .map_err(|e| StartError(format!("cannot write {}: {e}", ports_path.display())))?;
     let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+    // Only a worker under a keeper installs releases (the keeper runs and rolls them back).
+    let updater = match (&identity, worker) {
+        (Some(identity), true) => Some(crate::update::Updater::new(
+            &config.data_dir,
+            &version,
+            identity.release_key,
+        )),
+        _ => None,
+    };
     let (sync, sync_task) = match (&config.hub, identity) {
         (Some((addr, _)), Some(identity)) => {
-            let client = SyncClient::new(store.clone(), identity, *addr, env!("CARGO_PKG_VERSION"));
+            let client = SyncClient::new(store.clone(), identity, *addr, &version)
+                .with_updater(updater.clone());
             let status = client.status.clone();
             let task = tokio::spawn(client.run(sync_stopped));
-            tracing::info!(hub = %addr, "syncing with the hub");
+            tracing::info!(hub = %addr, %version, "syncing with the hub");
             (Some(status), Some(task))
         }
         _ => (None, None),
     };
+    // A release on trial is committed once healthy: store open, API listening, and the hub's
+    // welcome.
+    if let (Some(updater), Some(status)) = (&updater, &sync) {
+        let (updater, status) = (updater.clone(), status.clone());
+        tokio::spawn(async move {
+            while !status.connected.load(Relaxed) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            updater.healthy();
+        });
+    }
+    let mut staged = updater.as_ref().map(|u| u.staged());
+    let update = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = {
+        let update = update.clone();
+        async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                _ = stop_rx.wait_for(|s| *s) => {}
+                _ = async { staged.as_mut().expect("guarded").wait_for(|s| *s).await }, if staged.is_some() => {
+                    update.store(true, Relaxed);
+                }
+            }
+        }
+    };
     tracing::info!(branch = %config.branch, http = %bound, "edge serving");
     axum::serve(
         no_delay(listener),
-        router(store.clone(), config.branch.clone(), sync),
+        router_with_updates(store.clone(), config.branch.clone(), sync, updater),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(stopping)
     .await
     .map_err(|e| StartError(format!("server failed: {e}")))?;
     let _ = stop_sync.send(true);
@@ -422,6 +532,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
     tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(|e| StartError(format!("store did not close: {e}")))?;
+    if update.load(Relaxed) {
+        tracing::info!("edge stopped for an update");
+        return Ok(ServeEnd::Update);
+    }
     tracing::info!("edge stopped");
-    Ok(())
+    Ok(ServeEnd::Stopped)
 }

@@ -62,6 +62,7 @@ pub struct SyncClient {
     pub status: Arc<SyncStatus>,
     epoch: Instant,
     corrupt_nth: Option<u64>,
+    updater: Option<Arc<crate::update::Updater>>,
 }
 
 impl SyncClient {
@@ -74,7 +75,14 @@ impl SyncClient {
             status: Arc::new(SyncStatus::default()),
             epoch: Instant::now(),
             corrupt_nth: std::env::var(CORRUPT_ENV).ok().and_then(|v| v.parse().ok()),
+            updater: None,
         }
+    }
+
+    /// Installs the hub's release offers with `updater` (a worker under a keeper).
+    pub fn with_updater(mut self, updater: Option<Arc<crate::update::Updater>>) -> Self {
+        self.updater = updater;
+        self
     }
 
     fn now(&self) -> u64 {
@@ -186,8 +194,24 @@ impl SyncClient {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status_checked: Option<Instant> = None;
         let mut status_sent: Option<(Instant, Frame)> = None;
+        let mut reports_sent: Option<u64> = None;
         loop {
             self.drive(session).await?;
+            if let Some(updater) = &self.updater
+                && session.is_welcomed()
+                && reports_sent != Some(updater.reports_generation())
+            {
+                // Update outcomes, on every connection and whenever one is added.
+                reports_sent = Some(updater.reports_generation());
+                let reports = updater.reports();
+                if !reports.is_empty() {
+                    let frame = Frame::UpdateReports { reports };
+                    ctrl_send
+                        .write_all(&frame.encode())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             if session.is_welcomed() && status_checked.is_none_or(|at| at.elapsed() >= STATUS_EVERY)
             {
                 status_checked = Some(Instant::now());
@@ -252,6 +276,12 @@ impl SyncClient {
                     Some(Ok(frame)) => {
                         if let Frame::Reject { .. } = frame {
                             self.status.segments_rejected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Frame::Releases { offers } = &frame {
+                            if let Some(updater) = &self.updater {
+                                updater.offers(conn, offers);
+                            }
+                            continue;
                         }
                         session.handle_frame(self.now(), frame);
                         if !session.is_welcomed() && !session.is_diverged() && welcomed {

@@ -131,7 +131,10 @@ mod tests {
         assert_ne!(base, signed_message("1.0.1", "x86_64-linux", 10, &h));
         assert_ne!(base, signed_message("1.0.0", "aarch64-linux", 10, &h));
         assert_ne!(base, signed_message("1.0.0", "x86_64-linux", 11, &h));
-        assert_ne!(base, signed_message("1.0.0", "x86_64-linux", 10, &[8u8; 32]));
+        assert_ne!(
+            base,
+            signed_message("1.0.0", "x86_64-linux", 10, &[8u8; 32])
+        );
         // A version cannot smuggle a line of its own into the message.
         assert_ne!(
             signed_message("1.0.0\ntarget x", "y", 1, &h),

@@ -102,9 +102,14 @@ pub enum Frame {
     },
     /// Hub → edge, after the welcome and whenever they change: the releases for the branch's
     /// rollout ring newer than the version the edge runs, newest first.
-    Releases { offers: Vec<ReleaseOffer> },
+    Releases {
+        offers: Vec<ReleaseOffer>,
+    },
     /// Edge → hub, first on a stream of its own: send release `version` from byte `offset`.
-    Fetch { version: String, offset: u64 },
+    Fetch {
+        version: String,
+        offset: u64,
+    },
     /// Hub → edge, the answer to `Fetch`: the release's bytes from `offset` to `size` follow
     /// raw on the stream, which then finishes. (A refusal is a `Close` instead.)
     Artifact {
@@ -113,7 +118,9 @@ pub enum Frame {
         offset: u64,
     },
     /// Edge → hub after the welcome: how its latest update attempts ended.
-    UpdateReports { reports: Vec<UpdateReport> },
+    UpdateReports {
+        reports: Vec<UpdateReport>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,6 +253,13 @@ impl FrameReader {
             }
             None => Ok(None),
         }
+    }
+
+    /// The bytes received after the last frame taken (for a stream that switches from frames
+    /// to raw bytes, like a release download).
+    pub fn into_rest(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start);
+        self.buf
     }
 
     /// Whether no partial frame is buffered.

@@ -1,0 +1,1002 @@
+//! Auto-update: versioned releases in the data dir, the keeper that runs the current one and
+//! rolls back a release that does not come up, and the worker's side (download, verify,
+//! self-check, stage, switch).
+//!
+//! Layout under `<data dir>/releases/`:
+//!
+//! | path | what |
+//! |---|---|
+//! | `<version>/outpost-edge` | a release's binary (0755) |
+//! | `current` | the version to run: one line, replaced atomically |
+//! | `<version>.part` | a download in progress (resumed from its length) |
+//! | `state.json` | the release in probation, refused versions, the latest outcomes |
+//!
+//! Processes: `outpost-edge serve --hub ...` is the **keeper**. It installs the running binary
+//! as the first release, then runs `releases/<current>/outpost-edge serve ...` as its
+//! **worker**, with the release's version in `OUTPOST_EDGE_WORKER` and a pipe on its stdin:
+//! a line `stop` asks the worker to shut down cleanly; the pipe's end (the keeper died, e.g.
+//! kill -9) makes it exit at once, as the pair would have. A worker that has staged a new
+//! release switches `current` and exits with [`EXIT_UPDATE`]; the keeper starts the new one in
+//! probation. The worker in probation commits the release once its store is open, its API
+//! listens and the hub has welcomed it. A release that exits before that [`CRASHES_MAX`]
+//! times, or is not healthy within the deadline, is rolled back: `current` returns to the
+//! previous release, the version is refused for good, and the outcome is reported to the hub
+//! on the next connection.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shared::release::{ReleaseOffer, UpdateOutcome, UpdateReport, is_newer, this_target};
+
+/// The worker exits with this code after switching `current` to a staged release.
+pub const EXIT_UPDATE: u8 = 75;
+/// Set by the keeper for its worker: the version of the release it runs.
+pub const WORKER_ENV: &str = "OUTPOST_EDGE_WORKER";
+/// Seconds a release in probation has to become healthy (default [`DEADLINE_DEFAULT`]).
+pub const DEADLINE_ENV: &str = "OUTPOST_UPDATE_DEADLINE_S";
+pub const DEADLINE_DEFAULT: Duration = Duration::from_secs(120);
+/// Starts a release in probation may fail before it is rolled back.
+pub const CRASHES_MAX: u32 = 3;
+/// How long a self-check may take.
+const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a worker asked to stop may take before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+/// Outcomes kept (and told to the hub).
+const REPORTS_KEPT: usize = shared::release::REPORTS_MAX;
+pub const BINARY: &str = "outpost-edge";
+
+/// The version this process runs: its release's when the keeper started it, else the build's.
+pub fn running_version() -> String {
+    std::env::var(WORKER_ENV).unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned())
+}
+
+/// The version a binary reports in `self-check`: the release directory it was installed in
+/// (`releases/<version>/outpost-edge`), else the build's.
+pub fn self_check_version() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let dir = exe.parent()?;
+            let releases = dir.parent()?;
+            (releases.file_name()? == "releases")
+                .then(|| dir.file_name()?.to_str().map(str::to_owned))
+                .flatten()
+        })
+        .filter(|v| shared::release::parse_version(v).is_ok())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
+}
+
+/// A release on trial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub version: String,
+    pub previous: String,
+    /// Starts that ended before the release became healthy.
+    pub attempts: u32,
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub pending: Option<Pending>,
+    /// Versions never to try again, with why.
+    pub refused: BTreeMap<String, String>,
+    /// The latest outcomes, oldest first.
+    pub reports: Vec<UpdateReport>,
+}
+
+impl State {
+    pub fn report(&mut self, version: &str, from: &str, outcome: UpdateOutcome, detail: &str) {
+        let mut detail = detail.to_owned();
+        if detail.len() > 240 {
+            let mut end = 240;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+        }
+        self.reports.push(UpdateReport {
+            version: version.to_owned(),
+            from: from.to_owned(),
+            outcome,
+            detail,
+            at: now_micros(),
+        });
+        if self.reports.len() > REPORTS_KEPT {
+            self.reports.remove(0);
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The releases directory of a data dir.
+#[derive(Debug, Clone)]
+pub struct Releases {
+    dir: PathBuf,
+}
+
+impl Releases {
+    pub fn new(data_dir: &Path) -> Releases {
+        Releases {
+            dir: data_dir.join("releases"),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn binary(&self, version: &str) -> PathBuf {
+        self.dir.join(version).join(BINARY)
+    }
+
+    pub fn part_path(&self, version: &str) -> PathBuf {
+        self.dir.join(format!("{version}.part"))
+    }
+
+    /// The version `current` names, if any.
+    pub fn current(&self) -> io::Result<Option<String>> {
+        match fs::read_to_string(self.dir.join("current")) {
+            Ok(s) => Ok(Some(s.trim().to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Points `current` at `version`: new file, fsync, rename, fsync the directory.
+    pub fn set_current(&self, version: &str) -> io::Result<()> {
+        write_atomic(&self.dir, "current", format!("{version}\n").as_bytes())
+    }
+
+    pub fn state(&self) -> io::Result<State> {
+        match fs::read(self.dir.join("state.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("state.json: {e}"))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save_state(&self, state: &State) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(state).expect("the state serialises");
+        write_atomic(&self.dir, "state.json", &bytes)
+    }
+
+    /// Changes the state under `f` and saves it.
+    pub fn update_state(&self, f: impl FnOnce(&mut State)) -> io::Result<State> {
+        let mut state = self.state()?;
+        f(&mut state);
+        self.save_state(&state)?;
+        Ok(state)
+    }
+
+    /// On first start, installs the running binary as the first release (hard link when it
+    /// can, a copy otherwise) and points `current` at it. Returns the current version.
+    pub fn install_initial(&self) -> io::Result<String> {
+        if let Some(v) = self.current()?
+            && self.binary(&v).exists()
+        {
+            return Ok(v);
+        }
+        let version = env!("CARGO_PKG_VERSION");
+        let exe = std::env::current_exe()?;
+        let dir = self.dir.join(version);
+        fs::create_dir_all(&dir)?;
+        let target = dir.join(BINARY);
+        let tmp = dir.join(format!("{BINARY}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        if fs::hard_link(&exe, &tmp).is_err() {
+            fs::copy(&exe, &tmp)?;
+            fs::File::open(&tmp)?.sync_all()?;
+        }
+        fs::rename(&tmp, &target)?;
+        sync_dir(&dir)?;
+        sync_dir(&self.dir)?;
+        self.set_current(version)?;
+        tracing::info!(version, from = %exe.display(), "installed the running binary as the first release");
+        Ok(version.to_owned())
+    }
+
+    /// Moves a verified download into `releases/<version>/outpost-edge`, executable, durable.
+    pub fn stage(&self, version: &str, download: &Path) -> io::Result<PathBuf> {
+        let dir = self.dir.join(version);
+        fs::create_dir_all(&dir)?;
+        let target = dir.join(BINARY);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(download, fs::Permissions::from_mode(0o755))?;
+        }
+        fs::File::open(download)?.sync_all()?;
+        fs::rename(download, &target)?;
+        sync_dir(&dir)?;
+        sync_dir(&self.dir)?;
+        Ok(target)
+    }
+
+    /// Removes a release's files (a refused one).
+    pub fn discard(&self, version: &str) {
+        let _ = fs::remove_file(self.part_path(version));
+        let _ = fs::remove_dir_all(self.dir.join(version));
+    }
+}
+
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// The offer to take, if any: for this platform, newer than what runs, not refused.
+pub fn choose(offers: &[ReleaseOffer], running: &str, state: &State) -> Option<ReleaseOffer> {
+    let target = this_target();
+    offers
+        .iter()
+        .filter(|o| o.target == target)
+        .filter(|o| is_newer(&o.version, running))
+        .filter(|o| !state.refused.contains_key(&o.version))
+        .max_by(|a, b| {
+            let v = |o: &ReleaseOffer| shared::release::parse_version(&o.version).ok();
+            v(a).cmp(&v(b))
+        })
+        .cloned()
+}
+
+/// Checks the offer's signature with the hub's release key.
+pub fn verify_signature(
+    offer: &ReleaseOffer,
+    key: Option<&ed25519_dalek::VerifyingKey>,
+) -> Result<(), String> {
+    let key = key.ok_or("the branch identity has no release key (release.pub)")?;
+    let sig: [u8; 64] = offer
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| "the signature is not 64 bytes".to_owned())?;
+    key.verify_strict(
+        &offer.signed_message(),
+        &ed25519_dalek::Signature::from_bytes(&sig),
+    )
+    .map_err(|_| "the signature does not verify with the hub's release key".to_owned())
+}
+
+/// Checks a complete download against the offer: size and blake3.
+pub fn verify_download(offer: &ReleaseOffer, path: &Path) -> Result<(), String> {
+    let mut f = fs::File::open(path).map_err(|e| format!("cannot read the download: {e}"))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read the download: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    if size != offer.size {
+        return Err(format!(
+            "{size} bytes arrived, the release has {}",
+            offer.size
+        ));
+    }
+    if hasher.finalize().as_bytes() != &offer.hash {
+        return Err("the artifact's blake3 hash does not match the signed one".into());
+    }
+    Ok(())
+}
+
+/// Runs `binary self-check`: it must exit 0 within the time limit and print `version`.
+pub fn self_check(binary: &Path, version: &str) -> Result<(), String> {
+    let spawn = || {
+        std::process::Command::new(binary)
+            .arg("self-check")
+            .env_remove(WORKER_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    // ETXTBSY: a file just written may still be open in a process forked meanwhile.
+    let mut tries = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => break r.map_err(|e| format!("self-check did not start: {e}"))?,
+        }
+    };
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > SELF_CHECK_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "self-check did not finish within {}s",
+                    SELF_CHECK_TIMEOUT.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("self-check: {e}")),
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if !status.success() {
+        return Err(format!("self-check failed ({status})"));
+    }
+    if !out.split_whitespace().any(|w| w == version) {
+        return Err(format!(
+            "self-check printed {:?}, not version {version}",
+            out.trim()
+        ));
+    }
+    Ok(())
+}
+
+/// `outpost-edge self-check`: the binary loads, its built-in schema is valid, it can make a
+/// TLS configuration; prints its version.
+pub fn run_self_check() -> Result<String, String> {
+    let schema = shared::pos::schema();
+    if schema.tables().is_empty() {
+        return Err("the built-in schema has no tables".into());
+    }
+    let _ = rustls::crypto::ring::default_provider();
+    Ok(format!("outpost-edge {}", self_check_version()))
+}
+
+fn deadline() -> Duration {
+    std::env::var(DEADLINE_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(DEADLINE_DEFAULT, Duration::from_secs)
+}
+
+/// The keeper: runs the current release as a worker until it stops, starting the next
+/// release after an update and rolling back one that does not come up. `args` are the
+/// worker's arguments (`serve ...`).
+pub fn keep(data_dir: &Path, args: Vec<OsString>) -> Result<ExitCode, String> {
+    let releases = Releases::new(data_dir);
+    releases
+        .install_initial()
+        .map_err(|e| format!("cannot install the first release: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(keeper(releases, args))
+}
+
+async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let deadline_after = deadline();
+    loop {
+        let version = releases
+            .current()
+            .map_err(|e| format!("cannot read releases/current: {e}"))?
+            .ok_or("releases/current is missing")?;
+        let state = releases
+            .state()
+            .map_err(|e| format!("cannot read releases/state.json: {e}"))?;
+        let mut probation = state.pending.as_ref().is_some_and(|p| p.version == version);
+        let spawned = tokio::process::Command::new(releases.binary(&version))
+            .args(&args)
+            .env(WORKER_ENV, &version)
+            .stdin(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        let (ended, timed_out) = match spawned {
+            Err(e) => (format!("did not start: {e}"), false),
+            Ok(mut child) => {
+                tracing::info!(%version, probation, "keeper: worker started");
+                let mut stdin = child.stdin.take();
+                let mut deadline = probation.then(|| tokio::time::Instant::now() + deadline_after);
+                let mut stopping = false;
+                let mut timed_out = false;
+                let mut kill_at: Option<tokio::time::Instant> = None;
+                let mut check = tokio::time::interval(Duration::from_millis(200));
+                let status = loop {
+                    tokio::select! {
+                        status = child.wait() => break status,
+                        _ = term.recv() => stopping = true,
+                        _ = int.recv() => stopping = true,
+                        _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                            deadline = None;
+                            timed_out = true;
+                        }
+                        _ = async { tokio::time::sleep_until(kill_at.expect("guarded")).await }, if kill_at.is_some() => {
+                            kill_at = None;
+                            let _ = child.start_kill();
+                        }
+                        _ = check.tick(), if probation => {
+                            // The worker commits its release once healthy.
+                            let committed = releases.state().ok().is_some_and(|s| {
+                                s.pending.as_ref().is_none_or(|p| p.version != version)
+                            });
+                            if committed {
+                                probation = false;
+                                deadline = None;
+                            }
+                        }
+                    }
+                    if (stopping || timed_out) && kill_at.is_none() {
+                        if let Some(mut pipe) = stdin.take() {
+                            use tokio::io::AsyncWriteExt;
+                            let _ = pipe.write_all(b"stop\n").await;
+                        }
+                        kill_at = Some(tokio::time::Instant::now() + STOP_GRACE);
+                    }
+                };
+                let status = status.map_err(|e| format!("waiting for the worker: {e}"))?;
+                if stopping {
+                    return Ok(exit_code(status.code()));
+                }
+                if status.code() == Some(i32::from(EXIT_UPDATE)) {
+                    tracing::info!(%version, "keeper: the worker staged an update");
+                    continue;
+                }
+                let ended = if timed_out {
+                    format!("was not healthy within {}s", deadline_after.as_secs())
+                } else {
+                    format!("exited ({status}) before it was healthy")
+                };
+                if !probation && !timed_out {
+                    // A release in service stopped on its own: the edge stops with it.
+                    tracing::warn!(%version, "keeper: the worker ended ({status})");
+                    return Ok(exit_code(status.code()));
+                }
+                (ended, timed_out)
+            }
+        };
+        // The release on trial failed to come up.
+        let mut state = releases
+            .state()
+            .map_err(|e| format!("cannot read releases/state.json: {e}"))?;
+        let Some(mut pending) = state.pending.clone().filter(|p| p.version == version) else {
+            return Err(format!("release {version} {ended}"));
+        };
+        pending.attempts += 1;
+        if timed_out || pending.attempts >= CRASHES_MAX {
+            let detail = if timed_out {
+                format!(
+                    "release {version} {ended}; rolled back to {}",
+                    pending.previous
+                )
+            } else {
+                format!(
+                    "release {version} {ended}, {} times; rolled back to {}",
+                    pending.attempts, pending.previous
+                )
+            };
+            tracing::error!("keeper: {detail}");
+            releases
+                .set_current(&pending.previous)
+                .map_err(|e| format!("cannot roll back releases/current: {e}"))?;
+            state.pending = None;
+            state.refused.insert(version.clone(), detail.clone());
+            state.report(
+                &version,
+                &pending.previous,
+                UpdateOutcome::RolledBack,
+                &detail,
+            );
+        } else {
+            tracing::warn!(
+                "keeper: release {version} {ended} (attempt {} of {CRASHES_MAX})",
+                pending.attempts
+            );
+            state.pending = Some(pending);
+        }
+        releases
+            .save_state(&state)
+            .map_err(|e| format!("cannot write releases/state.json: {e}"))?;
+    }
+}
+
+fn exit_code(code: Option<i32>) -> ExitCode {
+    ExitCode::from(code.map_or(1, |c| u8::try_from(c).unwrap_or(1)))
+}
+
+/// In the worker: watches the keeper's pipe on stdin. `stop` asks for a clean shutdown; the
+/// pipe's end means the keeper is gone, and the worker exits at once.
+pub fn watch_keeper(stop: tokio::sync::watch::Sender<bool>) {
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match io::stdin().read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    eprintln!("outpost-edge: the keeper is gone; exiting");
+                    std::process::exit(1);
+                }
+                Ok(_) if line.trim() == "stop" => {
+                    let _ = stop.send(true);
+                }
+                Ok(_) => {}
+            }
+        }
+    });
+}
+
+/// A test hook: `OUTPOST_FAULT_CUT_DOWNLOAD=N` drops the hub connection once, after N bytes of
+/// a release download arrived, to prove the next connection resumes instead of restarting.
+const CUT_ENV: &str = "OUTPOST_FAULT_CUT_DOWNLOAD";
+
+/// Why an install attempt stopped.
+enum Stop {
+    /// The release is bad: refused for good, reported.
+    Refuse(String),
+    /// The link or the disk failed: tried again on the next offer (the download resumes).
+    Retry(String),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct UpdateMetrics {
+    pub downloads_started: std::sync::atomic::AtomicU64,
+    pub downloads_resumed: std::sync::atomic::AtomicU64,
+    pub bytes_downloaded: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    pub staged: std::sync::atomic::AtomicU64,
+}
+
+/// The worker's side of updates: takes the hub's offers, downloads over the sync connection,
+/// verifies, self-checks, stages, switches `current` and asks the worker to hand over.
+pub struct Updater {
+    releases: Releases,
+    running: String,
+    release_key: Option<ed25519_dalek::VerifyingKey>,
+    busy: std::sync::atomic::AtomicBool,
+    /// Turns true when a release is staged and `current` points at it.
+    staged: tokio::sync::watch::Sender<bool>,
+    /// Bumped whenever `state.json`'s reports change (the sync client then tells the hub).
+    reports_changed: std::sync::atomic::AtomicU64,
+    cut_at: parking_lot::Mutex<Option<u64>>,
+    pub metrics: UpdateMetrics,
+}
+
+impl Updater {
+    pub fn new(
+        data_dir: &Path,
+        running: &str,
+        release_key: Option<ed25519_dalek::VerifyingKey>,
+    ) -> std::sync::Arc<Updater> {
+        std::sync::Arc::new(Updater {
+            releases: Releases::new(data_dir),
+            running: running.to_owned(),
+            release_key,
+            busy: Default::default(),
+            staged: tokio::sync::watch::channel(false).0,
+            reports_changed: Default::default(),
+            cut_at: parking_lot::Mutex::new(
+                std::env::var(CUT_ENV).ok().and_then(|v| v.parse().ok()),
+            ),
+            metrics: UpdateMetrics::default(),
+        })
+    }
+
+    /// Resolves once a release is staged (the worker then shuts down with [`EXIT_UPDATE`]).
+    pub fn staged(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.staged.subscribe()
+    }
+
+    pub fn reports_generation(&self) -> u64 {
+        self.reports_changed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The outcomes to tell the hub.
+    pub fn reports(&self) -> Vec<UpdateReport> {
+        self.releases.state().map(|s| s.reports).unwrap_or_default()
+    }
+
+    /// The worker is healthy (store open, API listening, hub handshake done): a release in
+    /// probation is committed.
+    pub fn healthy(&self) {
+        let on_trial = self
+            .releases
+            .state()
+            .is_ok_and(|s| s.pending.is_some_and(|p| p.version == self.running));
+        if !on_trial {
+            return;
+        }
+        let running = self.running.clone();
+        let mut committed = None;
+        let r = self.releases.update_state(|s| {
+            if let Some(p) = s.pending.take_if(|p| p.version == running) {
+                s.report(
+                    &running,
+                    &p.previous,
+                    UpdateOutcome::Installed,
+                    "healthy: store open, API listening, hub handshake done",
+                );
+                committed = Some(p.previous);
+            }
+        });
+        match (r, committed) {
+            (Ok(_), Some(previous)) => {
+                tracing::info!(version = %self.running, %previous, "release installed and healthy");
+                self.reports_changed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            (Err(e), _) => tracing::error!("cannot commit release {}: {e}", self.running),
+            _ => {}
+        }
+    }
+
+    /// The hub's offers arrived on `conn`: starts installing the best one, unless an install
+    /// is under way or this release is itself still on trial.
+    pub fn offers(self: &std::sync::Arc<Self>, conn: &quinn::Connection, offers: &[ReleaseOffer]) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let state = match self.releases.state() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot read the update state: {e}");
+                return;
+            }
+        };
+        if state.pending.is_some() || *self.staged.borrow() {
+            return;
+        }
+        let Some(offer) = choose(offers, &self.running, &state) else {
+            return;
+        };
+        if self.busy.swap(true, SeqCst) {
+            return;
+        }
+        let (me, conn) = (self.clone(), conn.clone());
+        tokio::spawn(async move {
+            let version = offer.version.clone();
+            match me.install(&conn, &offer).await {
+                Ok(()) => {}
+                Err(Stop::Retry(why)) => {
+                    tracing::info!(%version, "release download interrupted (resumes later): {why}")
+                }
+                Err(Stop::Refuse(why)) => me.refuse(&version, &why),
+            }
+            me.busy.store(false, SeqCst);
+        });
+    }
+
+    fn refuse(&self, version: &str, why: &str) {
+        tracing::warn!(%version, "release refused: {why}");
+        self.metrics
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.releases.discard(version);
+        let running = self.running.clone();
+        if let Err(e) = self.releases.update_state(|s| {
+            s.refused.insert(version.to_owned(), why.to_owned());
+            s.report(version, &running, UpdateOutcome::Refused, why);
+        }) {
+            tracing::error!("cannot record the refusal of {version}: {e}");
+        }
+        self.reports_changed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn install(&self, conn: &quinn::Connection, offer: &ReleaseOffer) -> Result<(), Stop> {
+        verify_signature(offer, self.release_key.as_ref()).map_err(Stop::Refuse)?;
+        tracing::info!(version = %offer.version, size = offer.size, "downloading a release");
+        let part = self.releases.part_path(&offer.version);
+        self.download(conn, offer, &part).await?;
+        let (releases, offer2, part2) = (self.releases.clone(), offer.clone(), part.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), Stop> {
+            verify_download(&offer2, &part2).map_err(Stop::Refuse)?;
+            let binary = releases
+                .stage(&offer2.version, &part2)
+                .map_err(|e| Stop::Retry(format!("cannot stage the release: {e}")))?;
+            self_check(&binary, &offer2.version).map_err(Stop::Refuse)
+        })
+        .await
+        .map_err(|e| Stop::Retry(e.to_string()))??;
+        let running = self.running.clone();
+        self.releases
+            .update_state(|s| {
+                s.pending = Some(Pending {
+                    version: offer.version.clone(),
+                    previous: running,
+                    attempts: 0,
+                });
+            })
+            .map_err(|e| Stop::Retry(format!("cannot write the update state: {e}")))?;
+        self.releases
+            .set_current(&offer.version)
+            .map_err(|e| Stop::Retry(format!("cannot switch releases/current: {e}")))?;
+        self.metrics
+            .staged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(version = %offer.version, "release verified and staged; handing over");
+        let _ = self.staged.send(true);
+        Ok(())
+    }
+
+    /// Downloads the artifact into `part`, resuming from what it already holds.
+    async fn download(
+        &self,
+        conn: &quinn::Connection,
+        offer: &ReleaseOffer,
+        part: &Path,
+    ) -> Result<(), Stop> {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::AsyncWriteExt;
+        let retry = |e: &dyn std::fmt::Display| Stop::Retry(e.to_string());
+        fs::create_dir_all(self.releases.dir()).map_err(|e| retry(&e))?;
+        let mut offset = fs::metadata(part).map_or(0, |m| m.len());
+        if offset > offer.size {
+            fs::remove_file(part).map_err(|e| retry(&e))?;
+            offset = 0;
+        }
+        if offset == offer.size {
+            return Ok(());
+        }
+        self.metrics.downloads_started.fetch_add(1, Relaxed);
+        if offset > 0 {
+            self.metrics.downloads_resumed.fetch_add(1, Relaxed);
+            tracing::info!(version = %offer.version, offset, "resuming a release download");
+        }
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| retry(&e))?;
+        let fetch = shared::wire::Frame::Fetch {
+            version: offer.version.clone(),
+            offset,
+        };
+        send.write_all(&fetch.encode())
+            .await
+            .map_err(|e| retry(&e))?;
+        let _ = send.finish();
+        let mut reader = shared::wire::FrameReader::default();
+        let header = loop {
+            if let Some(f) = reader.next_frame().map_err(|e| retry(&e))? {
+                break f;
+            }
+            match recv
+                .read_chunk(64 * 1024, true)
+                .await
+                .map_err(|e| retry(&e))?
+            {
+                Some(c) => reader.push(&c.bytes),
+                None => return Err(Stop::Retry("the hub ended the download early".into())),
+            }
+        };
+        match header {
+            shared::wire::Frame::Artifact {
+                version,
+                size,
+                offset: at,
+            } if version == offer.version && size == offer.size && at == offset => {}
+            shared::wire::Frame::Close { reason } => {
+                return Err(Stop::Retry(format!(
+                    "the hub refused the download: {reason}"
+                )));
+            }
+            other => {
+                return Err(Stop::Retry(format!(
+                    "the hub answered the download with {other:?}"
+                )));
+            }
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(part)
+            .await
+            .map_err(|e| retry(&e))?;
+        let mut pending = reader.into_rest();
+        loop {
+            if !pending.is_empty() {
+                offset += pending.len() as u64;
+                if offset > offer.size {
+                    return Err(Stop::Refuse(format!(
+                        "the hub sent more than the release's {} bytes",
+                        offer.size
+                    )));
+                }
+                file.write_all(&pending).await.map_err(|e| retry(&e))?;
+                self.metrics
+                    .bytes_downloaded
+                    .fetch_add(pending.len() as u64, Relaxed);
+                let cut = {
+                    let mut cut_at = self.cut_at.lock();
+                    let hit = cut_at.is_some_and(|n| offset >= n);
+                    if hit {
+                        *cut_at = None;
+                    }
+                    hit
+                };
+                if cut {
+                    file.sync_all().await.map_err(|e| retry(&e))?;
+                    tracing::warn!(offset, "test hook: cutting the hub link mid-download");
+                    conn.close(0u32.into(), b"test hook: download cut");
+                    return Err(Stop::Retry(format!("cut by the test hook at {offset}")));
+                }
+            }
+            match recv.read_chunk(256 * 1024, true).await {
+                Ok(Some(c)) => pending = c.bytes.to_vec(),
+                Ok(None) => break,
+                Err(e) => {
+                    // Keep what arrived: the next connection resumes from it.
+                    let _ = file.sync_all().await;
+                    return Err(retry(&e));
+                }
+            }
+        }
+        file.sync_all().await.map_err(|e| retry(&e))?;
+        if offset != offer.size {
+            return Err(Stop::Retry(format!(
+                "the download ended at {offset} of {} bytes",
+                offer.size
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    fn offer(key: &SigningKey, version: &str, bytes: &[u8]) -> ReleaseOffer {
+        let mut o = ReleaseOffer {
+            version: version.into(),
+            target: this_target(),
+            size: bytes.len() as u64,
+            hash: *blake3::hash(bytes).as_bytes(),
+            signature: Vec::new(),
+        };
+        o.signature = key.sign(&o.signed_message()).to_bytes().to_vec();
+        o
+    }
+
+    #[test]
+    fn choose_takes_the_newest_acceptable_release() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let mut state = State::default();
+        let mut other = offer(&key, "0.9.0", b"x");
+        other.target = "sparc-plan9".into();
+        let offers = vec![
+            offer(&key, "0.2.0", b"a"),
+            offer(&key, "0.3.0", b"b"),
+            offer(&key, "0.1.0", b"c"),
+            other,
+        ];
+        assert_eq!(choose(&offers, "0.1.0", &state).unwrap().version, "0.3.0");
+        state.refused.insert("0.3.0".into(), "bad".into());
+        assert_eq!(choose(&offers, "0.1.0", &state).unwrap().version, "0.2.0");
+        assert!(choose(&offers, "0.2.0", &state).is_none());
+    }
+
+    #[test]
+    fn signatures_and_downloads_are_checked() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let stranger = SigningKey::from_bytes(&[2; 32]);
+        let good = offer(&key, "0.2.0", b"release bytes");
+        let public = key.verifying_key();
+        assert!(verify_signature(&good, Some(&public)).is_ok());
+        assert!(verify_signature(&good, None).is_err());
+        let foreign = offer(&stranger, "0.2.0", b"release bytes");
+        assert!(verify_signature(&foreign, Some(&public)).is_err());
+        // Any signed field changed after signing breaks the signature.
+        for mutate in [
+            |o: &mut ReleaseOffer| o.version = "0.2.1".into(),
+            |o: &mut ReleaseOffer| o.size += 1,
+            |o: &mut ReleaseOffer| o.hash[0] ^= 1,
+            |o: &mut ReleaseOffer| o.target = "x".into(),
+        ] {
+            let mut o = good.clone();
+            mutate(&mut o);
+            assert!(verify_signature(&o, Some(&public)).is_err());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        fs::write(&path, b"release bytes").unwrap();
+        assert!(verify_download(&good, &path).is_ok());
+        fs::write(&path, b"release bytez").unwrap();
+        assert!(verify_download(&good, &path).unwrap_err().contains("hash"));
+        fs::write(&path, b"release").unwrap();
+        assert!(verify_download(&good, &path).unwrap_err().contains("bytes"));
+    }
+
+    #[test]
+    fn current_and_state_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        assert_eq!(r.current().unwrap(), None);
+        assert_eq!(r.state().unwrap(), State::default());
+        let v = r.install_initial().unwrap();
+        assert_eq!(v, env!("CARGO_PKG_VERSION"));
+        assert!(r.binary(&v).exists());
+        // A second start keeps what is there.
+        r.set_current("9.9.9").unwrap();
+        fs::create_dir_all(dir.path().join("releases/9.9.9")).unwrap();
+        fs::write(r.binary("9.9.9"), b"#!/bin/sh\n").unwrap();
+        assert_eq!(r.install_initial().unwrap(), "9.9.9");
+        let state = r
+            .update_state(|s| {
+                s.pending = Some(Pending {
+                    version: "9.9.9".into(),
+                    previous: v.clone(),
+                    attempts: 1,
+                });
+                s.report("9.9.9", &v, UpdateOutcome::Refused, "because");
+            })
+            .unwrap();
+        let again = Releases::new(dir.path());
+        assert_eq!(again.current().unwrap().as_deref(), Some("9.9.9"));
+        assert_eq!(again.state().unwrap(), state);
+        assert!(!dir.path().join("releases/current.tmp").exists());
+    }
+
+    #[test]
+    fn reports_are_bounded_and_details_cut_at_a_character() {
+        let mut s = State::default();
+        for i in 0..(REPORTS_KEPT + 5) {
+            s.report(
+                &format!("0.{i}.0"),
+                "0.1.0",
+                UpdateOutcome::Refused,
+                &"é".repeat(200),
+            );
+        }
+        assert_eq!(s.reports.len(), REPORTS_KEPT);
+        assert_eq!(s.reports[0].version, "0.5.0");
+        assert!(s.reports.iter().all(|r| r.detail.len() <= 240));
+    }
+
+    #[test]
+    fn self_check_runs_the_binary_and_wants_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            fs::write(&p, body).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            p
+        };
+        let ok = script("ok", "#!/bin/sh\necho \"outpost-edge 1.2.3\"\n");
+        assert!(self_check(&ok, "1.2.3").is_ok());
+        assert!(
+            self_check(&ok, "1.2.4")
+                .unwrap_err()
+                .contains("not version")
+        );
+        let fails = script("fails", "#!/bin/sh\nexit 1\n");
+        assert!(self_check(&fails, "1.2.3").unwrap_err().contains("failed"));
+        assert!(self_check(&dir.path().join("missing"), "1.2.3").is_err());
+    }
+}
