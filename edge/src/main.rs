@@ -85,7 +85,9 @@ fn run(cli: Cli) -> Result<ExitCode, StartError> {
             schema,
         } => {
             let schema = load_schema(schema.as_ref())?;
-            if hub.is_some() && std::env::var_os(edge::update::WORKER_ENV).is_none() {
+            if let (Some(dir), None) = (&identity, std::env::var_os(edge::update::WORKER_ENV)) {
+                // The identity is checked before anything is created.
+                edge::server::load_identity(dir, &branch)?;
                 // A syncing edge updates itself: this process keeps the current release
                 // running as its worker (see `edge::update`).
                 let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();

@@ -429,25 +429,67 @@ async fn bind(addr: SocketAddr, retry: bool) -> Result<tokio::net::TcpListener, 
     }
 }
 
+/// Loads the branch identity in `dir` and checks that it is `branch`'s.
+pub fn load_identity(
+    dir: &Path,
+    branch: &BranchId,
+) -> Result<crate::identity::EdgeIdentity, StartError> {
+    let identity = crate::identity::EdgeIdentity::load(dir)
+        .map_err(|e| StartError(format!("identity {}: {e}", dir.display())))?;
+    if &identity.branch != branch {
+        return Err(StartError(format!(
+            "identity {} belongs to branch {}, not {branch}",
+            dir.display(),
+            identity.branch,
+        )));
+    }
+    Ok(identity)
+}
+
+/// Takes the data dir's lock (`edge.lock`): one serving process per data dir. A worker waits
+/// a while for it, since its predecessor may still be on its way out.
+async fn lock_data_dir(data_dir: &Path, wait: bool) -> Result<std::fs::File, StartError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        StartError(format!(
+            "cannot create data dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let path = data_dir.join("edge.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StartError(format!("cannot open {}: {e}", path.display())))?;
+    let mut tries = 0;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if wait && tries < 200 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StartError(format!(
+                    "another outpost-edge is serving {}",
+                    data_dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StartError(format!("cannot lock {}: {e}", path.display())));
+            }
+        }
+    }
+}
+
 /// Runs the edge until a shutdown signal (or, under a keeper, until it asks to stop or a new
 /// release is staged).
 pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
     // The identity is checked before anything is created: a refused start leaves no trace.
     let identity = match &config.hub {
         None => None,
-        Some((_, dir)) => {
-            let identity = crate::identity::EdgeIdentity::load(dir)
-                .map_err(|e| StartError(format!("identity {}: {e}", dir.display())))?;
-            if identity.branch != config.branch {
-                return Err(StartError(format!(
-                    "identity {} belongs to branch {}, not {}",
-                    dir.display(),
-                    identity.branch,
-                    config.branch
-                )));
-            }
-            Some(identity)
-        }
+        Some((_, dir)) => Some(load_identity(dir, &config.branch)?),
     };
     let worker = std::env::var_os(crate::update::WORKER_ENV).is_some();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -455,6 +497,7 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
         crate::update::watch_keeper(stop_tx);
     }
     let version = crate::update::running_version();
+    let _lock = lock_data_dir(&config.data_dir, worker).await?;
     let store = open_data_dir(&config.data_dir, &config.branch, config.schema.clone())?;
     let listener = bind(config.http, worker).await?;
     let bound = listener
