@@ -1,20 +1,23 @@
 //! The head-office HTTP API (CONTRACT.md section 3): health, metrics, branches and their sync
-//! state, queries across branches, and head-office rows pushed down to the edges.
+//! state, queries across branches, head-office rows pushed down to the edges, and edge
+//! software releases (publish, promote, rollout rings, update outcomes).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde_json::{Value as Json, json};
-use shared::BranchId;
 use shared::metrics::Exposition;
+use shared::release::{ARTIFACT_BYTES_MAX, UpdateReport, this_target};
+use shared::{BranchId, Timestamp};
 
+use crate::releases::{Release, Ring, UploadError, check_target, check_version};
 use crate::store::{HubStore, HubStoreError, now_micros};
 use crate::sync::SyncServer;
 
@@ -64,6 +67,8 @@ impl From<HubStoreError> for ApiError {
             HubStoreError::NotHubOwned(_) => (StatusCode::FORBIDDEN, "not_hub_owned"),
             HubStoreError::SharedScoped(_) => (StatusCode::BAD_REQUEST, "shared_scoped"),
             HubStoreError::Field(f) => (StatusCode::BAD_REQUEST, f.code()),
+            HubStoreError::ReleaseExists(_) => (StatusCode::CONFLICT, "release_exists"),
+            HubStoreError::UnknownRelease(_) => (StatusCode::NOT_FOUND, "unknown_release"),
             HubStoreError::NotNext { .. } | HubStoreError::Storage(_) => {
                 tracing::error!("storage: {e}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage")
@@ -143,6 +148,15 @@ pub fn router(hub: Hub) -> Router {
         .route("/api/query", post(query))
         .route("/api/conflicts", get(conflicts))
         .route("/api/modules/{module}/tables/{table}/{id}", put(put_row))
+        .route(
+            "/api/releases",
+            get(list_releases)
+                .post(publish_release)
+                // The artifact streams to disk; the handler counts it against its own limit.
+                .layer(DefaultBodyLimit::max(ARTIFACT_BYTES_MAX as usize)),
+        )
+        .route("/api/releases/{version}/promote", post(promote_release))
+        .route("/api/branches/{id}/ring", put(set_ring))
         .route_layer(middleware::from_fn_with_state(hub.clone(), auth));
     Router::new()
         .route("/", get(dashboard))
@@ -336,6 +350,267 @@ async fn put_row(
     })))
 }
 
+/// A release as the API shows it.
+fn release_json(r: &Release) -> Json {
+    json!({
+        "version": r.version,
+        "target": r.target,
+        "size": r.size,
+        "hash": hex::encode(r.hash),
+        "signature": hex::encode(r.signature),
+        "ring": r.ring.as_str(),
+        "published_at": r.published_at.to_rfc3339(),
+    })
+}
+
+/// An update outcome as the API shows it.
+fn outcome_json(r: &UpdateReport) -> Json {
+    json!({
+        "version": r.version,
+        "from": r.from,
+        "outcome": r.outcome.as_str(),
+        "detail": r.detail,
+        "at": Timestamp(r.at).to_rfc3339(),
+    })
+}
+
+fn invalid_ring() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_ring",
+        "the ring is \"canary\" or \"all\"",
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct PublishParams {
+    version: Option<String>,
+    ring: Option<String>,
+    target: Option<String>,
+}
+
+/// `POST /api/releases?version=SEMVER&ring=canary|all[&target=T]`, the artifact as the raw
+/// body: streamed to disk while hashed, made durable, signed, then recorded; live sessions
+/// are told. Any failure leaves nothing behind.
+async fn publish_release(
+    State(hub): State<Hub>,
+    params: Result<Query<PublishParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, axum::Json<Json>), ApiError> {
+    let Query(params) = params.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("the query string is malformed: {}", e.body_text()),
+        )
+    })?;
+    let version = params.version.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_version",
+            "give the release's version: ?version=1.2.3",
+        )
+    })?;
+    check_version(&version)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_version", e))?;
+    let ring = params
+        .ring
+        .as_deref()
+        .and_then(Ring::parse)
+        .ok_or_else(invalid_ring)?;
+    let target = params.target.unwrap_or_else(this_target);
+    check_target(&target)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_target", e))?;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "artifact_too_large",
+            format!("a release artifact is at most {ARTIFACT_BYTES_MAX} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > ARTIFACT_BYTES_MAX) {
+        return Err(too_large());
+    }
+    let Some(files) = hub.sync.releases().cloned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "releases_unavailable",
+            "this hub was started without a place for release artifacts",
+        ));
+    };
+    let exists = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "release_exists",
+            format!("release {version} was published before; a published release never changes"),
+        )
+    };
+    let storage = |e: std::io::Error| {
+        tracing::error!("storing a release artifact: {e}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage",
+            format!("storing the artifact failed: {e}"),
+        )
+    };
+    // Held until the release is recorded: no other upload of this version meanwhile.
+    let mut upload = files
+        .begin(&version)
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "release_exists",
+                format!("release {version} is being published right now"),
+            )
+        })?;
+    let store = hub.store.clone();
+    let v = version.clone();
+    if tokio::task::spawn_blocking(move || store.release(&v))
+        .await
+        .map_err(blocking_failed)??
+        .is_some()
+    {
+        return Err(exists());
+    }
+    let upload_failed = |e: UploadError| match e {
+        UploadError::TooLarge(_) => too_large(),
+        UploadError::Empty => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_artifact",
+            "the body (the release artifact) is empty",
+        ),
+        UploadError::Io(e) => storage(e),
+    };
+    let mut body = body;
+    while let Some(frame) = std::future::poll_fn(|cx| {
+        axum::body::HttpBody::poll_frame(std::pin::Pin::new(&mut body), cx)
+    })
+    .await
+    {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "incomplete_body",
+                format!("the artifact did not arrive whole: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            upload.write(&data).await.map_err(upload_failed)?;
+        }
+    }
+    let (size, hash) = upload.commit().await.map_err(upload_failed)?;
+    let release = Release {
+        signature: files.sign(&version, &target, size, &hash),
+        version,
+        target,
+        size,
+        hash,
+        ring,
+        published_at: Timestamp(now_micros()),
+    };
+    let store = hub.store.clone();
+    let r = release.clone();
+    tokio::task::spawn_blocking(move || store.add_release(&r))
+        .await
+        .map_err(blocking_failed)??;
+    drop(upload);
+    tracing::info!(version = %release.version, target = %release.target, size, ring = release.ring.as_str(), "release published");
+    hub.sync.releases_changed();
+    Ok((StatusCode::CREATED, axum::Json(release_json(&release))))
+}
+
+/// `POST /api/releases/{version}/promote`: the release goes to ring `all`.
+async fn promote_release(
+    State(hub): State<Hub>,
+    Path(version): Path<String>,
+) -> Result<axum::Json<Json>, ApiError> {
+    let store = hub.store.clone();
+    let release = tokio::task::spawn_blocking(move || store.promote_release(&version))
+        .await
+        .map_err(blocking_failed)??;
+    tracing::info!(version = %release.version, "release promoted to every branch");
+    hub.sync.releases_changed();
+    Ok(axum::Json(release_json(&release)))
+}
+
+/// `GET /api/releases`: every release, newest first, and every branch's ring, running
+/// version and update outcomes.
+async fn list_releases(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> {
+    let store = hub.store.clone();
+    let (releases, branches, outcomes) = tokio::task::spawn_blocking(move || {
+        Ok::<_, HubStoreError>((
+            store.releases()?,
+            store.branches()?,
+            store.update_outcomes()?,
+        ))
+    })
+    .await
+    .map_err(blocking_failed)??;
+    let mut by_branch: std::collections::HashMap<BranchId, Vec<Json>> =
+        std::collections::HashMap::new();
+    for o in &outcomes {
+        by_branch
+            .entry(o.branch.clone())
+            .or_default()
+            .push(outcome_json(&o.report));
+    }
+    let branches: Vec<Json> = branches
+        .into_iter()
+        .map(|b| {
+            let outcomes = by_branch.remove(&b.branch).unwrap_or_default();
+            json!({
+                "branch": b.branch.as_str(),
+                "ring": b.ring,
+                "installed": b.edge_version,
+                "connected": hub.sync.is_connected(&b.branch),
+                "last_outcome": outcomes.first().cloned(),
+                "outcomes": outcomes,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "releases": releases.iter().map(release_json).collect::<Vec<_>>(),
+        "branches": branches,
+    })))
+}
+
+/// `PUT /api/branches/{id}/ring` with `{"ring": "canary" | "all"}`.
+async fn set_ring(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<axum::Json<Json>, ApiError> {
+    let ring = body
+        .get("ring")
+        .and_then(Json::as_str)
+        .and_then(Ring::parse)
+        .ok_or_else(invalid_ring)?;
+    let branch = BranchId::parse(&id).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_branch",
+            format!("there is no branch {id:?}"),
+        )
+    })?;
+    let store = hub.store.clone();
+    let b = branch.clone();
+    tokio::task::spawn_blocking(move || store.set_ring(&b, ring))
+        .await
+        .map_err(blocking_failed)??;
+    tracing::info!(%branch, ring = ring.as_str(), "branch ring set");
+    hub.sync.releases_changed();
+    Ok(axum::Json(
+        json!({"branch": branch.as_str(), "ring": ring.as_str()}),
+    ))
+}
+
 async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
     let m = &hub.sync.metrics;
     let mut out = Exposition::default();
@@ -384,6 +659,26 @@ async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
             "outpost_hub_feed_segments_sent_total",
             "Feed segments sent to edges.",
             &m.feed_segments_sent,
+        ),
+        (
+            "outpost_hub_release_fetches_total",
+            "Release downloads answered with the artifact.",
+            &m.release_fetches,
+        ),
+        (
+            "outpost_hub_release_fetches_resumed_total",
+            "Release downloads resumed from an offset past 0.",
+            &m.release_fetches_resumed,
+        ),
+        (
+            "outpost_hub_release_bytes_served_total",
+            "Release artifact bytes sent to edges.",
+            &m.release_bytes_served,
+        ),
+        (
+            "outpost_hub_update_reports_total",
+            "Update reports received from edges.",
+            &m.update_reports,
         ),
     ] {
         out.counter(name, help, v.load(Relaxed));

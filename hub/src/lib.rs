@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod identity;
+pub mod releases;
 pub mod rows;
 pub mod store;
 pub mod sync;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hub::api::{self, Hub};
 use hub::identity::{BRANCH_CERT_VALIDITY_DEFAULT, HubIdentity};
+use hub::releases::ReleaseFiles;
 use hub::store::{HubStore, SqliteHubStore};
 use hub::sync::SyncServer;
 use shared::BranchId;
@@ -146,7 +147,15 @@ async fn serve(
     let token = admin_token(&data_dir)?;
     eprintln!("admin token: {}", data_dir.join("admin.token").display());
     let store: Arc<dyn HubStore> = store;
-    let sync = SyncServer::new(store.clone());
+    // Release artifacts live in <data dir>/releases, signed with the identity's release key.
+    let identity = Arc::new(identity);
+    let releases = ReleaseFiles::open(&data_dir, identity.clone()).map_err(|e| {
+        Fatal(format!(
+            "cannot open {}: {e}",
+            data_dir.join(hub::releases::RELEASES_DIR).display()
+        ))
+    })?;
+    let sync = SyncServer::with_releases(store.clone(), Arc::new(releases));
     let endpoint = SyncServer::bind(&identity, quic)
         .map_err(|e| Fatal(format!("cannot listen on {quic} (UDP): {e}")))?;
     let quic_bound = endpoint

@@ -14,10 +14,12 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::log::{ChainHash, EntryOp, LogEntry, Segment};
 use shared::merge::SharedRow;
+use shared::release::{OFFERS_MAX, ReleaseOffer, UpdateOutcome, UpdateReport, is_newer};
 use shared::schema::Owner;
 use shared::wire::Position;
 use shared::{BranchId, Fields, HlcClock, OriginId, Row, Schema, Seq, Timestamp, Value};
 
+use crate::releases::{Release, Ring};
 use crate::rows;
 
 /// Entries materialised per transaction when a query catches up.
@@ -42,6 +44,10 @@ pub enum HubStoreError {
     SharedScoped(String),
     #[error(transparent)]
     Field(#[from] shared::json::FieldError),
+    #[error("release {0} was published before; a published release never changes")]
+    ReleaseExists(String),
+    #[error("there is no release {0}")]
+    UnknownRelease(String),
 }
 
 impl From<rusqlite::Error> for HubStoreError {
@@ -120,6 +126,14 @@ pub struct Conflict {
     pub winner: serde_json::Value,
 }
 
+/// An edge's report of how an update attempt ended, as the hub keeps it (the latest per
+/// branch and release).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchOutcome {
+    pub branch: BranchId,
+    pub report: UpdateReport,
+}
+
 /// A head-office row written by [`HubStore::put_hub_row`].
 #[derive(Debug, Clone)]
 pub struct PutOutcome {
@@ -180,6 +194,39 @@ pub trait HubStore: Send + Sync + 'static {
     /// The most recent shared-row conflicts, newest first.
     fn conflicts(&self, limit: usize) -> Result<Vec<Conflict>, HubStoreError>;
     fn query(&self, body: &serde_json::Value) -> Result<serde_json::Value, rows::QueryError>;
+
+    /// Records a published release (its artifact is already durable on disk). A version
+    /// published before is refused with [`HubStoreError::ReleaseExists`] and nothing changes.
+    fn add_release(&self, release: &Release) -> Result<(), HubStoreError>;
+    /// One release, if it was published.
+    fn release(&self, version: &str) -> Result<Option<Release>, HubStoreError>;
+    /// Every release, newest version first (semantic version order).
+    fn releases(&self) -> Result<Vec<Release>, HubStoreError>;
+    /// Moves a release to ring `all` (every branch is offered it) and returns it.
+    fn promote_release(&self, version: &str) -> Result<Release, HubStoreError>;
+    /// Puts a branch in a rollout ring.
+    fn set_ring(&self, branch: &BranchId, ring: Ring) -> Result<(), HubStoreError>;
+    /// The releases offered to a branch that runs version `running`: those of ring `all`, and
+    /// of ring `canary` when the branch is in the canary ring, newer than `running`; newest
+    /// first, at most [`OFFERS_MAX`].
+    fn offers(&self, branch: &BranchId, running: &str) -> Result<Vec<ReleaseOffer>, HubStoreError>;
+    /// Release `version` if it is offered to the branch by the ring rules (whatever version
+    /// the branch runs), else `None`.
+    fn offered_release(
+        &self,
+        branch: &BranchId,
+        version: &str,
+    ) -> Result<Option<Release>, HubStoreError>;
+    /// Keeps the branch's update reports: per release, the one with the latest `at` wins.
+    /// Reports about versions the hub never published are ignored. Returns how many were
+    /// about published releases.
+    fn record_update_reports(
+        &self,
+        branch: &BranchId,
+        reports: &[UpdateReport],
+    ) -> Result<usize, HubStoreError>;
+    /// Every branch's kept update outcomes, by branch, each branch's newest first.
+    fn update_outcomes(&self) -> Result<Vec<BranchOutcome>, HubStoreError>;
 }
 
 /// The embedded SQLite implementation.
@@ -267,6 +314,24 @@ CREATE TABLE IF NOT EXISTS shared_rows (
     id TEXT NOT NULL,
     reg BLOB NOT NULL,
     PRIMARY KEY (tbl, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS releases (
+    version TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    ring TEXT NOT NULL,
+    published_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS release_outcomes (
+    branch TEXT NOT NULL,
+    version TEXT NOT NULL,
+    from_version TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (branch, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conflicts (
     n INTEGER PRIMARY KEY,
@@ -634,6 +699,76 @@ fn hub_entry(
         clock: None,
         scope,
     }
+}
+
+const RELEASE_COLUMNS: &str = "version, target, size, hash, signature, ring, published_at";
+
+/// A release from a row of [`RELEASE_COLUMNS`].
+fn release_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Release, HubStoreError>> {
+    let (version, target, size, hash, signature, ring, published_at): (
+        String,
+        String,
+        i64,
+        Vec<u8>,
+        Vec<u8>,
+        String,
+        i64,
+    ) = (
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    );
+    let bad = |what: &str| HubStoreError::Storage(format!("release {version}: {what}"));
+    Ok((|| {
+        Ok(Release {
+            hash: hash.try_into().map_err(|_| bad("a hash is 32 bytes"))?,
+            signature: signature
+                .try_into()
+                .map_err(|_| bad("a signature is 64 bytes"))?,
+            ring: Ring::parse(&ring).ok_or_else(|| bad("unknown ring"))?,
+            size: u64::try_from(size).map_err(|_| bad("negative size"))?,
+            published_at: Timestamp(published_at),
+            target,
+            version: version.clone(),
+        })
+    })())
+}
+
+/// Every release, newest version first.
+fn releases_on(conn: &Connection) -> Result<Vec<Release>, HubStoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {RELEASE_COLUMNS} FROM releases"))?;
+    let mut out = stmt
+        .query_map([], release_of)?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    // Stored versions were checked on publish; one that does not parse sorts last.
+    out.sort_by_cached_key(|r| std::cmp::Reverse(shared::release::parse_version(&r.version).ok()));
+    Ok(out)
+}
+
+fn release_on(conn: &Connection, version: &str) -> Result<Option<Release>, HubStoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {RELEASE_COLUMNS} FROM releases WHERE version = ?1"
+    ))?
+    .query_row([version], release_of)
+    .optional()?
+    .transpose()
+}
+
+/// A branch's rollout ring.
+fn ring_on(conn: &Connection, branch: &BranchId) -> Result<Ring, HubStoreError> {
+    let ring: String = conn
+        .prepare_cached("SELECT ring FROM branches WHERE branch = ?1")?
+        .query_row([branch.as_str()], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| HubStoreError::UnknownBranch(branch.to_string()))?;
+    // A ring this build does not know gets only general releases.
+    Ok(Ring::parse(&ring).unwrap_or(Ring::All))
 }
 
 impl HubStore for SqliteHubStore {
@@ -1074,6 +1209,153 @@ impl HubStore for SqliteHubStore {
         }
         rows::query(&self.reader.lock(), &self.schema, body)
     }
+
+    fn add_release(&self, release: &Release) -> Result<(), HubStoreError> {
+        self.write(|w| {
+            if release_on(&w.conn, &release.version)?.is_some() {
+                return Err(HubStoreError::ReleaseExists(release.version.clone()));
+            }
+            w.conn.execute(
+                &format!(
+                    "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
+                params![
+                    &release.version,
+                    &release.target,
+                    i64::try_from(release.size)
+                        .map_err(|_| HubStoreError::Storage("a release size over i64".into()))?,
+                    &release.hash[..],
+                    &release.signature[..],
+                    release.ring.as_str(),
+                    release.published_at.0
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn release(&self, version: &str) -> Result<Option<Release>, HubStoreError> {
+        release_on(&self.reader.lock(), version)
+    }
+
+    fn releases(&self) -> Result<Vec<Release>, HubStoreError> {
+        releases_on(&self.reader.lock())
+    }
+
+    fn promote_release(&self, version: &str) -> Result<Release, HubStoreError> {
+        self.write(|w| {
+            let changed = w.conn.execute(
+                "UPDATE releases SET ring = ?2 WHERE version = ?1",
+                params![version, Ring::All.as_str()],
+            )?;
+            if changed == 0 {
+                return Err(HubStoreError::UnknownRelease(version.to_owned()));
+            }
+            release_on(&w.conn, version)?
+                .ok_or_else(|| HubStoreError::UnknownRelease(version.to_owned()))
+        })
+    }
+
+    fn set_ring(&self, branch: &BranchId, ring: Ring) -> Result<(), HubStoreError> {
+        self.write(|w| {
+            let changed = w.conn.execute(
+                "UPDATE branches SET ring = ?2 WHERE branch = ?1",
+                params![branch.as_str(), ring.as_str()],
+            )?;
+            if changed == 0 {
+                return Err(HubStoreError::UnknownBranch(branch.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    fn offers(&self, branch: &BranchId, running: &str) -> Result<Vec<ReleaseOffer>, HubStoreError> {
+        let conn = self.reader.lock();
+        let ring = ring_on(&conn, branch)?;
+        Ok(releases_on(&conn)?
+            .iter()
+            .filter(|r| ring.gets(r.ring) && is_newer(&r.version, running))
+            .take(OFFERS_MAX)
+            .map(Release::offer)
+            .collect())
+    }
+
+    fn offered_release(
+        &self,
+        branch: &BranchId,
+        version: &str,
+    ) -> Result<Option<Release>, HubStoreError> {
+        let conn = self.reader.lock();
+        let ring = ring_on(&conn, branch)?;
+        Ok(release_on(&conn, version)?.filter(|r| ring.gets(r.ring)))
+    }
+
+    fn record_update_reports(
+        &self,
+        branch: &BranchId,
+        reports: &[UpdateReport],
+    ) -> Result<usize, HubStoreError> {
+        self.write(|w| {
+            let mut kept = 0;
+            for r in reports {
+                if release_on(&w.conn, &r.version)?.is_none() {
+                    continue;
+                }
+                w.conn
+                    .prepare_cached(
+                        "INSERT INTO release_outcomes (branch, version, from_version, outcome, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (branch, version) DO UPDATE SET from_version = excluded.from_version, outcome = excluded.outcome, detail = excluded.detail, at = excluded.at
+                         WHERE excluded.at >= release_outcomes.at",
+                    )?
+                    .execute(params![
+                        branch.as_str(),
+                        &r.version,
+                        &r.from,
+                        r.outcome.as_str(),
+                        &r.detail,
+                        r.at
+                    ])?;
+                kept += 1;
+            }
+            Ok(kept)
+        })
+    }
+
+    fn update_outcomes(&self) -> Result<Vec<BranchOutcome>, HubStoreError> {
+        let conn = self.reader.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT branch, version, from_version, outcome, detail, at FROM release_outcomes ORDER BY branch, at DESC, version DESC",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(branch, version, from, outcome, detail, at)| {
+                Ok(BranchOutcome {
+                    branch: BranchId::parse(&branch)
+                        .map_err(|e| HubStoreError::Storage(e.to_string()))?,
+                    report: UpdateReport {
+                        outcome: UpdateOutcome::parse(&outcome).ok_or_else(|| {
+                            HubStoreError::Storage(format!("unknown update outcome {outcome:?}"))
+                        })?,
+                        version,
+                        from,
+                        detail,
+                        at,
+                    },
+                })
+            })
+            .collect()
+    }
 }
 
 /// Wall-clock microseconds (for bookkeeping columns; rows carry the caller's `now`).
@@ -1081,4 +1363,244 @@ pub fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteHubStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteHubStore::open(&dir.path().join("hub.db"), Arc::new(shared::pos::schema()))
+                .unwrap();
+        for b in ["B001", "B002"] {
+            store.enroll(&branch(b), [1; 32]).unwrap();
+        }
+        (dir, store)
+    }
+
+    fn branch(id: &str) -> BranchId {
+        BranchId::parse(id).unwrap()
+    }
+
+    fn release(version: &str, ring: Ring) -> Release {
+        Release {
+            version: version.to_owned(),
+            target: "x86_64-linux".to_owned(),
+            size: 10,
+            hash: *blake3::hash(version.as_bytes()).as_bytes(),
+            signature: [7; 64],
+            ring,
+            published_at: Timestamp(1_700_000_000_000_000),
+        }
+    }
+
+    fn versions(offers: &[ReleaseOffer]) -> Vec<&str> {
+        offers.iter().map(|o| o.version.as_str()).collect()
+    }
+
+    fn report(version: &str, outcome: UpdateOutcome, at: i64) -> UpdateReport {
+        UpdateReport {
+            version: version.to_owned(),
+            from: "0.1.0".to_owned(),
+            outcome,
+            detail: format!("{} at {at}", outcome.as_str()),
+            at,
+        }
+    }
+
+    #[test]
+    fn releases_list_newest_first_by_semver() {
+        let (_d, s) = store();
+        for v in ["0.9.0", "1.0.0-rc.1", "0.10.0", "1.0.0", "0.10.0-beta"] {
+            s.add_release(&release(v, Ring::All)).unwrap();
+        }
+        let listed: Vec<String> = s
+            .releases()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.version)
+            .collect();
+        assert_eq!(
+            listed,
+            ["1.0.0", "1.0.0-rc.1", "0.10.0", "0.10.0-beta", "0.9.0"]
+        );
+        // Every field round-trips.
+        assert_eq!(
+            s.release("0.9.0").unwrap(),
+            Some(release("0.9.0", Ring::All))
+        );
+        assert_eq!(s.release("9.9.9").unwrap(), None);
+    }
+
+    #[test]
+    fn a_release_is_published_once() {
+        let (_d, s) = store();
+        s.add_release(&release("1.0.0", Ring::Canary)).unwrap();
+        let mut again = release("1.0.0", Ring::All);
+        again.size = 99;
+        assert!(matches!(
+            s.add_release(&again),
+            Err(HubStoreError::ReleaseExists(v)) if v == "1.0.0"
+        ));
+        assert_eq!(
+            s.release("1.0.0").unwrap(),
+            Some(release("1.0.0", Ring::Canary)),
+            "the first publication stands"
+        );
+    }
+
+    #[test]
+    fn offers_follow_the_ring_and_the_running_version() {
+        let (_d, s) = store();
+        let (general, canary) = (branch("B001"), branch("B002"));
+        s.add_release(&release("0.1.0", Ring::All)).unwrap();
+        s.add_release(&release("0.2.0", Ring::Canary)).unwrap();
+        s.add_release(&release("0.3.0", Ring::All)).unwrap();
+        s.add_release(&release("0.4.0", Ring::Canary)).unwrap();
+        s.set_ring(&canary, Ring::Canary).unwrap();
+
+        assert_eq!(versions(&s.offers(&general, "0.1.0").unwrap()), ["0.3.0"]);
+        assert_eq!(
+            versions(&s.offers(&canary, "0.1.0").unwrap()),
+            ["0.4.0", "0.3.0", "0.2.0"]
+        );
+        assert_eq!(versions(&s.offers(&canary, "0.3.0").unwrap()), ["0.4.0"]);
+        assert!(s.offers(&canary, "0.4.0").unwrap().is_empty());
+        assert!(s.offers(&general, "1.0.0").unwrap().is_empty());
+        // A version that does not parse is older than any release.
+        assert_eq!(
+            versions(&s.offers(&general, "unknown").unwrap()),
+            ["0.3.0", "0.1.0"]
+        );
+        // The offer carries what the edge verifies.
+        let offer = &s.offers(&general, "0.2.0").unwrap()[0];
+        assert_eq!(offer, &release("0.3.0", Ring::All).offer());
+        assert_eq!(offer.signature.len(), 64);
+        assert!(matches!(
+            s.offers(&branch("B999"), "0.1.0"),
+            Err(HubStoreError::UnknownBranch(_))
+        ));
+
+        // Whether a download is allowed depends on the ring, not the running version.
+        assert!(s.offered_release(&general, "0.1.0").unwrap().is_some());
+        assert!(s.offered_release(&general, "0.2.0").unwrap().is_none());
+        assert!(s.offered_release(&canary, "0.2.0").unwrap().is_some());
+        assert!(s.offered_release(&canary, "7.0.0").unwrap().is_none());
+    }
+
+    #[test]
+    fn offers_are_capped_newest_first() {
+        let (_d, s) = store();
+        for minor in 1..=(OFFERS_MAX + 4) {
+            s.add_release(&release(&format!("0.{minor}.0"), Ring::All))
+                .unwrap();
+        }
+        let offers = s.offers(&branch("B001"), "0.0.1").unwrap();
+        assert_eq!(offers.len(), OFFERS_MAX);
+        assert_eq!(offers[0].version, format!("0.{}.0", OFFERS_MAX + 4));
+    }
+
+    #[test]
+    fn promoting_offers_a_canary_release_to_everyone() {
+        let (_d, s) = store();
+        let general = branch("B001");
+        s.add_release(&release("0.2.0", Ring::Canary)).unwrap();
+        assert!(s.offers(&general, "0.1.0").unwrap().is_empty());
+        let promoted = s.promote_release("0.2.0").unwrap();
+        assert_eq!(promoted.ring, Ring::All);
+        assert_eq!(promoted.hash, release("0.2.0", Ring::All).hash);
+        assert_eq!(versions(&s.offers(&general, "0.1.0").unwrap()), ["0.2.0"]);
+        // Promoting again changes nothing; an unknown release is an error.
+        assert_eq!(s.promote_release("0.2.0").unwrap(), promoted);
+        assert!(matches!(
+            s.promote_release("0.9.0"),
+            Err(HubStoreError::UnknownRelease(_))
+        ));
+    }
+
+    #[test]
+    fn rings_are_set_per_branch() {
+        let (_d, s) = store();
+        let b = branch("B001");
+        let ring_of = |s: &SqliteHubStore| {
+            s.branches()
+                .unwrap()
+                .into_iter()
+                .find(|i| i.branch == b)
+                .unwrap()
+                .ring
+        };
+        assert_eq!(ring_of(&s), "all");
+        s.set_ring(&b, Ring::Canary).unwrap();
+        assert_eq!(ring_of(&s), "canary");
+        s.set_ring(&b, Ring::All).unwrap();
+        assert_eq!(ring_of(&s), "all");
+        assert!(matches!(
+            s.set_ring(&branch("B999"), Ring::Canary),
+            Err(HubStoreError::UnknownBranch(_))
+        ));
+    }
+
+    #[test]
+    fn the_latest_report_per_branch_and_release_wins() {
+        let (_d, s) = store();
+        let (b1, b2) = (branch("B001"), branch("B002"));
+        s.add_release(&release("0.2.0", Ring::All)).unwrap();
+        s.add_release(&release("0.3.0", Ring::All)).unwrap();
+        let kept = s
+            .record_update_reports(
+                &b1,
+                &[
+                    report("0.2.0", UpdateOutcome::RolledBack, 10),
+                    // Never published: ignored.
+                    report("5.0.0", UpdateOutcome::Installed, 11),
+                ],
+            )
+            .unwrap();
+        assert_eq!(kept, 1);
+        // An older report of the same release does not replace a newer one.
+        s.record_update_reports(&b1, &[report("0.2.0", UpdateOutcome::Installed, 5)])
+            .unwrap();
+        s.record_update_reports(&b2, &[report("0.2.0", UpdateOutcome::Refused, 12)])
+            .unwrap();
+        let outcomes = s.update_outcomes().unwrap();
+        assert_eq!(
+            outcomes,
+            [
+                BranchOutcome {
+                    branch: b1.clone(),
+                    report: report("0.2.0", UpdateOutcome::RolledBack, 10)
+                },
+                BranchOutcome {
+                    branch: b2.clone(),
+                    report: report("0.2.0", UpdateOutcome::Refused, 12)
+                },
+            ]
+        );
+        // A newer report replaces it; another release adds a row, newest first.
+        s.record_update_reports(
+            &b1,
+            &[
+                report("0.2.0", UpdateOutcome::Installed, 20),
+                report("0.3.0", UpdateOutcome::Installed, 30),
+            ],
+        )
+        .unwrap();
+        let b1_reports: Vec<UpdateReport> = s
+            .update_outcomes()
+            .unwrap()
+            .into_iter()
+            .filter(|o| o.branch == b1)
+            .map(|o| o.report)
+            .collect();
+        assert_eq!(
+            b1_reports,
+            [
+                report("0.3.0", UpdateOutcome::Installed, 30),
+                report("0.2.0", UpdateOutcome::Installed, 20),
+            ]
+        );
+    }
 }

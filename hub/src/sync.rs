@@ -5,11 +5,18 @@
 //! and one unidirectional stream for its segments; the hub opens one unidirectional stream
 //! for the branch's feed. Every frame is `shared::wire`'s length-prefixed postcard.
 //!
+//! Releases (auto-update): after the welcome, and whenever releases or rings change while the
+//! session is live, the hub sends the branch's offers (`Frame::Releases`) on the control
+//! stream; the edge's `UpdateReports` are stored, not passed to the session. Every further
+//! bidirectional stream the edge opens is one download: a `Fetch` frame, answered by an
+//! `Artifact` frame and the artifact's raw bytes from the asked offset (or by a `Close`).
+//!
 //! One session per branch at a time: a reconnecting edge supersedes its old connection, which
 //! is closed and finishes its storage work before the new session reads the branch's
 //! position, so appends never interleave.
 
 use std::collections::HashMap;
+use std::io::SeekFrom;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,12 +24,16 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use shared::log::{LogEntry, Segment};
+use shared::release::ReleaseOffer;
 use shared::sync::{HubSession, SyncConfig, SyncIo};
+use shared::wire::TEXT_BYTES_MAX;
 use shared::wire::{Frame, FrameReader, Position};
 use shared::{BranchId, OriginId, Timestamp};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::identity::{self, HubIdentity};
+use crate::releases::{ReleaseFiles, SERVE_CHUNK_BYTES};
 use crate::store::{Admission, HubStore};
 
 /// QUIC application close codes.
@@ -49,6 +60,9 @@ const PERSIST_QUEUE: usize = 16;
 /// How often a live session checks that its branch is still admitted (revocation).
 const ADMISSION_RECHECK: Duration = Duration::from_secs(2);
 
+/// How long a download stream may take to send its `Fetch` frame.
+const FETCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct SyncMetrics {
@@ -61,6 +75,14 @@ pub struct SyncMetrics {
     pub segments_refused: AtomicU64,
     pub divergences: AtomicU64,
     pub feed_segments_sent: AtomicU64,
+    /// Release downloads answered with the artifact.
+    pub release_fetches: AtomicU64,
+    /// Of those, downloads resumed from an offset past 0.
+    pub release_fetches_resumed: AtomicU64,
+    /// Artifact bytes sent.
+    pub release_bytes_served: AtomicU64,
+    /// Update reports received from edges.
+    pub update_reports: AtomicU64,
 }
 
 /// What an edge last said about its backlog (`Frame::Status`); kept in memory, told again
@@ -88,6 +110,10 @@ pub struct SyncServer {
     sessions: Mutex<HashMap<BranchId, Slot>>,
     feeds: Mutex<HashMap<BranchId, Arc<Notify>>>,
     reports: Mutex<HashMap<BranchId, EdgeReport>>,
+    /// The artifacts served to edges (`None`: this server serves no releases).
+    releases: Option<Arc<ReleaseFiles>>,
+    /// Bumped when releases or rings change: every live session sends its offers again.
+    releases_changed: watch::Sender<u64>,
     next_generation: AtomicU64,
     /// Wakes the materialiser (stored segments wait to become rows).
     materialise: Notify,
@@ -98,13 +124,27 @@ pub struct SyncServer {
 }
 
 impl SyncServer {
+    /// A server that serves no releases (downloads are refused; offers still come from the
+    /// store).
     pub fn new(store: Arc<dyn HubStore>) -> Arc<SyncServer> {
+        SyncServer::build(store, None)
+    }
+
+    /// A server that serves the release artifacts in `releases` (and through which the HTTP
+    /// API publishes them).
+    pub fn with_releases(store: Arc<dyn HubStore>, releases: Arc<ReleaseFiles>) -> Arc<SyncServer> {
+        SyncServer::build(store, Some(releases))
+    }
+
+    fn build(store: Arc<dyn HubStore>, releases: Option<Arc<ReleaseFiles>>) -> Arc<SyncServer> {
         Arc::new(SyncServer {
             store,
             config: SyncConfig::default(),
             sessions: Mutex::new(HashMap::new()),
             feeds: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
+            releases,
+            releases_changed: watch::Sender::new(0),
             next_generation: AtomicU64::new(1),
             materialise: Notify::new(),
             last_persist: AtomicU64::new(0),
@@ -140,6 +180,18 @@ impl SyncServer {
         for b in branches {
             self.feed_notify(b).notify_one();
         }
+    }
+
+    /// The release artifacts this server serves, if any.
+    pub fn releases(&self) -> Option<&Arc<ReleaseFiles>> {
+        self.releases.as_ref()
+    }
+
+    /// Releases were published or promoted, or a branch's ring changed: every live session
+    /// works out its branch's offers again and sends them if they changed.
+    pub fn releases_changed(&self) {
+        self.releases_changed
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Binds the QUIC endpoint (4 MiB socket buffers: the defaults drop packets at speed).
@@ -289,7 +341,7 @@ impl SyncServer {
     /// session acks each when its commit is reported back. The session ends only after the
     /// persister has finished what it was given.
     async fn run_session(
-        &self,
+        self: &Arc<Self>,
         branch: &BranchId,
         fingerprint: [u8; 32],
         conn: &quinn::Connection,
@@ -321,7 +373,7 @@ impl SyncServer {
     }
 
     async fn session_loop(
-        &self,
+        self: &Arc<Self>,
         branch: &BranchId,
         fingerprint: [u8; 32],
         conn: &quinn::Connection,
@@ -360,8 +412,18 @@ impl SyncServer {
             });
         }
         drop(frames_tx);
+        // Every further bidirectional stream is a release download; they end with the session.
+        let _downloads = AbortOnDrop(tokio::spawn(
+            self.clone().serve_downloads(branch.clone(), conn.clone()),
+        ));
         let mut feed_send: Option<quinn::SendStream> = None;
         let feed = self.feed_notify(branch);
+        let mut releases_changed = self.releases_changed.subscribe();
+        // The version the edge runs (from its hello), the offers it was last sent, and
+        // whether they should be worked out again.
+        let mut running: Option<String> = None;
+        let mut offered: Vec<ReleaseOffer> = Vec::new();
+        let mut offers_due = false;
         loop {
             self.drive(branch, &mut session, &persist).await?;
             while let Some(frame) = session.poll_transmit() {
@@ -387,13 +449,33 @@ impl SyncServer {
                 conn.close(close::PROTOCOL.into(), b"session closed");
                 return Ok(());
             }
+            // Offers go out after the welcome (flushed above), and again when they change.
+            if offers_due && let Some(software) = &running {
+                offers_due = false;
+                match self.offers(branch, software).await {
+                    Ok(offers) if offers != offered => {
+                        let frame = Frame::Releases {
+                            offers: offers.clone(),
+                        };
+                        ctrl_send
+                            .write_all(&frame.encode())
+                            .await
+                            .map_err(|e| format!("sending to {branch}: {e}"))?;
+                        offered = offers;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(%branch, "cannot work out release offers: {e}"),
+                }
+            }
             let deadline = session
                 .poll_timeout()
                 .map(|t| tokio::time::Instant::from_std(self.epoch + Duration::from_millis(t)));
             tokio::select! {
                 frame = frames.recv() => match frame {
                     Some(Ok(frame)) => {
+                        let hello = matches!(frame, Frame::Hello { .. });
                         if let Frame::Hello { software, vector, .. } = &frame {
+                            running = Some(software.clone());
                             let origin = OriginId::from(branch);
                             let head = vector.iter().find(|p| p.origin == origin).map_or(shared::Seq::ZERO, |p| p.seq);
                             let (store, b, sw) = (self.store.clone(), branch.clone(), software.clone());
@@ -409,10 +491,27 @@ impl SyncServer {
                             self.reports.lock().insert(branch.clone(), report);
                             continue;
                         }
+                        if let Frame::UpdateReports { reports } = frame {
+                            self.metrics.update_reports.fetch_add(reports.len() as u64, Ordering::Relaxed);
+                            for r in &reports {
+                                tracing::info!(%branch, version = %r.version, from = %r.from, outcome = r.outcome.as_str(), "update report: {}", r.detail);
+                            }
+                            let (store, b) = (self.store.clone(), branch.clone());
+                            match tokio::task::spawn_blocking(move || store.record_update_reports(&b, &reports)).await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => tracing::error!(%branch, "storing update reports failed: {e}"),
+                                Err(e) => tracing::error!(%branch, "storing update reports failed: {e}"),
+                            }
+                            continue;
+                        }
                         if let Frame::Segment(s) = &frame {
                             self.metrics.bytes_received.fetch_add(s.body.len() as u64, Ordering::Relaxed);
                         }
                         session.handle_frame(self.now(), frame);
+                        // A hello the session accepted is welcomed: offers follow.
+                        if hello && !session.is_closed() {
+                            offers_due = true;
+                        }
                     }
                     Some(Err(e)) => {
                         conn.close(close::PROTOCOL.into(), b"bad frame");
@@ -458,6 +557,9 @@ impl SyncServer {
                         return Err(format!("{branch} is no longer admitted ({admission:?})"));
                     }
                 }
+                Ok(()) = releases_changed.changed() => {
+                    offers_due = running.is_some();
+                }
                 _ = &mut stop => {
                     conn.close(close::SUPERSEDED.into(), b"superseded by a new connection");
                     return Ok(());
@@ -465,6 +567,160 @@ impl SyncServer {
                 reason = conn.closed() => return Err(format!("{branch}: {reason}")),
             }
         }
+    }
+
+    /// The branch's release offers for an edge running `software`.
+    async fn offers(&self, branch: &BranchId, software: &str) -> Result<Vec<ReleaseOffer>, String> {
+        let (store, b, sw) = (self.store.clone(), branch.clone(), software.to_owned());
+        tokio::task::spawn_blocking(move || store.offers(&b, &sw))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Serves the release downloads of a connection: every bidirectional stream the edge
+    /// opens after the control stream, each in a task of its own. Ends when the connection
+    /// closes; dropping it (the session ended) stops the downloads under way.
+    async fn serve_downloads(self: Arc<Self>, branch: BranchId, conn: quinn::Connection) {
+        let mut downloads = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                stream = conn.accept_bi() => match stream {
+                    Ok((send, recv)) => {
+                        let (server, branch) = (self.clone(), branch.clone());
+                        downloads.spawn(async move {
+                            if let Err(e) = server.serve_download(&branch, send, recv).await {
+                                tracing::info!(%branch, "release download ended: {e}");
+                            }
+                        });
+                    }
+                    Err(_) => return,
+                },
+                Some(_) = downloads.join_next() => {}
+            }
+        }
+    }
+
+    /// One download: reads the `Fetch`, checks that the release is offered to the branch and
+    /// the offset is within it, then sends `Artifact` and the bytes from the offset and
+    /// finishes the stream. A refused fetch is answered with a `Close` saying why.
+    async fn serve_download(
+        &self,
+        branch: &BranchId,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), String> {
+        let mut reader = FrameReader::default();
+        let request = tokio::time::timeout(FETCH_REQUEST_TIMEOUT, async {
+            loop {
+                if let Some(frame) = reader.next_frame().map_err(|e| e.to_string())? {
+                    return Ok(frame);
+                }
+                match recv.read_chunk(SERVE_CHUNK_BYTES, true).await {
+                    Ok(Some(chunk)) => reader.push(&chunk.bytes),
+                    Ok(None) => return Err("the stream ended before a fetch".to_owned()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| "no fetch in time".to_owned())?;
+        let (version, offset) = match request {
+            Ok(Frame::Fetch { version, offset }) => (version, offset),
+            Ok(other) => {
+                return refuse(
+                    send,
+                    &format!("a download starts with a fetch, not {}", frame_name(&other)),
+                )
+                .await;
+            }
+            Err(e) => return refuse(send, &format!("a download starts with a fetch: {e}")).await,
+        };
+        let Some(files) = self.releases.clone() else {
+            return refuse(send, "this hub serves no releases").await;
+        };
+        let (store, b, v) = (self.store.clone(), branch.clone(), version.clone());
+        let release = tokio::task::spawn_blocking(move || store.offered_release(&b, &v))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let Some(release) = release else {
+            return refuse(
+                send,
+                &format!("release {version} is not offered to {branch}"),
+            )
+            .await;
+        };
+        if offset > release.size {
+            return refuse(
+                send,
+                &format!(
+                    "offset {offset} is past the end of release {version} ({} bytes)",
+                    release.size
+                ),
+            )
+            .await;
+        }
+        let path = files.artifact_path(&version);
+        let opened = async {
+            let mut file = tokio::fs::File::open(&path).await?;
+            let len = file.metadata().await?.len();
+            if len != release.size {
+                return Err(std::io::Error::other(format!(
+                    "it holds {len} bytes, not {}",
+                    release.size
+                )));
+            }
+            file.seek(SeekFrom::Start(offset)).await?;
+            Ok::<_, std::io::Error>(file)
+        }
+        .await;
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(%branch, path = %path.display(), "release {version}'s artifact is unusable: {e}");
+                return refuse(
+                    send,
+                    &format!("release {version}'s artifact is unavailable"),
+                )
+                .await;
+            }
+        };
+        // Sync traffic (segments, acks, the feed) goes before artifact bytes.
+        let _ = send.set_priority(-1);
+        let header = Frame::Artifact {
+            version: version.clone(),
+            size: release.size,
+            offset,
+        };
+        send.write_all(&header.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.metrics.release_fetches.fetch_add(1, Ordering::Relaxed);
+        if offset > 0 {
+            self.metrics
+                .release_fetches_resumed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(%branch, %version, offset, size = release.size, "serving a release");
+        let mut buf = vec![0u8; SERVE_CHUNK_BYTES];
+        let mut left = release.size - offset;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = file
+                .read(&mut buf[..want])
+                .await
+                .map_err(|e| format!("reading release {version}: {e}"))?;
+            if n == 0 {
+                return Err(format!("release {version}'s artifact ended early"));
+            }
+            send.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+            self.metrics
+                .release_bytes_served
+                .fetch_add(n as u64, Ordering::Relaxed);
+            left -= n as u64;
+        }
+        send.finish().map_err(|e| e.to_string())
     }
 
     /// Answers the session's storage requests, in order.
@@ -520,6 +776,45 @@ impl SyncServer {
             }
         }
         Ok(())
+    }
+}
+
+/// Aborts a task when dropped (a session's downloads end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Refuses a download: a `Close` saying why (cut to the wire's text limit), then the end of
+/// the stream.
+async fn refuse(mut send: quinn::SendStream, reason: &str) -> Result<(), String> {
+    let mut end = reason.len().min(TEXT_BYTES_MAX);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = Frame::Close {
+        reason: reason[..end].to_owned(),
+    };
+    send.write_all(&frame.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    Err(format!("refused: {reason}"))
+}
+
+/// A frame's kind, for messages.
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello { .. } => "hello",
+        Frame::Segment(_) => "segment",
+        Frame::Close { .. } => "close",
+        Frame::Status { .. } => "status",
+        Frame::Artifact { .. } => "artifact",
+        Frame::UpdateReports { .. } => "update reports",
+        _ => "another frame",
     }
 }
 
