@@ -43,6 +43,8 @@ pub const DEADLINE_ENV: &str = "OUTPOST_UPDATE_DEADLINE_S";
 pub const DEADLINE_DEFAULT: Duration = Duration::from_secs(120);
 /// Starts a release in probation may fail before it is rolled back.
 pub const CRASHES_MAX: u32 = 3;
+/// Pause between two starts of a release on trial.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// How long a self-check may take.
 const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a worker asked to stop may take before it is killed.
@@ -452,9 +454,11 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
                         }
                     }
                     if (stopping || timed_out) && kill_at.is_none() {
-                        if let Some(mut pipe) = stdin.take() {
+                        // The pipe stays open: its end would make the worker exit at once.
+                        if let Some(pipe) = stdin.as_mut() {
                             use tokio::io::AsyncWriteExt;
                             let _ = pipe.write_all(b"stop\n").await;
+                            let _ = pipe.flush().await;
                         }
                         kill_at = Some(tokio::time::Instant::now() + STOP_GRACE);
                     }
@@ -518,6 +522,8 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
                 pending.attempts
             );
             state.pending = Some(pending);
+            // A moment before the next try, for whatever made it fail to pass.
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
         releases
             .save_state(&state)
