@@ -590,6 +590,8 @@ pub struct Updater {
     /// Bumped whenever `state.json`'s reports change (the sync client then tells the hub).
     reports_changed: std::sync::atomic::AtomicU64,
     cut_at: parking_lot::Mutex<Option<u64>>,
+    /// Offers that arrived while this release was still on trial, taken up once it is healthy.
+    deferred: parking_lot::Mutex<Option<(quinn::Connection, Vec<ReleaseOffer>)>>,
     pub metrics: UpdateMetrics,
 }
 
@@ -609,6 +611,7 @@ impl Updater {
             cut_at: parking_lot::Mutex::new(
                 std::env::var(CUT_ENV).ok().and_then(|v| v.parse().ok()),
             ),
+            deferred: parking_lot::Mutex::new(None),
             metrics: UpdateMetrics::default(),
         })
     }
@@ -630,7 +633,7 @@ impl Updater {
 
     /// The worker is healthy (store open, API listening, hub handshake done): a release in
     /// probation is committed.
-    pub fn healthy(&self) {
+    pub fn healthy(self: &std::sync::Arc<Self>) {
         let on_trial = self
             .releases
             .state()
@@ -656,6 +659,12 @@ impl Updater {
                 tracing::info!(version = %self.running, %previous, "release installed and healthy");
                 self.reports_changed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let deferred = self.deferred.lock().take();
+                if let Some((conn, offers)) = deferred
+                    && conn.close_reason().is_none()
+                {
+                    self.offers(&conn, &offers);
+                }
             }
             (Err(e), _) => tracing::error!("cannot commit release {}: {e}", self.running),
             _ => {}
@@ -673,7 +682,12 @@ impl Updater {
                 return;
             }
         };
-        if state.pending.is_some() || *self.staged.borrow() {
+        if state.pending.is_some() {
+            // On trial: considered once healthy (or dropped, if it is rolled back).
+            *self.deferred.lock() = Some((conn.clone(), offers.to_vec()));
+            return;
+        }
+        if *self.staged.borrow() {
             return;
         }
         let Some(offer) = choose(offers, &self.running, &state) else {
@@ -745,7 +759,7 @@ impl Updater {
             .staged
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(version = %offer.version, "release verified and staged; handing over");
-        let _ = self.staged.send(true);
+        self.staged.send_replace(true);
         Ok(())
     }
 
