@@ -1,0 +1,1269 @@
+//! End-to-end tests of edge auto-update with the real `outpost-hub` and `outpost-edge`
+//! binaries: a release published at the hub's admin API reaches a syncing edge over QUIC, is
+//! verified (ed25519 signature with the branch identity's `release.pub`, size, blake3),
+//! self-checked, switched to and reported back to the hub.
+//!
+//! What the file proves:
+//! - a connected edge installs a published release (the edge's own binary published as a
+//!   higher version) with the keeper process still running, its data still served, writes
+//!   and sync going on, and the hub told `installed`;
+//! - an edge that was down when the release was published gets it when it comes back;
+//! - a download cut in the middle resumes from what arrived instead of starting over;
+//! - an artifact altered on the hub's disk, a release signed by another hub's key and a
+//!   binary that fails its self-check are refused, reported `refused`, and the edge keeps
+//!   running its release and serving writes;
+//! - a release that passes its self-check but does not come up is rolled back: the previous
+//!   release serves again and the hub is told `rolled_back`;
+//! - rollout rings: a canary release reaches only the canary branch until it is promoted;
+//! - the release API's errors, with their exact statuses and codes.
+//!
+//! Nothing waits on a timer: every wait is [`wait_until`] on a state the test then checks
+//! exactly (the edge's `/healthz` version, the hub's `/api/releases`, metrics). The deadlines
+//! are safety nets, never timing assertions.
+//!
+//! A worker that installs a release exits and the keeper starts the new one, which binds a
+//! new port (the tests pass `--http 127.0.0.1:0`): every request to an edge here reads the
+//! current port from the data dir's `ports.json` instead of [`EdgeProcess::url`], which keeps
+//! the port of the first start.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::{Client, Method};
+use serde_json::{Value as Json, json};
+use tests::{EdgeProcess, HubProcess, MODULE, Reply, edge_binary, wait_until};
+
+/// A safety net against a hung server turning into a hung test; not a timing assertion.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for an upload of a whole edge binary (~160 MB in a debug build).
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+// ---------------------------------------------------------------------------------------------
+// HTTP, blocking on a runtime of the test's own (so `wait_until` conditions can make requests)
+// ---------------------------------------------------------------------------------------------
+
+/// A request body.
+enum Body {
+    Empty,
+    Json(Json),
+    /// Raw bytes (a release artifact).
+    Bytes(Vec<u8>),
+}
+
+/// An HTTP client whose calls block on a current-thread runtime the test owns.
+struct Http {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl Http {
+    fn new() -> Http {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let client = {
+            let _guard = rt.enter();
+            Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .build()
+                .expect("an HTTP client")
+        };
+        Http { rt, client }
+    }
+
+    fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Body,
+    ) -> Result<Reply, reqwest::Error> {
+        self.rt.block_on(async {
+            let mut req = self.client.request(method, url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            req = match body {
+                Body::Empty => req,
+                Body::Json(v) => req.json(&v),
+                Body::Bytes(bytes) => req
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .timeout(UPLOAD_TIMEOUT)
+                    .body(bytes),
+            };
+            let resp = req.send().await?;
+            let status = resp.status();
+            let bytes = resp.bytes().await?;
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
+            Ok(Reply { status, body, text })
+        })
+    }
+
+    fn send(&self, method: Method, url: &str, token: Option<&str>, body: Body) -> Reply {
+        let what = format!("{method} {url}");
+        self.try_send(method, url, token, body)
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    /// A GET's status and body as text, or why it failed (for the context of a failed wait).
+    fn describe(&self, url: &str, token: Option<&str>) -> String {
+        match self.try_send(Method::GET, url, token, Body::Empty) {
+            Ok(r) => format!("{} {}", r.status, r.text.trim()),
+            Err(e) => format!("unreachable ({e})"),
+        }
+    }
+
+    /// A counter or gauge from a Prometheus text page.
+    fn metric_at(&self, url: &str, name: &str) -> u64 {
+        let reply = self.send(Method::GET, url, None, Body::Empty);
+        assert_eq!(reply.status, 200, "GET {url}: {}", reply.text);
+        reply
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{}", reply.text))
+    }
+
+    // --- the edge, at the port its current worker listens on (ports.json) ---
+
+    fn healthz(&self, edge: &EdgeProcess) -> Json {
+        self.send(Method::GET, &edge_url(edge, "/healthz"), None, Body::Empty)
+            .expect(200)
+    }
+
+    /// The version the edge's worker reports in `/healthz`, or `None` while no worker answers
+    /// (between two releases, `ports.json` still names the old worker's port).
+    fn running_version(&self, edge: &EdgeProcess) -> Option<String> {
+        let url = format!("{}/healthz", edge_base(edge)?);
+        let reply = self.try_send(Method::GET, &url, None, Body::Empty).ok()?;
+        (reply.status == 200).then(|| reply.body["version"].as_str().map(str::to_owned))?
+    }
+
+    fn edge_metric(&self, edge: &EdgeProcess, name: &str) -> u64 {
+        self.metric_at(&edge_url(edge, "/metrics"), name)
+    }
+
+    fn insert(&self, edge: &EdgeProcess, table: &str, row: Json) -> Reply {
+        let url = format!("{}/tables/{table}", module_url(edge));
+        self.send(
+            Method::POST,
+            &url,
+            Some(edge.admin_token()),
+            Body::Json(row),
+        )
+    }
+
+    fn batch(&self, edge: &EdgeProcess, ops: Json) -> Reply {
+        let url = format!("{}/batch", module_url(edge));
+        let body = Body::Json(json!({ "ops": ops }));
+        self.send(Method::POST, &url, Some(edge.admin_token()), body)
+    }
+
+    fn get_row(&self, edge: &EdgeProcess, table: &str, id: &str) -> Reply {
+        let url = format!("{}/tables/{table}/{id}", module_url(edge));
+        self.send(Method::GET, &url, Some(edge.admin_token()), Body::Empty)
+    }
+
+    /// Every row of `table` at the edge, keyed by id (each id once).
+    fn edge_rows(&self, edge: &EdgeProcess, table: &str) -> BTreeMap<String, Json> {
+        let url = format!("{}/query", module_url(edge));
+        let mut out = BTreeMap::new();
+        loop {
+            let q = json!({
+                "table": table,
+                "orderBy": [{"field": "id", "direction": "asc"}],
+                "limit": 1000,
+                "offset": out.len(),
+            });
+            let body = self
+                .send(Method::POST, &url, Some(edge.admin_token()), Body::Json(q))
+                .expect(200);
+            for row in body["rows"].as_array().expect("rows") {
+                let id = text(&row["id"]).to_owned();
+                assert!(
+                    out.insert(id.clone(), row.clone()).is_none(),
+                    "{table} {id} twice at the edge"
+                );
+            }
+            if body["meta"]["has_more"] != json!(true) {
+                return out;
+            }
+        }
+    }
+
+    // --- the hub (head office) ---
+
+    fn hub_metric(&self, hub: &HubProcess, name: &str) -> u64 {
+        self.metric_at(&hub.url("/metrics"), name)
+    }
+
+    /// The hub's entry for `branch` in `/api/branches` (`null` when it has none).
+    fn branch_info(&self, hub: &HubProcess, branch: &str) -> Json {
+        let body = self
+            .send(
+                Method::GET,
+                &hub.url("/api/branches"),
+                Some(hub.admin_token()),
+                Body::Empty,
+            )
+            .expect(200);
+        body.as_array()
+            .unwrap_or_else(|| panic!("/api/branches is not a list: {body}"))
+            .iter()
+            .find(|b| b["branch"] == branch)
+            .cloned()
+            .unwrap_or(Json::Null)
+    }
+
+    fn hub_query(&self, hub: &HubProcess, q: Json) -> Reply {
+        let url = hub.url("/api/query");
+        self.send(Method::POST, &url, Some(hub.admin_token()), Body::Json(q))
+    }
+
+    /// Every row of a plain query at the hub, paging with `offset`, keyed by (branch, id):
+    /// a key twice fails the test.
+    fn hub_rows(&self, hub: &HubProcess, q: Json) -> BTreeMap<(String, String), Json> {
+        let mut out = BTreeMap::new();
+        loop {
+            let mut page = q.clone();
+            page["orderBy"] = json!([{"field": "id", "direction": "asc"}]);
+            page["limit"] = json!(1000);
+            page["offset"] = json!(out.len());
+            let body = self.hub_query(hub, page.clone()).expect(200);
+            let rows = body["rows"].as_array().expect("rows");
+            for row in rows {
+                let key = (text(&row["branch"]).to_owned(), text(&row["id"]).to_owned());
+                assert!(
+                    out.insert(key.clone(), row.clone()).is_none(),
+                    "{key:?} twice at the hub: {row}"
+                );
+            }
+            if body["meta"]["has_more"] != json!(true) {
+                return out;
+            }
+        }
+    }
+
+    /// `POST /api/releases?version=V&ring=R` with the artifact as the body.
+    fn publish(&self, hub: &HubProcess, version: &str, ring: &str, artifact: Vec<u8>) -> Reply {
+        let url = hub.url(&format!("/api/releases?version={version}&ring={ring}"));
+        self.send(
+            Method::POST,
+            &url,
+            Some(hub.admin_token()),
+            Body::Bytes(artifact),
+        )
+    }
+
+    fn promote(&self, hub: &HubProcess, version: &str) -> Reply {
+        let url = hub.url(&format!("/api/releases/{version}/promote"));
+        self.send(Method::POST, &url, Some(hub.admin_token()), Body::Empty)
+    }
+
+    fn set_ring(&self, hub: &HubProcess, branch: &str, ring: &str) -> Reply {
+        let url = hub.url(&format!("/api/branches/{branch}/ring"));
+        let body = Body::Json(json!({ "ring": ring }));
+        self.send(Method::PUT, &url, Some(hub.admin_token()), body)
+    }
+
+    /// `GET /api/releases`.
+    fn releases(&self, hub: &HubProcess) -> Json {
+        self.send(
+            Method::GET,
+            &hub.url("/api/releases"),
+            Some(hub.admin_token()),
+            Body::Empty,
+        )
+        .expect(200)
+    }
+
+    /// `branch`'s entry in `GET /api/releases` (`null` when it has none).
+    fn rollout(&self, hub: &HubProcess, branch: &str) -> Json {
+        let body = self.releases(hub);
+        body["branches"]
+            .as_array()
+            .unwrap_or_else(|| panic!("/api/releases has no branch list: {body}"))
+            .iter()
+            .find(|b| b["branch"] == branch)
+            .cloned()
+            .unwrap_or(Json::Null)
+    }
+}
+
+fn uint(v: &Json) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("not a non-negative integer: {v}"))
+}
+
+fn int(v: &Json) -> i64 {
+    v.as_i64().unwrap_or_else(|| panic!("not an integer: {v}"))
+}
+
+fn text(v: &Json) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
+}
+
+fn is_hex(v: &Json, digits: usize) -> bool {
+    v.as_str()
+        .is_some_and(|s| s.len() == digits && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A log without its ANSI colour sequences (`ESC [ ... m`), so its fields read `key=value`.
+fn strip_ansi(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The last `n` lines of a log.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The edge's data dir: where its worker listens, its releases
+// ---------------------------------------------------------------------------------------------
+
+/// `http://ADDR` of the edge's current worker, from `data/ports.json` (`None` while it is
+/// missing or unreadable).
+fn edge_base(edge: &EdgeProcess) -> Option<String> {
+    let text = std::fs::read_to_string(edge.data_dir().join("ports.json")).ok()?;
+    let ports: Json = serde_json::from_str(&text).ok()?;
+    Some(format!("http://{}", ports["http"].as_str()?))
+}
+
+/// `http://ADDR{path}` at the edge's current worker.
+#[track_caller]
+fn edge_url(edge: &EdgeProcess, path: &str) -> String {
+    let base = edge_base(edge).unwrap_or_else(|| {
+        panic!(
+            "{} has no readable ports.json; log:\n{}",
+            edge.data_dir().display(),
+            tail(&edge.log(), 30)
+        )
+    });
+    format!("{base}{path}")
+}
+
+/// The module base of the terminal API at the edge's current worker.
+fn module_url(edge: &EdgeProcess) -> String {
+    edge_url(
+        edge,
+        &format!("/api/branches/{}/modules/{MODULE}", edge.branch()),
+    )
+}
+
+fn releases_dir(edge: &EdgeProcess) -> PathBuf {
+    edge.data_dir().join("releases")
+}
+
+/// The version `data/releases/current` names.
+fn current_release(edge: &EdgeProcess) -> String {
+    let path = releases_dir(edge).join("current");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+/// The edge binary under test, as the bytes of a release artifact.
+fn edge_artifact() -> Vec<u8> {
+    let path = edge_binary();
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// A shell script artifact.
+fn script(body: &str) -> Vec<u8> {
+    format!("#!/bin/sh\n{body}").into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waits
+// ---------------------------------------------------------------------------------------------
+
+/// What a failed wait shows: both sides' view and the ends of both logs.
+fn context(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> String {
+    let healthz = match edge_base(edge) {
+        Some(base) => http.describe(&format!("{base}/healthz"), None),
+        None => "no ports.json".to_owned(),
+    };
+    format!(
+        "edge {} healthz: {healthz}\nreleases/current: {:?}\nhub releases: {}\nhub branches: {}\n\
+         edge log:\n{}\nhub log:\n{}",
+        edge.branch(),
+        std::fs::read_to_string(releases_dir(edge).join("current")),
+        http.describe(&hub.url("/api/releases"), Some(hub.admin_token())),
+        http.describe(&hub.url("/api/branches"), Some(hub.admin_token())),
+        tail(&edge.log(), 30),
+        tail(&hub.log(), 20),
+    )
+}
+
+/// Waits until the edge's worker answers `/healthz` connected to the hub and returns the
+/// version it runs.
+fn wait_connected(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> String {
+    let mut version = String::new();
+    wait_until(
+        &format!("{} connected to the hub", edge.branch()),
+        || {
+            let Some(base) = edge_base(edge) else {
+                return false;
+            };
+            let url = format!("{base}/healthz");
+            match http.try_send(Method::GET, &url, None, Body::Empty) {
+                Ok(r) if r.status == 200 && r.body["hub"] == "connected" => {
+                    version = text(&r.body["version"]).to_owned();
+                    http.branch_info(hub, edge.branch())["connected"] == true
+                }
+                _ => false,
+            }
+        },
+        || context(http, hub, edge),
+    );
+    version
+}
+
+/// Waits until the edge runs `version` and the hub lists `branch` as having installed it,
+/// with `installed` as the latest outcome. Returns the branch's entry in `/api/releases`.
+fn wait_installed(http: &Http, hub: &HubProcess, edge: &EdgeProcess, version: &str) -> Json {
+    let mut entry = Json::Null;
+    wait_until(
+        &format!("{} runs and reports release {version}", edge.branch()),
+        || {
+            if http.running_version(edge).as_deref() != Some(version) {
+                return false;
+            }
+            entry = http.rollout(hub, edge.branch());
+            entry["installed"] == version
+                && entry["last_outcome"]["version"] == version
+                && entry["last_outcome"]["outcome"] == "installed"
+        },
+        || context(http, hub, edge),
+    );
+    entry
+}
+
+/// Waits until the hub's latest outcome for `edge`'s branch is `outcome` for `version`.
+/// Returns the branch's entry in `/api/releases`.
+fn wait_outcome(
+    http: &Http,
+    hub: &HubProcess,
+    edge: &EdgeProcess,
+    version: &str,
+    outcome: &str,
+) -> Json {
+    let mut entry = Json::Null;
+    wait_until(
+        &format!("{} reports release {version} {outcome}", edge.branch()),
+        || {
+            entry = http.rollout(hub, edge.branch());
+            entry["last_outcome"]["version"] == version
+                && entry["last_outcome"]["outcome"] == outcome
+        },
+        || context(http, hub, edge),
+    );
+    entry
+}
+
+/// Waits until the edge has everything it wrote acknowledged by the hub and the hub's
+/// durable position for its branch is the edge's last seq. Returns the edge's last seq.
+fn wait_synced(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> u64 {
+    let mut last = 0;
+    wait_until(
+        &format!("{} fully synced with the hub", edge.branch()),
+        || {
+            let Some(base) = edge_base(edge) else {
+                return false;
+            };
+            let Ok(r) = http.try_send(Method::GET, &format!("{base}/healthz"), None, Body::Empty)
+            else {
+                return false;
+            };
+            if r.status != 200 {
+                return false;
+            }
+            last = uint(&r.body["last_seq"]);
+            uint(&r.body["synced_seq"]) == last
+                && http.branch_info(hub, edge.branch())["synced_seq"] == json!(last)
+        },
+        || context(http, hub, edge),
+    );
+    last
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+// ---------------------------------------------------------------------------------------------
+
+/// Opens an order with one line of `quantity` × `unit_price` (one batch).
+fn open_order(http: &Http, edge: &EdgeProcess, id: &str, quantity: i64, unit_price: i64) {
+    http.batch(
+        edge,
+        json!([
+            {"op": "insert", "table": "order_header", "row": {"id": id, "table_id": "T1"}},
+            {"op": "insert", "table": "order_line", "row": {"id": format!("{id}-l1"), "order_id": id,
+                "item_id": "burger", "name": "burger", "quantity": quantity, "unit_price": unit_price,
+                "station_id": "grill"}},
+        ]),
+    )
+    .expect(200);
+}
+
+/// Inserts a new payment (201); returns the stored row.
+fn pay(http: &Http, edge: &EdgeProcess, order: &str, id: &str, amount: i64) -> Json {
+    let row = json!({"id": id, "order_id": order, "method": "card", "amount": amount});
+    let stored = http.insert(edge, "order_payment", row).expect(201);
+    assert_eq!(stored["amount"], amount, "{stored}");
+    stored
+}
+
+/// The edge's payments and the hub's payments for its branch are the same rows: same ids,
+/// each once, same order, amount, method and seq. Also checks the hub's grouped count and
+/// sum for the branch. Returns the number of payments.
+fn assert_payments_at_hub(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> usize {
+    let branch = edge.branch();
+    let at_edge = http.edge_rows(edge, "order_payment");
+    let at_hub = http.hub_rows(hub, json!({"table": "order_payment", "branch": branch}));
+    let edge_ids: BTreeSet<&String> = at_edge.keys().collect();
+    let hub_ids: BTreeSet<&String> = at_hub.keys().map(|(_, id)| id).collect();
+    assert_eq!(hub_ids.len(), at_hub.len(), "each payment once at the hub");
+    assert_eq!(
+        edge_ids, hub_ids,
+        "{branch}: the payments at the edge and at the hub"
+    );
+    for (id, row) in &at_edge {
+        let h = &at_hub[&(branch.to_owned(), id.clone())];
+        for col in ["order_id", "method", "amount", "seq", "version"] {
+            assert_eq!(
+                h[col], row[col],
+                "{branch} payment {id} {col}: hub {h}, edge {row}"
+            );
+        }
+    }
+    let sum: i64 = at_edge.values().map(|r| int(&r["amount"])).sum();
+    let grouped = http
+        .hub_query(
+            hub,
+            json!({"table": "order_payment", "branch": branch, "groupBy": ["branch"],
+                "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
+        )
+        .expect(200);
+    assert_eq!(
+        grouped["rows"],
+        json!([{"branch": branch, "n": at_edge.len(), "total": sum}]),
+        "{grouped}"
+    );
+    at_edge.len()
+}
+
+/// The edge serves what was written before (the rows are unchanged), takes new writes, and
+/// everything reaches the hub.
+fn assert_serves_and_syncs(
+    http: &Http,
+    hub: &HubProcess,
+    edge: &EdgeProcess,
+    before: &[(&str, &str, &Json)],
+    new_payment: &str,
+) {
+    for (table, id, row) in before {
+        let now = http.get_row(edge, table, id).expect(200);
+        assert_eq!(&now, *row, "{table} {id} after the update");
+    }
+    let order = format!("{new_payment}-order");
+    open_order(http, edge, &order, 1, 990);
+    pay(http, edge, &order, new_payment, 990);
+    assert_eq!(
+        http.get_row(edge, "order_payment", new_payment).expect(200)["amount"],
+        990
+    );
+    wait_synced(http, hub, edge);
+    let payments = assert_payments_at_hub(http, hub, edge);
+    assert_eq!(
+        payments,
+        before
+            .iter()
+            .filter(|(t, ..)| *t == "order_payment")
+            .count()
+            + 1
+    );
+}
+
+/// Checks a published release's description.
+fn assert_release(body: &Json, version: &str, ring: &str, size: usize) {
+    assert_eq!(body["version"], version, "{body}");
+    assert_eq!(body["ring"], ring, "{body}");
+    assert_eq!(body["target"], shared::release::this_target(), "{body}");
+    assert_eq!(body["size"], json!(size), "{body}");
+    assert!(is_hex(&body["hash"], 64), "a blake3 hash in hex: {body}");
+    assert!(
+        is_hex(&body["signature"], 128),
+        "an ed25519 signature in hex: {body}"
+    );
+    assert!(body["published_at"].is_string(), "{body}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A connected edge installs a release
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn connected_edge_installs_a_published_release() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let mut edge = EdgeProcess::start_synced("B001", &hub, &[]);
+    let keeper = edge.pid().expect("the keeper's pid");
+
+    // The first start installed the running binary as the first release.
+    let before = wait_connected(&http, &hub, &edge);
+    assert_ne!(before, "0.2.0", "the edge under test already runs 0.2.0");
+    assert_eq!(current_release(&edge), before);
+    assert!(
+        releases_dir(&edge)
+            .join(&before)
+            .join("outpost-edge")
+            .is_file(),
+        "releases/{before}/outpost-edge"
+    );
+
+    open_order(&http, &edge, "o1", 2, 1250);
+    pay(&http, &edge, "o1", "p1", 1000);
+    pay(&http, &edge, "o1", "p2", 1500);
+    wait_synced(&http, &hub, &edge);
+    assert_eq!(
+        http.branch_info(&hub, "B001")["edge_version"],
+        before.as_str()
+    );
+    let rows: Vec<(&str, &str, Json)> = [
+        ("order_header", "o1"),
+        ("order_payment", "p1"),
+        ("order_payment", "p2"),
+    ]
+    .into_iter()
+    .map(|(t, id)| (t, id, http.get_row(&edge, t, id).expect(200)))
+    .collect();
+
+    let artifact = edge_artifact();
+    let size = artifact.len();
+    let published = http.publish(&hub, "0.2.0", "all", artifact).expect(201);
+    assert_release(&published, "0.2.0", "all", size);
+
+    let entry = wait_installed(&http, &hub, &edge, "0.2.0");
+    let outcome = &entry["last_outcome"];
+    assert_eq!(outcome["from"], before.as_str(), "{entry}");
+    assert!(outcome["detail"].is_string(), "{entry}");
+    assert!(outcome["at"].is_string(), "{entry}");
+    assert_eq!(
+        entry["outcomes"].as_array().map(Vec::len),
+        Some(1),
+        "one update, one outcome: {entry}"
+    );
+    assert_eq!(entry["connected"], true, "{entry}");
+
+    // The switch happened under the same keeper process.
+    assert_eq!(current_release(&edge), "0.2.0");
+    let staged = releases_dir(&edge).join("0.2.0").join("outpost-edge");
+    assert_eq!(
+        std::fs::metadata(&staged)
+            .unwrap_or_else(|e| panic!("{}: {e}", staged.display()))
+            .len(),
+        size as u64
+    );
+    assert_eq!(edge.pid(), Some(keeper));
+    assert!(edge.is_running(), "the keeper still runs");
+    assert_eq!(edge.starts(), 1, "the test started the edge once");
+    let health = http.healthz(&edge);
+    assert_eq!(health["version"], "0.2.0", "{health}");
+    assert_eq!(health["hub"], "connected", "{health}");
+    assert_eq!(
+        http.branch_info(&hub, "B001")["edge_version"],
+        "0.2.0",
+        "the hub learnt the new version from the edge's hello"
+    );
+
+    // One clean download of the whole artifact.
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_fetches_total"),
+        1
+    );
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_fetches_resumed_total"),
+        0
+    );
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_bytes_served_total"),
+        size as u64
+    );
+
+    // The data from before is served, writes work, and sync goes on.
+    let before_rows: Vec<(&str, &str, &Json)> =
+        rows.iter().map(|(t, id, r)| (*t, *id, r)).collect();
+    assert_serves_and_syncs(&http, &hub, &edge, &before_rows, "p3");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. An edge that was down gets the release when it comes back
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn offline_edge_gets_the_release_on_reconnect() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let mut edge = EdgeProcess::start_synced("B001", &hub, &[]);
+    let before = wait_connected(&http, &hub, &edge);
+    assert_ne!(before, "0.2.0", "the edge under test already runs 0.2.0");
+    open_order(&http, &edge, "o1", 1, 1250);
+    pay(&http, &edge, "o1", "p1", 1250);
+    wait_synced(&http, &hub, &edge);
+    let p1 = http.get_row(&edge, "order_payment", "p1").expect(200);
+
+    edge.kill9();
+    let artifact = edge_artifact();
+    let size = artifact.len();
+    let published = http.publish(&hub, "0.2.0", "all", artifact).expect(201);
+    assert_release(&published, "0.2.0", "all", size);
+    // Nobody has fetched it: the only branch is down.
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_fetches_total"),
+        0
+    );
+
+    edge.restart();
+    let entry = wait_installed(&http, &hub, &edge, "0.2.0");
+    assert_eq!(entry["last_outcome"]["from"], before.as_str(), "{entry}");
+    assert_eq!(current_release(&edge), "0.2.0");
+    assert!(edge.is_running(), "the keeper still runs");
+    let health = http.healthz(&edge);
+    assert_eq!(health["version"], "0.2.0", "{health}");
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_bytes_served_total"),
+        size as u64
+    );
+    assert_serves_and_syncs(&http, &hub, &edge, &[("order_payment", "p1", &p1)], "p2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A download cut in the middle resumes
+// ---------------------------------------------------------------------------------------------
+
+/// Where the test hook cuts the first download.
+const CUT_AT: u64 = 20_000_000;
+
+#[test]
+fn interrupted_download_resumes() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let cut = CUT_AT.to_string();
+    let edge = EdgeProcess::start_synced(
+        "B001",
+        &hub,
+        &[("OUTPOST_FAULT_CUT_DOWNLOAD", cut.as_str())],
+    );
+    let before = wait_connected(&http, &hub, &edge);
+    assert_ne!(before, "0.2.0", "the edge under test already runs 0.2.0");
+
+    let artifact = edge_artifact();
+    let size = artifact.len() as u64;
+    assert!(
+        size > 2 * CUT_AT,
+        "the artifact ({size} bytes) is large enough to cut at {CUT_AT}"
+    );
+    http.publish(&hub, "0.2.0", "all", artifact).expect(201);
+    let entry = wait_installed(&http, &hub, &edge, "0.2.0");
+    assert_eq!(entry["last_outcome"]["from"], before.as_str(), "{entry}");
+    assert_eq!(current_release(&edge), "0.2.0");
+
+    let log = strip_ansi(&edge.log());
+    assert!(
+        log.contains("test hook: cutting the hub link mid-download"),
+        "the fault hook fired:\n{}",
+        tail(&log, 40)
+    );
+    let resumed_line = log
+        .lines()
+        .find(|l| l.contains("resuming"))
+        .unwrap_or_else(|| panic!("the edge log mentions resuming:\n{}", tail(&log, 40)));
+    // The download went on from what had arrived before the cut, not from the start.
+    let offset: u64 = resumed_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("offset=")?.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {resumed_line:?}"));
+    assert!(
+        (CUT_AT..size).contains(&offset),
+        "resumed at {offset}: {resumed_line}"
+    );
+
+    // The edge's own counters started again with the new release: the hub's tell.
+    let fetches = http.hub_metric(&hub, "outpost_hub_release_fetches_total");
+    let resumed = http.hub_metric(&hub, "outpost_hub_release_fetches_resumed_total");
+    let served = http.hub_metric(&hub, "outpost_hub_release_bytes_served_total");
+    let counters = format!("fetches {fetches}, resumed {resumed}, bytes served {served} of {size}");
+    assert!(fetches >= 2, "{counters}");
+    assert!(resumed >= 1, "{counters}");
+    // Started over, the hub would have sent the whole artifact after what preceded the cut.
+    assert!(served >= size && served < 2 * size, "{counters}");
+    assert_eq!(
+        http.healthz(&edge)["version"],
+        "0.2.0",
+        "the resumed download installed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Refusals: a tampered artifact, a foreign signature, a failing self-check
+// ---------------------------------------------------------------------------------------------
+
+/// After a refusal: the edge still runs `before` under the same keeper, the refused release
+/// left nothing behind, and the branch still serves and syncs.
+fn assert_refused_and_serving(
+    http: &Http,
+    hub: &HubProcess,
+    edge: &mut EdgeProcess,
+    before: &str,
+    refused: &str,
+    entry: &Json,
+) {
+    assert_eq!(entry["last_outcome"]["from"], before, "{entry}");
+    assert_eq!(entry["installed"], before, "{entry}");
+    assert_eq!(
+        entry["outcomes"].as_array().map(Vec::len),
+        Some(1),
+        "{entry}"
+    );
+    let health = http.healthz(edge);
+    assert_eq!(health["version"], before, "{health}");
+    assert_eq!(health["hub"], "connected", "{health}");
+    assert!(edge.is_running(), "the keeper still runs");
+    assert_eq!(current_release(edge), before);
+    assert!(
+        !releases_dir(edge).join(refused).exists(),
+        "nothing of the refused release is staged"
+    );
+    assert!(
+        !releases_dir(edge).join(format!("{refused}.part")).exists(),
+        "no partial download is kept"
+    );
+    assert_eq!(http.edge_metric(edge, "outpost_update_refused_total"), 1);
+    assert_eq!(http.edge_metric(edge, "outpost_update_staged_total"), 0);
+    let p0 = http.get_row(edge, "order_payment", "p0").expect(200);
+    assert_serves_and_syncs(http, hub, edge, &[("order_payment", "p0", &p0)], "p1");
+}
+
+/// A synced edge with one payment (`p0`), connected; returns it and the version it runs.
+fn synced_edge(http: &Http, hub: &HubProcess) -> (EdgeProcess, String) {
+    let edge = EdgeProcess::start_synced("B001", hub, &[]);
+    let before = wait_connected(http, hub, &edge);
+    open_order(http, &edge, "o0", 1, 1250);
+    pay(http, &edge, "o0", "p0", 1250);
+    wait_synced(http, hub, &edge);
+    (edge, before)
+}
+
+#[test]
+fn tampered_artifact_is_refused() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let (mut edge, before) = synced_edge(&http, &hub);
+    assert_ne!(before, "0.2.0", "the edge under test already runs 0.2.0");
+    edge.kill9();
+
+    let artifact = edge_artifact();
+    let size = artifact.len() as u64;
+    http.publish(&hub, "0.2.0", "all", artifact).expect(201);
+    // Alter 4 KiB in the middle of the artifact on the hub's disk, same length.
+    let path = hub.data_dir().join("releases").join("0.2.0.artifact");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut chunk = vec![0u8; 4096];
+        f.seek(SeekFrom::Start(size / 2)).expect("seek");
+        f.read_exact(&mut chunk).expect("read the artifact");
+        for b in &mut chunk {
+            *b ^= 0xA5;
+        }
+        f.seek(SeekFrom::Start(size / 2)).expect("seek");
+        f.write_all(&chunk).expect("write the artifact");
+        f.sync_all().expect("sync the artifact");
+    }
+    assert_eq!(std::fs::metadata(&path).expect("the artifact").len(), size);
+
+    edge.restart();
+    let entry = wait_outcome(&http, &hub, &edge, "0.2.0", "refused");
+    let detail = text(&entry["last_outcome"]["detail"]);
+    assert!(
+        detail.contains("hash"),
+        "the detail names the hash: {entry}"
+    );
+    // The whole artifact was fetched once, then refused, and never fetched again.
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_fetches_total"),
+        1
+    );
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_bytes_served_total"),
+        size
+    );
+    assert_refused_and_serving(&http, &hub, &mut edge, &before, "0.2.0", &entry);
+}
+
+#[test]
+fn release_signed_by_another_key_is_refused() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let other = HubProcess::start();
+    let (mut edge, before) = synced_edge(&http, &hub);
+    assert_ne!(before, "0.2.0", "the edge under test already runs 0.2.0");
+    edge.kill9();
+
+    // The edge now trusts the other hub's release key.
+    let foreign = tempfile::tempdir().expect("a temporary directory");
+    other.enroll("B001", foreign.path());
+    let ours = edge.root().join("identity").join("release.pub");
+    let theirs = foreign.path().join("release.pub");
+    let (ours_key, theirs_key) = (
+        std::fs::read_to_string(&ours).expect("the edge's release.pub"),
+        std::fs::read_to_string(&theirs).expect("the other hub's release.pub"),
+    );
+    assert_ne!(ours_key, theirs_key, "two hubs, two release keys");
+    std::fs::copy(&theirs, &ours).expect("replace release.pub");
+
+    http.publish(&hub, "0.2.0", "all", edge_artifact())
+        .expect(201);
+    edge.restart();
+    let entry = wait_outcome(&http, &hub, &edge, "0.2.0", "refused");
+    let detail = text(&entry["last_outcome"]["detail"]);
+    assert!(
+        detail.contains("signature"),
+        "the detail names the signature: {entry}"
+    );
+    // Refused on the offer: nothing was downloaded.
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_fetches_total"),
+        0
+    );
+    assert_refused_and_serving(&http, &hub, &mut edge, &before, "0.2.0", &entry);
+}
+
+#[test]
+fn self_check_failure_is_refused() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let (mut edge, before) = synced_edge(&http, &hub);
+    assert_ne!(before, "0.3.0", "the edge under test already runs 0.3.0");
+
+    let artifact = script("exit 1\n");
+    let size = artifact.len();
+    let published = http.publish(&hub, "0.3.0", "all", artifact).expect(201);
+    assert_release(&published, "0.3.0", "all", size);
+    let entry = wait_outcome(&http, &hub, &edge, "0.3.0", "refused");
+    let detail = text(&entry["last_outcome"]["detail"]);
+    assert!(
+        detail.contains("self-check"),
+        "the detail names the self-check: {entry}"
+    );
+    assert_refused_and_serving(&http, &hub, &mut edge, &before, "0.3.0", &entry);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A release that does not come up is rolled back
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn failing_release_is_rolled_back() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let (mut edge, before) = synced_edge(&http, &hub);
+    assert_ne!(before, "0.3.0", "the edge under test already runs 0.3.0");
+    let keeper = edge.pid();
+    let p0 = http.get_row(&edge, "order_payment", "p0").expect(200);
+
+    // Passes its self-check, but exits with 3 when asked to serve.
+    let artifact = script(
+        "if [ \"$1\" = self-check ]; then echo \"outpost-edge 0.3.0\"; exit 0; fi\nexit 3\n",
+    );
+    let size = artifact.len();
+    let published = http.publish(&hub, "0.3.0", "all", artifact).expect(201);
+    assert_release(&published, "0.3.0", "all", size);
+
+    let entry = wait_outcome(&http, &hub, &edge, "0.3.0", "rolled_back");
+    assert_eq!(entry["last_outcome"]["from"], before.as_str(), "{entry}");
+    assert_eq!(
+        entry["outcomes"].as_array().map(Vec::len),
+        Some(1),
+        "{entry}"
+    );
+    // The previous release serves again (a new worker: ports.json names its port).
+    assert_eq!(current_release(&edge), before);
+    let health = http.healthz(&edge);
+    assert_eq!(health["version"], before.as_str(), "{health}");
+    assert_eq!(health["hub"], "connected", "{health}");
+    assert_eq!(entry["installed"], before.as_str(), "{entry}");
+    assert_eq!(
+        http.branch_info(&hub, "B001")["edge_version"],
+        before.as_str()
+    );
+    assert_eq!(edge.pid(), keeper);
+    assert!(edge.is_running(), "the keeper still runs");
+    assert_serves_and_syncs(&http, &hub, &edge, &[("order_payment", "p0", &p0)], "p1");
+}
+
+/// Probation deadline for the test below: what is under test, not a synchronisation.
+const PROBATION_S: &str = "3";
+
+#[test]
+fn release_not_healthy_in_time_is_rolled_back() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let edge =
+        EdgeProcess::start_synced("B001", &hub, &[("OUTPOST_UPDATE_DEADLINE_S", PROBATION_S)]);
+    let before = wait_connected(&http, &hub, &edge);
+    assert_ne!(before, "0.3.0", "the edge under test already runs 0.3.0");
+    open_order(&http, &edge, "o0", 1, 1250);
+    pay(&http, &edge, "o0", "p0", 1250);
+    wait_synced(&http, &hub, &edge);
+    let p0 = http.get_row(&edge, "order_payment", "p0").expect(200);
+
+    // Passes its self-check, then never becomes healthy: it only waits for the keeper's
+    // `stop` on its stdin.
+    let artifact = script(
+        "if [ \"$1\" = self-check ]; then echo \"outpost-edge 0.3.0\"; exit 0; fi\nread line\nexit 0\n",
+    );
+    http.publish(&hub, "0.3.0", "all", artifact).expect(201);
+    let entry = wait_outcome(&http, &hub, &edge, "0.3.0", "rolled_back");
+    assert_eq!(entry["last_outcome"]["from"], before.as_str(), "{entry}");
+    assert_eq!(current_release(&edge), before);
+    let health = http.healthz(&edge);
+    assert_eq!(health["version"], before.as_str(), "{health}");
+    assert_eq!(health["hub"], "connected", "{health}");
+    assert_eq!(entry["installed"], before.as_str(), "{entry}");
+    assert_serves_and_syncs(&http, &hub, &edge, &[("order_payment", "p0", &p0)], "p1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Rollout rings
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn canary_ring_first() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let b1 = EdgeProcess::start_synced("B001", &hub, &[]);
+    let b2 = EdgeProcess::start_synced("B002", &hub, &[]);
+    let before = wait_connected(&http, &hub, &b1);
+    assert_eq!(wait_connected(&http, &hub, &b2), before);
+    assert_ne!(before, "0.2.0", "the edges under test already run 0.2.0");
+
+    let set = http.set_ring(&hub, "B001", "canary").expect(200);
+    assert_eq!(set["ring"], "canary", "{set}");
+    assert_eq!(http.rollout(&hub, "B001")["ring"], "canary");
+    assert_eq!(http.rollout(&hub, "B002")["ring"], "all");
+
+    let artifact = edge_artifact();
+    let size = artifact.len();
+    let published = http.publish(&hub, "0.2.0", "canary", artifact).expect(201);
+    assert_release(&published, "0.2.0", "canary", size);
+    wait_installed(&http, &hub, &b1, "0.2.0");
+
+    // B002 was connected all along and was offered nothing.
+    let b2_entry = http.rollout(&hub, "B002");
+    assert_eq!(b2_entry["connected"], true, "{b2_entry}");
+    assert_eq!(http.branch_info(&hub, "B002")["connected"], true);
+    assert_eq!(b2_entry["installed"], before.as_str(), "{b2_entry}");
+    assert_eq!(b2_entry["outcomes"], json!([]), "{b2_entry}");
+    assert_eq!(b2_entry["last_outcome"], Json::Null, "{b2_entry}");
+    assert_eq!(http.healthz(&b2)["version"], before.as_str());
+    assert_eq!(current_release(&b2), before);
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_fetches_total"),
+        1,
+        "only the canary fetched the release"
+    );
+
+    let promoted = http.promote(&hub, "0.2.0").expect(200);
+    assert_eq!(promoted["ring"], "all", "{promoted}");
+    assert_eq!(promoted["version"], "0.2.0", "{promoted}");
+    let entry = wait_installed(&http, &hub, &b2, "0.2.0");
+    assert_eq!(entry["last_outcome"]["from"], before.as_str(), "{entry}");
+    assert_eq!(current_release(&b2), "0.2.0");
+    let listed = http.releases(&hub);
+    assert_eq!(listed["releases"][0]["version"], "0.2.0", "{listed}");
+    assert_eq!(listed["releases"][0]["ring"], "all", "{listed}");
+    // B001 stays on 0.2.0 with its single outcome.
+    let b1_entry = http.rollout(&hub, "B001");
+    assert_eq!(b1_entry["installed"], "0.2.0", "{b1_entry}");
+    assert_eq!(
+        b1_entry["outcomes"].as_array().map(Vec::len),
+        Some(1),
+        "{b1_entry}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. The release API's errors
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn release_api_errors() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let identity = tempfile::tempdir().expect("a temporary directory");
+    hub.enroll("B001", identity.path());
+    let token = Some(hub.admin_token());
+    let publish_url = |query: &str| hub.url(&format!("/api/releases{query}"));
+    let artifact_dir = hub.data_dir().join("releases");
+    let artifacts = || -> BTreeSet<String> {
+        std::fs::read_dir(&artifact_dir)
+            .map(|d| {
+                d.map(|e| {
+                    e.expect("a dir entry")
+                        .file_name()
+                        .into_string()
+                        .expect("UTF-8")
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // Authentication, on every release route.
+    for (who, t) in [("no token", None), ("a wrong token", Some("not-the-token"))] {
+        for (method, url, body) in [
+            (
+                Method::POST,
+                publish_url("?version=1.0.0&ring=all"),
+                Body::Bytes(b"artifact".to_vec()),
+            ),
+            (Method::GET, publish_url(""), Body::Empty),
+            (
+                Method::POST,
+                hub.url("/api/releases/1.0.0/promote"),
+                Body::Empty,
+            ),
+            (
+                Method::PUT,
+                hub.url("/api/branches/B001/ring"),
+                Body::Json(json!({"ring": "canary"})),
+            ),
+        ] {
+            let r = http.send(method.clone(), &url, t, body);
+            assert_eq!(r.status, 401, "{method} {url} with {who}: {}", r.text);
+            assert_eq!(r.code(), "unauthorized", "{}", r.text);
+        }
+    }
+    assert_eq!(http.releases(&hub)["releases"], json!([]));
+
+    // Publishing what is not a release.
+    let cases: Vec<(&str, &str, &[u8], u16, &str)> = vec![
+        (
+            "a version that is not semver",
+            "?version=banana&ring=all",
+            b"x",
+            400,
+            "invalid_version",
+        ),
+        (
+            "a two-part version",
+            "?version=1.2&ring=all",
+            b"x",
+            400,
+            "invalid_version",
+        ),
+        ("no version", "?ring=all", b"x", 400, "invalid_version"),
+        (
+            "an unknown ring",
+            "?version=1.0.0&ring=beta",
+            b"x",
+            400,
+            "invalid_ring",
+        ),
+        ("no ring", "?version=1.0.0", b"x", 400, "invalid_ring"),
+        (
+            "an empty artifact",
+            "?version=1.0.0&ring=all",
+            b"",
+            400,
+            "empty_artifact",
+        ),
+    ];
+    for (what, query, body, status, code) in cases {
+        let r = http.send(
+            Method::POST,
+            &publish_url(query),
+            token,
+            Body::Bytes(body.to_vec()),
+        );
+        assert_eq!(r.status, status, "publish with {what}: {}", r.text);
+        assert_eq!(r.code(), code, "publish with {what}: {}", r.text);
+        assert!(
+            r.body["message"].is_string(),
+            "publish with {what}: {}",
+            r.text
+        );
+    }
+    // None of it left a release or a file behind.
+    assert_eq!(http.releases(&hub)["releases"], json!([]));
+    assert_eq!(
+        artifacts(),
+        BTreeSet::new(),
+        "no artifact from a refused publish"
+    );
+
+    // A release, then the same version again.
+    let first = http
+        .publish(&hub, "1.0.0", "canary", b"the first artifact".to_vec())
+        .expect(201);
+    assert_release(&first, "1.0.0", "canary", b"the first artifact".len());
+    let again = http.publish(&hub, "1.0.0", "all", b"another artifact".to_vec());
+    assert_eq!(again.status, 409, "{}", again.text);
+    assert_eq!(again.code(), "release_exists", "{}", again.text);
+    assert!(again.body["message"].is_string(), "{}", again.text);
+    // The first release is unchanged, on record and on disk.
+    let listed = http.releases(&hub);
+    assert_eq!(listed["releases"], json!([first.clone()]), "{listed}");
+    assert_eq!(
+        std::fs::read(artifact_dir.join("1.0.0.artifact")).expect("the artifact"),
+        b"the first artifact"
+    );
+    assert_eq!(
+        artifacts(),
+        BTreeSet::from(["1.0.0.artifact".to_owned()]),
+        "only the first release's artifact"
+    );
+
+    // Promoting what was never published.
+    let r = http.promote(&hub, "9.9.9");
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(r.code(), "unknown_release", "{}", r.text);
+    assert!(r.body["message"].is_string(), "{}", r.text);
+
+    // A ring that does not exist.
+    let r = http.set_ring(&hub, "B001", "beta");
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.code(), "invalid_ring", "{}", r.text);
+    assert_eq!(http.rollout(&hub, "B001")["ring"], "all");
+
+    // Nothing changed; the release API still works.
+    assert_eq!(http.releases(&hub)["releases"], json!([first]));
+    let promoted = http.promote(&hub, "1.0.0").expect(200);
+    assert_eq!(promoted["ring"], "all", "{promoted}");
+    assert_eq!(promoted["hash"], first["hash"], "{promoted}");
+    assert_eq!(promoted["signature"], first["signature"], "{promoted}");
+}
