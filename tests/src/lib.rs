@@ -4,13 +4,21 @@
 //! (`target/<profile>/outpost-edge`; `cargo test --workspace` builds it because the `edge`
 //! package has integration tests). Set `OUTPOST_EDGE_BIN` to use another binary.
 //! [`HubProcess`] does the same for `outpost-hub` (`OUTPOST_HUB_BIN`).
+//!
+//! [`Http`] is the blocking HTTP client the synchronous tests talk to both with, and
+//! [`uint`], [`int`], [`text`] and [`tail`] read what they answer.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use reqwest::{Client, Method};
+use serde_json::{Value as Json, json};
 
 /// How long a start-up may take before the harness gives up (a safety net, not a timing
 /// assertion: a healthy edge is up in milliseconds).
@@ -553,6 +561,15 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Reads a response: its status, and its body as JSON and as text.
+    pub async fn read(resp: reqwest::Response) -> Result<Reply, reqwest::Error> {
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
+        Ok(Reply { status, body, text })
+    }
+
     /// The body, after checking the status.
     #[track_caller]
     pub fn expect(&self, status: u16) -> serde_json::Value {
@@ -570,4 +587,404 @@ impl Reply {
     pub fn code(&self) -> &str {
         self.body["error"].as_str().unwrap_or("")
     }
+}
+
+/// A value of a JSON reply that must be a non-negative integer.
+#[track_caller]
+pub fn uint(v: &Json) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("not a non-negative integer: {v}"))
+}
+
+/// A value of a JSON reply that must be an integer.
+#[track_caller]
+pub fn int(v: &Json) -> i64 {
+    v.as_i64().unwrap_or_else(|| panic!("not an integer: {v}"))
+}
+
+/// A value of a JSON reply that must be a string.
+#[track_caller]
+pub fn text(v: &Json) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
+}
+
+/// The last `n` lines of a log.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP, blocking on a runtime of the test's own (so `wait_until` conditions can make requests)
+// ---------------------------------------------------------------------------------------------
+
+/// A safety net against a hung server turning into a hung test; not a timing assertion.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for an upload of a whole edge binary ([`Body::Bytes`]; ~160 MB in a debug build).
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A request body.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// No body.
+    Empty,
+    /// A JSON document, sent as `application/json`.
+    Json(Json),
+    /// These bytes as they are, labelled `application/json`: a body that is not JSON.
+    Raw(Vec<u8>),
+    /// Raw bytes (a release artifact), labelled `application/octet-stream`; the request may
+    /// take [`UPLOAD_TIMEOUT`] instead of [`REQUEST_TIMEOUT`].
+    Bytes(Vec<u8>),
+}
+
+impl Body {
+    /// `req` with this body (and its content type).
+    pub fn attach(self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            Body::Empty => req,
+            Body::Json(v) => req.json(&v),
+            Body::Raw(bytes) => req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(bytes),
+            Body::Bytes(bytes) => req
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .timeout(UPLOAD_TIMEOUT)
+                .body(bytes),
+        }
+    }
+}
+
+/// Where a test reaches an edge's terminal API (CONTRACT.md section 2), for the edge helpers
+/// of [`Http`].
+///
+/// An [`EdgeProcess`] is reached at the port the harness read when it last started it
+/// ([`EdgeProcess::url`]). A test whose edge moves to another port on its own (the keeper
+/// starting a new worker after an update) implements this over the data dir's `ports.json`.
+pub trait EdgeApi {
+    /// The edge process: its branch and admin token.
+    fn process(&self) -> &EdgeProcess;
+
+    /// `http://ADDR{path}` at the edge.
+    fn api_url(&self, path: &str) -> String;
+
+    /// The module base `B` of the contract: `.../api/branches/{branch}/modules/pos`.
+    fn api_module_url(&self) -> String {
+        let branch = self.process().branch();
+        self.api_url(&format!("/api/branches/{branch}/modules/{MODULE}"))
+    }
+}
+
+impl EdgeApi for EdgeProcess {
+    fn process(&self) -> &EdgeProcess {
+        self
+    }
+
+    fn api_url(&self, path: &str) -> String {
+        self.url(path)
+    }
+}
+
+impl<T: EdgeApi + ?Sized> EdgeApi for &T {
+    fn process(&self) -> &EdgeProcess {
+        (**self).process()
+    }
+
+    fn api_url(&self, path: &str) -> String {
+        (**self).api_url(path)
+    }
+
+    fn api_module_url(&self) -> String {
+        (**self).api_module_url()
+    }
+}
+
+/// An HTTP client whose calls block on a current-thread tokio runtime the test owns, so that
+/// plain `#[test]` functions, and the conditions of [`wait_until`], can make requests. The
+/// same runtime drives whatever else the test runs with [`Http::block_on`] (WebSockets, QUIC
+/// connections), also while it waits for a response.
+///
+/// Every request has a [`REQUEST_TIMEOUT`] ([`UPLOAD_TIMEOUT`] for [`Body::Bytes`]).
+/// [`Http::send`] fails the test when a request gets no response; [`Http::try_send`] returns
+/// the error instead. The body of a response is read as JSON into [`Reply::body`] (`null` when
+/// it is not JSON) and as text into [`Reply::text`].
+///
+/// The edge helpers take any [`EdgeApi`] and send the edge's admin token; the hub helpers
+/// send the hub's admin token.
+pub struct Http {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl Default for Http {
+    fn default() -> Http {
+        Http::new()
+    }
+}
+
+impl Http {
+    /// A client on a new current-thread runtime.
+    pub fn new() -> Http {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let client = {
+            let _guard = rt.enter();
+            Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .build()
+                .expect("an HTTP client")
+        };
+        Http { rt, client }
+    }
+
+    /// Runs `future` to completion on the client's runtime.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.rt.block_on(future)
+    }
+
+    /// Sends a request, with `token` as a bearer token when there is one; the error when no
+    /// response arrives (refused, reset, timed out).
+    pub fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Body,
+    ) -> Result<Reply, reqwest::Error> {
+        self.rt.block_on(async {
+            let mut req = self.client.request(method, url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            Reply::read(body.attach(req).send().await?).await
+        })
+    }
+
+    /// [`Http::try_send`], failing the test when no response arrives.
+    #[track_caller]
+    pub fn send(&self, method: Method, url: &str, token: Option<&str>, body: Body) -> Reply {
+        let what = format!("{method} {url}");
+        self.try_send(method, url, token, body)
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    /// A GET's status and body as text, or why it failed (for the context of a failed wait).
+    pub fn describe(&self, url: &str, token: Option<&str>) -> String {
+        match self.try_send(Method::GET, url, token, Body::Empty) {
+            Ok(r) => format!("{} {}", r.status, r.text.trim()),
+            Err(e) => format!("unreachable ({e})"),
+        }
+    }
+
+    /// A counter or gauge from a Prometheus text page (the status must be 200).
+    #[track_caller]
+    pub fn metric_at(&self, url: &str, name: &str) -> u64 {
+        let reply = self.send(Method::GET, url, None, Body::Empty);
+        assert_eq!(reply.status, 200, "GET {url}: {}", reply.text);
+        reply
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{}", reply.text))
+    }
+
+    // --- an edge (terminal API, CONTRACT 2) ---
+
+    /// The edge's `/healthz` body (the status must be 200).
+    #[track_caller]
+    pub fn healthz(&self, edge: &impl EdgeApi) -> Json {
+        self.send(Method::GET, &edge.api_url("/healthz"), None, Body::Empty)
+            .expect(200)
+    }
+
+    /// A counter or gauge from the edge's `/metrics`.
+    #[track_caller]
+    pub fn edge_metric(&self, edge: &impl EdgeApi, name: &str) -> u64 {
+        self.metric_at(&edge.api_url("/metrics"), name)
+    }
+
+    /// `POST B/tables/{table}` with `row`.
+    #[track_caller]
+    pub fn insert(&self, edge: &impl EdgeApi, table: &str, row: Json) -> Reply {
+        let url = format!("{}/tables/{table}", edge.api_module_url());
+        let token = Some(edge.process().admin_token());
+        self.send(Method::POST, &url, token, Body::Json(row))
+    }
+
+    /// `POST B/batch` with `ops` (all or nothing).
+    #[track_caller]
+    pub fn batch(&self, edge: &impl EdgeApi, ops: Json) -> Reply {
+        let url = format!("{}/batch", edge.api_module_url());
+        let body = Body::Json(json!({ "ops": ops }));
+        self.send(Method::POST, &url, Some(edge.process().admin_token()), body)
+    }
+
+    /// `GET B/tables/{table}/{id}`.
+    #[track_caller]
+    pub fn get_row(&self, edge: &impl EdgeApi, table: &str, id: &str) -> Reply {
+        let url = format!("{}/tables/{table}/{id}", edge.api_module_url());
+        let token = Some(edge.process().admin_token());
+        self.send(Method::GET, &url, token, Body::Empty)
+    }
+
+    /// Every row of `table` at the edge, keyed by id (each id once).
+    #[track_caller]
+    pub fn edge_rows(&self, edge: &impl EdgeApi, table: &str) -> BTreeMap<String, Json> {
+        let url = format!("{}/query", edge.api_module_url());
+        let token = edge.process().admin_token();
+        let mut out = BTreeMap::new();
+        loop {
+            let q = json!({
+                "table": table,
+                "orderBy": [{"field": "id", "direction": "asc"}],
+                "limit": 1000,
+                "offset": out.len(),
+            });
+            let body = self
+                .send(Method::POST, &url, Some(token), Body::Json(q))
+                .expect(200);
+            for row in body["rows"].as_array().expect("rows") {
+                let id = text(&row["id"]).to_owned();
+                assert!(
+                    out.insert(id.clone(), row.clone()).is_none(),
+                    "{table} {id} twice at the edge"
+                );
+            }
+            if body["meta"]["has_more"] != json!(true) {
+                return out;
+            }
+        }
+    }
+
+    // --- the hub (head office, CONTRACT 3) ---
+
+    /// A counter or gauge from the hub's `/metrics`.
+    #[track_caller]
+    pub fn hub_metric(&self, hub: &HubProcess, name: &str) -> u64 {
+        self.metric_at(&hub.url("/metrics"), name)
+    }
+
+    /// The hub's `/api/branches` (the status must be 200, the body a list).
+    #[track_caller]
+    pub fn branches(&self, hub: &HubProcess) -> Vec<Json> {
+        let body = self
+            .send(
+                Method::GET,
+                &hub.url("/api/branches"),
+                Some(hub.admin_token()),
+                Body::Empty,
+            )
+            .expect(200);
+        body.as_array()
+            .unwrap_or_else(|| panic!("/api/branches is not a list: {body}"))
+            .clone()
+    }
+
+    /// The hub's entry for `branch` in `/api/branches` (`null` when it has none).
+    #[track_caller]
+    pub fn branch_info(&self, hub: &HubProcess, branch: &str) -> Json {
+        self.branches(hub)
+            .into_iter()
+            .find(|b| b["branch"] == branch)
+            .unwrap_or(Json::Null)
+    }
+
+    /// `POST /api/query` at the hub.
+    #[track_caller]
+    pub fn hub_query(&self, hub: &HubProcess, q: Json) -> Reply {
+        let url = hub.url("/api/query");
+        self.send(Method::POST, &url, Some(hub.admin_token()), Body::Json(q))
+    }
+
+    /// Every row of a plain query at the hub, paging with `offset`, keyed by (branch, id):
+    /// a key twice fails the test.
+    #[track_caller]
+    pub fn hub_rows(&self, hub: &HubProcess, q: Json) -> BTreeMap<(String, String), Json> {
+        self.hub_rows_checking(hub, q, |_, _| {})
+    }
+
+    /// [`Http::hub_rows`], calling `check` with each page's query and response body (once
+    /// the body is known to hold a list of rows) before it takes the page's rows.
+    #[track_caller]
+    pub fn hub_rows_checking(
+        &self,
+        hub: &HubProcess,
+        q: Json,
+        mut check: impl FnMut(&Json, &Json),
+    ) -> BTreeMap<(String, String), Json> {
+        let mut out = BTreeMap::new();
+        loop {
+            let mut page = q.clone();
+            page["orderBy"] = json!([{"field": "id", "direction": "asc"}]);
+            page["limit"] = json!(1000);
+            page["offset"] = json!(out.len());
+            let body = self.hub_query(hub, page.clone()).expect(200);
+            let rows = body["rows"].as_array().expect("rows");
+            check(&page, &body);
+            for row in rows {
+                let key = (text(&row["branch"]).to_owned(), text(&row["id"]).to_owned());
+                assert!(
+                    out.insert(key.clone(), row.clone()).is_none(),
+                    "{key:?} twice at the hub: {row}"
+                );
+            }
+            if body["meta"]["has_more"] != json!(true) {
+                return out;
+            }
+        }
+    }
+}
+
+/// Opens an order at `edge` with one line of `quantity` × `unit_price` (one batch; the status
+/// must be 200).
+#[track_caller]
+pub fn open_order(http: &Http, edge: &impl EdgeApi, id: &str, quantity: i64, unit_price: i64) {
+    http.batch(
+        edge,
+        json!([
+            {"op": "insert", "table": "order_header", "row": {"id": id, "table_id": "T1"}},
+            {"op": "insert", "table": "order_line", "row": {"id": format!("{id}-l1"), "order_id": id,
+                "item_id": "burger", "name": "burger", "quantity": quantity, "unit_price": unit_price,
+                "station_id": "grill"}},
+        ]),
+    )
+    .expect(200);
+}
+
+/// The hub's count and sum of `branch`'s payments (a grouped query) are those of `at_edge`,
+/// the edge's payments.
+#[track_caller]
+pub fn assert_hub_payment_totals(
+    http: &Http,
+    hub: &HubProcess,
+    branch: &str,
+    at_edge: &BTreeMap<String, Json>,
+) {
+    let sum: i64 = at_edge.values().map(|r| int(&r["amount"])).sum();
+    let grouped = http
+        .hub_query(
+            hub,
+            json!({"table": "order_payment", "branch": branch, "groupBy": ["branch"],
+                "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
+        )
+        .expect(200);
+    assert_eq!(
+        grouped["rows"],
+        json!([{"branch": branch, "n": at_edge.len(), "total": sum}]),
+        "{grouped}"
+    );
+}
+
+/// What a failed sync wait shows: the edge's `/healthz`, the hub's `/api/branches` and the
+/// ends of both logs.
+pub fn sync_context(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> String {
+    format!(
+        "edge {} healthz: {}\nhub branches: {}\nedge log:\n{}\nhub log:\n{}",
+        edge.branch(),
+        http.describe(&edge.url("/healthz"), None),
+        http.describe(&hub.url("/api/branches"), Some(hub.admin_token())),
+        tail(&edge.log(), 20),
+        tail(&hub.log(), 20),
+    )
 }

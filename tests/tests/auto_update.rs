@@ -24,231 +24,48 @@
 //! A worker that installs a release exits and the keeper starts the new one, which binds a
 //! new port (the tests pass `--http 127.0.0.1:0`): every request to an edge here reads the
 //! current port from the data dir's `ports.json` instead of [`EdgeProcess::url`], which keeps
-//! the port of the first start.
+//! the port of the first start: the shared [`Http`] helpers are given the edge as a [`Worker`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
-use std::time::Duration;
 
-use reqwest::{Client, Method};
+use reqwest::Method;
 use serde_json::{Value as Json, json};
-use tests::{EdgeProcess, HubProcess, MODULE, Reply, edge_binary, wait_until};
-
-/// A safety net against a hung server turning into a hung test; not a timing assertion.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// The same for an upload of a whole edge binary (~160 MB in a debug build).
-const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+use tests::{
+    Body, EdgeApi, EdgeProcess, Http, HubProcess, Reply, assert_hub_payment_totals, edge_binary,
+    open_order, tail, text, uint, wait_until,
+};
 
 // ---------------------------------------------------------------------------------------------
-// HTTP, blocking on a runtime of the test's own (so `wait_until` conditions can make requests)
+// Requests only these tests make, on the shared blocking client
 // ---------------------------------------------------------------------------------------------
 
-/// A request body.
-enum Body {
-    Empty,
-    Json(Json),
-    /// Raw bytes (a release artifact).
-    Bytes(Vec<u8>),
-}
-
-/// An HTTP client whose calls block on a current-thread runtime the test owns.
-struct Http {
-    rt: tokio::runtime::Runtime,
-    client: Client,
-}
-
-impl Http {
-    fn new() -> Http {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
-        let client = {
-            let _guard = rt.enter();
-            Client::builder()
-                .timeout(REQUEST_TIMEOUT)
-                .build()
-                .expect("an HTTP client")
-        };
-        Http { rt, client }
-    }
-
-    fn try_send(
-        &self,
-        method: Method,
-        url: &str,
-        token: Option<&str>,
-        body: Body,
-    ) -> Result<Reply, reqwest::Error> {
-        self.rt.block_on(async {
-            let mut req = self.client.request(method, url);
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
-            }
-            req = match body {
-                Body::Empty => req,
-                Body::Json(v) => req.json(&v),
-                Body::Bytes(bytes) => req
-                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .timeout(UPLOAD_TIMEOUT)
-                    .body(bytes),
-            };
-            let resp = req.send().await?;
-            let status = resp.status();
-            let bytes = resp.bytes().await?;
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
-            Ok(Reply { status, body, text })
-        })
-    }
-
-    fn send(&self, method: Method, url: &str, token: Option<&str>, body: Body) -> Reply {
-        let what = format!("{method} {url}");
-        self.try_send(method, url, token, body)
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
-    /// A GET's status and body as text, or why it failed (for the context of a failed wait).
-    fn describe(&self, url: &str, token: Option<&str>) -> String {
-        match self.try_send(Method::GET, url, token, Body::Empty) {
-            Ok(r) => format!("{} {}", r.status, r.text.trim()),
-            Err(e) => format!("unreachable ({e})"),
-        }
-    }
-
-    /// A counter or gauge from a Prometheus text page.
-    fn metric_at(&self, url: &str, name: &str) -> u64 {
-        let reply = self.send(Method::GET, url, None, Body::Empty);
-        assert_eq!(reply.status, 200, "GET {url}: {}", reply.text);
-        reply
-            .text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{}", reply.text))
-    }
-
-    // --- the edge, at the port its current worker listens on (ports.json) ---
-
-    fn healthz(&self, edge: &EdgeProcess) -> Json {
-        self.send(Method::GET, &edge_url(edge, "/healthz"), None, Body::Empty)
-            .expect(200)
-    }
-
+/// What these tests ask of the edge and the hub beyond [`Http`]'s shared requests: the
+/// version the edge's current worker runs, and the hub's release API.
+trait UpdateApi {
     /// The version the edge's worker reports in `/healthz`, or `None` while no worker answers
     /// (between two releases, `ports.json` still names the old worker's port).
+    fn running_version(&self, edge: &EdgeProcess) -> Option<String>;
+    /// `POST /api/releases?version=V&ring=R` with the artifact as the body.
+    fn publish(&self, hub: &HubProcess, version: &str, ring: &str, artifact: Vec<u8>) -> Reply;
+    /// `POST /api/releases/{version}/promote`.
+    fn promote(&self, hub: &HubProcess, version: &str) -> Reply;
+    /// `PUT /api/branches/{branch}/ring`.
+    fn set_ring(&self, hub: &HubProcess, branch: &str, ring: &str) -> Reply;
+    /// `GET /api/releases`.
+    fn releases(&self, hub: &HubProcess) -> Json;
+    /// `branch`'s entry in `GET /api/releases` (`null` when it has none).
+    fn rollout(&self, hub: &HubProcess, branch: &str) -> Json;
+}
+
+impl UpdateApi for Http {
     fn running_version(&self, edge: &EdgeProcess) -> Option<String> {
         let url = format!("{}/healthz", edge_base(edge)?);
         let reply = self.try_send(Method::GET, &url, None, Body::Empty).ok()?;
         (reply.status == 200).then(|| reply.body["version"].as_str().map(str::to_owned))?
     }
 
-    fn edge_metric(&self, edge: &EdgeProcess, name: &str) -> u64 {
-        self.metric_at(&edge_url(edge, "/metrics"), name)
-    }
-
-    fn insert(&self, edge: &EdgeProcess, table: &str, row: Json) -> Reply {
-        let url = format!("{}/tables/{table}", module_url(edge));
-        self.send(
-            Method::POST,
-            &url,
-            Some(edge.admin_token()),
-            Body::Json(row),
-        )
-    }
-
-    fn batch(&self, edge: &EdgeProcess, ops: Json) -> Reply {
-        let url = format!("{}/batch", module_url(edge));
-        let body = Body::Json(json!({ "ops": ops }));
-        self.send(Method::POST, &url, Some(edge.admin_token()), body)
-    }
-
-    fn get_row(&self, edge: &EdgeProcess, table: &str, id: &str) -> Reply {
-        let url = format!("{}/tables/{table}/{id}", module_url(edge));
-        self.send(Method::GET, &url, Some(edge.admin_token()), Body::Empty)
-    }
-
-    /// Every row of `table` at the edge, keyed by id (each id once).
-    fn edge_rows(&self, edge: &EdgeProcess, table: &str) -> BTreeMap<String, Json> {
-        let url = format!("{}/query", module_url(edge));
-        let mut out = BTreeMap::new();
-        loop {
-            let q = json!({
-                "table": table,
-                "orderBy": [{"field": "id", "direction": "asc"}],
-                "limit": 1000,
-                "offset": out.len(),
-            });
-            let body = self
-                .send(Method::POST, &url, Some(edge.admin_token()), Body::Json(q))
-                .expect(200);
-            for row in body["rows"].as_array().expect("rows") {
-                let id = text(&row["id"]).to_owned();
-                assert!(
-                    out.insert(id.clone(), row.clone()).is_none(),
-                    "{table} {id} twice at the edge"
-                );
-            }
-            if body["meta"]["has_more"] != json!(true) {
-                return out;
-            }
-        }
-    }
-
-    // --- the hub (head office) ---
-
-    fn hub_metric(&self, hub: &HubProcess, name: &str) -> u64 {
-        self.metric_at(&hub.url("/metrics"), name)
-    }
-
-    /// The hub's entry for `branch` in `/api/branches` (`null` when it has none).
-    fn branch_info(&self, hub: &HubProcess, branch: &str) -> Json {
-        let body = self
-            .send(
-                Method::GET,
-                &hub.url("/api/branches"),
-                Some(hub.admin_token()),
-                Body::Empty,
-            )
-            .expect(200);
-        body.as_array()
-            .unwrap_or_else(|| panic!("/api/branches is not a list: {body}"))
-            .iter()
-            .find(|b| b["branch"] == branch)
-            .cloned()
-            .unwrap_or(Json::Null)
-    }
-
-    fn hub_query(&self, hub: &HubProcess, q: Json) -> Reply {
-        let url = hub.url("/api/query");
-        self.send(Method::POST, &url, Some(hub.admin_token()), Body::Json(q))
-    }
-
-    /// Every row of a plain query at the hub, paging with `offset`, keyed by (branch, id):
-    /// a key twice fails the test.
-    fn hub_rows(&self, hub: &HubProcess, q: Json) -> BTreeMap<(String, String), Json> {
-        let mut out = BTreeMap::new();
-        loop {
-            let mut page = q.clone();
-            page["orderBy"] = json!([{"field": "id", "direction": "asc"}]);
-            page["limit"] = json!(1000);
-            page["offset"] = json!(out.len());
-            let body = self.hub_query(hub, page.clone()).expect(200);
-            let rows = body["rows"].as_array().expect("rows");
-            for row in rows {
-                let key = (text(&row["branch"]).to_owned(), text(&row["id"]).to_owned());
-                assert!(
-                    out.insert(key.clone(), row.clone()).is_none(),
-                    "{key:?} twice at the hub: {row}"
-                );
-            }
-            if body["meta"]["has_more"] != json!(true) {
-                return out;
-            }
-        }
-    }
-
-    /// `POST /api/releases?version=V&ring=R` with the artifact as the body.
     fn publish(&self, hub: &HubProcess, version: &str, ring: &str, artifact: Vec<u8>) -> Reply {
         let url = hub.url(&format!("/api/releases?version={version}&ring={ring}"));
         self.send(
@@ -270,7 +87,6 @@ impl Http {
         self.send(Method::PUT, &url, Some(hub.admin_token()), body)
     }
 
-    /// `GET /api/releases`.
     fn releases(&self, hub: &HubProcess) -> Json {
         self.send(
             Method::GET,
@@ -281,7 +97,6 @@ impl Http {
         .expect(200)
     }
 
-    /// `branch`'s entry in `GET /api/releases` (`null` when it has none).
     fn rollout(&self, hub: &HubProcess, branch: &str) -> Json {
         let body = self.releases(hub);
         body["branches"]
@@ -292,19 +107,6 @@ impl Http {
             .cloned()
             .unwrap_or(Json::Null)
     }
-}
-
-fn uint(v: &Json) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("not a non-negative integer: {v}"))
-}
-
-fn int(v: &Json) -> i64 {
-    v.as_i64().unwrap_or_else(|| panic!("not an integer: {v}"))
-}
-
-fn text(v: &Json) -> &str {
-    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
 
 fn is_hex(v: &Json, digits: usize) -> bool {
@@ -328,12 +130,6 @@ fn strip_ansi(log: &str) -> String {
         }
     }
     out
-}
-
-/// The last `n` lines of a log.
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,12 +157,18 @@ fn edge_url(edge: &EdgeProcess, path: &str) -> String {
     format!("{base}{path}")
 }
 
-/// The module base of the terminal API at the edge's current worker.
-fn module_url(edge: &EdgeProcess) -> String {
-    edge_url(
-        edge,
-        &format!("/api/branches/{}/modules/{MODULE}", edge.branch()),
-    )
+/// The edge as its current worker serves it: every request goes to the port in `ports.json`
+/// (read anew each time) instead of [`EdgeProcess::url`]'s, which stays the first start's.
+struct Worker<'a>(&'a EdgeProcess);
+
+impl EdgeApi for Worker<'_> {
+    fn process(&self) -> &EdgeProcess {
+        self.0
+    }
+
+    fn api_url(&self, path: &str) -> String {
+        edge_url(self.0, path)
+    }
 }
 
 fn releases_dir(edge: &EdgeProcess) -> PathBuf {
@@ -511,24 +313,10 @@ fn wait_synced(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> u64 {
 // Writes
 // ---------------------------------------------------------------------------------------------
 
-/// Opens an order with one line of `quantity` × `unit_price` (one batch).
-fn open_order(http: &Http, edge: &EdgeProcess, id: &str, quantity: i64, unit_price: i64) {
-    http.batch(
-        edge,
-        json!([
-            {"op": "insert", "table": "order_header", "row": {"id": id, "table_id": "T1"}},
-            {"op": "insert", "table": "order_line", "row": {"id": format!("{id}-l1"), "order_id": id,
-                "item_id": "burger", "name": "burger", "quantity": quantity, "unit_price": unit_price,
-                "station_id": "grill"}},
-        ]),
-    )
-    .expect(200);
-}
-
 /// Inserts a new payment (201); returns the stored row.
 fn pay(http: &Http, edge: &EdgeProcess, order: &str, id: &str, amount: i64) -> Json {
     let row = json!({"id": id, "order_id": order, "method": "card", "amount": amount});
-    let stored = http.insert(edge, "order_payment", row).expect(201);
+    let stored = http.insert(&Worker(edge), "order_payment", row).expect(201);
     assert_eq!(stored["amount"], amount, "{stored}");
     stored
 }
@@ -538,7 +326,7 @@ fn pay(http: &Http, edge: &EdgeProcess, order: &str, id: &str, amount: i64) -> J
 /// sum for the branch. Returns the number of payments.
 fn assert_payments_at_hub(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> usize {
     let branch = edge.branch();
-    let at_edge = http.edge_rows(edge, "order_payment");
+    let at_edge = http.edge_rows(&Worker(edge), "order_payment");
     let at_hub = http.hub_rows(hub, json!({"table": "order_payment", "branch": branch}));
     let edge_ids: BTreeSet<&String> = at_edge.keys().collect();
     let hub_ids: BTreeSet<&String> = at_hub.keys().map(|(_, id)| id).collect();
@@ -556,19 +344,7 @@ fn assert_payments_at_hub(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> 
             );
         }
     }
-    let sum: i64 = at_edge.values().map(|r| int(&r["amount"])).sum();
-    let grouped = http
-        .hub_query(
-            hub,
-            json!({"table": "order_payment", "branch": branch, "groupBy": ["branch"],
-                "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
-        )
-        .expect(200);
-    assert_eq!(
-        grouped["rows"],
-        json!([{"branch": branch, "n": at_edge.len(), "total": sum}]),
-        "{grouped}"
-    );
+    assert_hub_payment_totals(http, hub, branch, &at_edge);
     at_edge.len()
 }
 
@@ -582,14 +358,15 @@ fn assert_serves_and_syncs(
     new_payment: &str,
 ) {
     for (table, id, row) in before {
-        let now = http.get_row(edge, table, id).expect(200);
+        let now = http.get_row(&Worker(edge), table, id).expect(200);
         assert_eq!(&now, *row, "{table} {id} after the update");
     }
     let order = format!("{new_payment}-order");
-    open_order(http, edge, &order, 1, 990);
+    open_order(http, &Worker(edge), &order, 1, 990);
     pay(http, edge, &order, new_payment, 990);
     assert_eq!(
-        http.get_row(edge, "order_payment", new_payment).expect(200)["amount"],
+        http.get_row(&Worker(edge), "order_payment", new_payment)
+            .expect(200)["amount"],
         990
     );
     wait_synced(http, hub, edge);
@@ -641,7 +418,7 @@ fn connected_edge_installs_a_published_release() {
         "releases/{before}/outpost-edge"
     );
 
-    open_order(&http, &edge, "o1", 2, 1250);
+    open_order(&http, &Worker(&edge), "o1", 2, 1250);
     pay(&http, &edge, "o1", "p1", 1000);
     pay(&http, &edge, "o1", "p2", 1500);
     wait_synced(&http, &hub, &edge);
@@ -655,7 +432,7 @@ fn connected_edge_installs_a_published_release() {
         ("order_payment", "p2"),
     ]
     .into_iter()
-    .map(|(t, id)| (t, id, http.get_row(&edge, t, id).expect(200)))
+    .map(|(t, id)| (t, id, http.get_row(&Worker(&edge), t, id).expect(200)))
     .collect();
 
     let artifact = edge_artifact();
@@ -687,7 +464,7 @@ fn connected_edge_installs_a_published_release() {
     assert_eq!(edge.pid(), Some(keeper));
     assert!(edge.is_running(), "the keeper still runs");
     assert_eq!(edge.starts(), 1, "the test started the edge once");
-    let health = http.healthz(&edge);
+    let health = http.healthz(&Worker(&edge));
     assert_eq!(health["version"], "0.2.0", "{health}");
     assert_eq!(health["hub"], "connected", "{health}");
     assert_eq!(
@@ -727,10 +504,12 @@ fn offline_edge_gets_the_release_on_reconnect() {
     let mut edge = EdgeProcess::start_synced("B001", &hub, &[]);
     let before = wait_connected(&http, &hub, &edge);
     assert_ne!(before, "0.2.0", "the edge under test already runs 0.2.0");
-    open_order(&http, &edge, "o1", 1, 1250);
+    open_order(&http, &Worker(&edge), "o1", 1, 1250);
     pay(&http, &edge, "o1", "p1", 1250);
     wait_synced(&http, &hub, &edge);
-    let p1 = http.get_row(&edge, "order_payment", "p1").expect(200);
+    let p1 = http
+        .get_row(&Worker(&edge), "order_payment", "p1")
+        .expect(200);
 
     edge.kill9();
     let artifact = edge_artifact();
@@ -748,7 +527,7 @@ fn offline_edge_gets_the_release_on_reconnect() {
     assert_eq!(entry["last_outcome"]["from"], before.as_str(), "{entry}");
     assert_eq!(current_release(&edge), "0.2.0");
     assert!(edge.is_running(), "the keeper still runs");
-    let health = http.healthz(&edge);
+    let health = http.healthz(&Worker(&edge));
     assert_eq!(health["version"], "0.2.0", "{health}");
     assert_eq!(
         http.hub_metric(&hub, "outpost_hub_release_bytes_served_total"),
@@ -818,7 +597,7 @@ fn interrupted_download_resumes() {
     // Started over, the hub would have sent the whole artifact after what preceded the cut.
     assert!(served >= size && served < 2 * size, "{counters}");
     assert_eq!(
-        http.healthz(&edge)["version"],
+        http.healthz(&Worker(&edge))["version"],
         "0.2.0",
         "the resumed download installed"
     );
@@ -845,7 +624,7 @@ fn assert_refused_and_serving(
         Some(1),
         "{entry}"
     );
-    let health = http.healthz(edge);
+    let health = http.healthz(&Worker(edge));
     assert_eq!(health["version"], before, "{health}");
     assert_eq!(health["hub"], "connected", "{health}");
     assert!(edge.is_running(), "the keeper still runs");
@@ -858,9 +637,17 @@ fn assert_refused_and_serving(
         !releases_dir(edge).join(format!("{refused}.part")).exists(),
         "no partial download is kept"
     );
-    assert_eq!(http.edge_metric(edge, "outpost_update_refused_total"), 1);
-    assert_eq!(http.edge_metric(edge, "outpost_update_staged_total"), 0);
-    let p0 = http.get_row(edge, "order_payment", "p0").expect(200);
+    assert_eq!(
+        http.edge_metric(&Worker(edge), "outpost_update_refused_total"),
+        1
+    );
+    assert_eq!(
+        http.edge_metric(&Worker(edge), "outpost_update_staged_total"),
+        0
+    );
+    let p0 = http
+        .get_row(&Worker(edge), "order_payment", "p0")
+        .expect(200);
     assert_serves_and_syncs(http, hub, edge, &[("order_payment", "p0", &p0)], "p1");
 }
 
@@ -868,7 +655,7 @@ fn assert_refused_and_serving(
 fn synced_edge(http: &Http, hub: &HubProcess) -> (EdgeProcess, String) {
     let edge = EdgeProcess::start_synced("B001", hub, &[]);
     let before = wait_connected(http, hub, &edge);
-    open_order(http, &edge, "o0", 1, 1250);
+    open_order(http, &Worker(&edge), "o0", 1, 1250);
     pay(http, &edge, "o0", "p0", 1250);
     wait_synced(http, hub, &edge);
     (edge, before)
@@ -993,7 +780,9 @@ fn failing_release_is_rolled_back() {
     let (mut edge, before) = synced_edge(&http, &hub);
     assert_ne!(before, "0.3.0", "the edge under test already runs 0.3.0");
     let keeper = edge.pid();
-    let p0 = http.get_row(&edge, "order_payment", "p0").expect(200);
+    let p0 = http
+        .get_row(&Worker(&edge), "order_payment", "p0")
+        .expect(200);
 
     // Passes its self-check, but exits with 3 when asked to serve.
     let artifact = script(
@@ -1012,7 +801,7 @@ fn failing_release_is_rolled_back() {
     );
     // The previous release serves again (a new worker: ports.json names its port).
     assert_eq!(current_release(&edge), before);
-    let health = http.healthz(&edge);
+    let health = http.healthz(&Worker(&edge));
     assert_eq!(health["version"], before.as_str(), "{health}");
     assert_eq!(health["hub"], "connected", "{health}");
     assert_eq!(entry["installed"], before.as_str(), "{entry}");
@@ -1036,10 +825,12 @@ fn release_not_healthy_in_time_is_rolled_back() {
         EdgeProcess::start_synced("B001", &hub, &[("OUTPOST_UPDATE_DEADLINE_S", PROBATION_S)]);
     let before = wait_connected(&http, &hub, &edge);
     assert_ne!(before, "0.3.0", "the edge under test already runs 0.3.0");
-    open_order(&http, &edge, "o0", 1, 1250);
+    open_order(&http, &Worker(&edge), "o0", 1, 1250);
     pay(&http, &edge, "o0", "p0", 1250);
     wait_synced(&http, &hub, &edge);
-    let p0 = http.get_row(&edge, "order_payment", "p0").expect(200);
+    let p0 = http
+        .get_row(&Worker(&edge), "order_payment", "p0")
+        .expect(200);
 
     // Passes its self-check, then never becomes healthy: it only waits for the keeper's
     // `stop` on its stdin.
@@ -1050,7 +841,7 @@ fn release_not_healthy_in_time_is_rolled_back() {
     let entry = wait_outcome(&http, &hub, &edge, "0.3.0", "rolled_back");
     assert_eq!(entry["last_outcome"]["from"], before.as_str(), "{entry}");
     assert_eq!(current_release(&edge), before);
-    let health = http.healthz(&edge);
+    let health = http.healthz(&Worker(&edge));
     assert_eq!(health["version"], before.as_str(), "{health}");
     assert_eq!(health["hub"], "connected", "{health}");
     assert_eq!(entry["installed"], before.as_str(), "{entry}");
@@ -1089,7 +880,7 @@ fn canary_ring_first() {
     assert_eq!(b2_entry["installed"], before.as_str(), "{b2_entry}");
     assert_eq!(b2_entry["outcomes"], json!([]), "{b2_entry}");
     assert_eq!(b2_entry["last_outcome"], Json::Null, "{b2_entry}");
-    assert_eq!(http.healthz(&b2)["version"], before.as_str());
+    assert_eq!(http.healthz(&Worker(&b2))["version"], before.as_str());
     assert_eq!(current_release(&b2), before);
     assert_eq!(
         http.hub_metric(&hub, "outpost_hub_release_fetches_total"),

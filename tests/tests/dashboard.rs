@@ -22,110 +22,17 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use reqwest::{Client, Method};
+use reqwest::Method;
 use serde_json::{Value as Json, json};
-use tests::{EdgeProcess, HubProcess, Reply, wait_until};
+use tests::{Body, EdgeProcess, Http, HubProcess, sync_context, tail, wait_until};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A safety net against a hung server turning into a hung test; not a timing assertion.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Safety net for the browser's start and for one DevTools command.
 const BROWSER_DEADLINE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
-// HTTP, blocking on a runtime of the test's own (so `wait_until` conditions can make requests)
+// Sync
 // ---------------------------------------------------------------------------------------------
-
-struct Http {
-    rt: tokio::runtime::Runtime,
-    client: Client,
-}
-
-impl Http {
-    fn new() -> Http {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
-        let client = {
-            let _guard = rt.enter();
-            Client::builder()
-                .timeout(REQUEST_TIMEOUT)
-                .build()
-                .expect("an HTTP client")
-        };
-        Http { rt, client }
-    }
-
-    fn try_send(
-        &self,
-        method: Method,
-        url: &str,
-        token: Option<&str>,
-        body: Option<Json>,
-    ) -> Result<Reply, reqwest::Error> {
-        self.rt.block_on(async {
-            let mut req = self.client.request(method, url);
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
-            }
-            if let Some(b) = body {
-                req = req.json(&b);
-            }
-            let resp = req.send().await?;
-            let status = resp.status();
-            let bytes = resp.bytes().await?;
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
-            Ok(Reply { status, body, text })
-        })
-    }
-
-    fn send(&self, method: Method, url: &str, token: Option<&str>, body: Option<Json>) -> Reply {
-        let what = format!("{method} {url}");
-        self.try_send(method, url, token, body)
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
-    /// A document as text, or the failure (for contexts).
-    fn describe(&self, url: &str, token: Option<&str>) -> String {
-        match self.try_send(Method::GET, url, token, None) {
-            Ok(r) => format!("{} {}", r.status, r.text.trim()),
-            Err(e) => format!("unreachable ({e})"),
-        }
-    }
-
-    fn insert(&self, edge: &EdgeProcess, table: &str, row: Json) -> Json {
-        let token = Some(edge.admin_token());
-        self.send(Method::POST, &edge.table_url(table), token, Some(row))
-            .expect(201)
-    }
-
-    fn healthz(&self, edge: &EdgeProcess) -> Json {
-        self.send(Method::GET, &edge.url("/healthz"), None, None)
-            .expect(200)
-    }
-
-    /// The hub's entry for `branch` in `/api/branches` (`null` when it has none).
-    fn branch_info(&self, hub: &HubProcess, branch: &str) -> Json {
-        let url = hub.url("/api/branches");
-        let body = self
-            .send(Method::GET, &url, Some(hub.admin_token()), None)
-            .expect(200);
-        body.as_array()
-            .unwrap_or_else(|| panic!("/api/branches is not a list: {body}"))
-            .iter()
-            .find(|b| b["branch"] == branch)
-            .cloned()
-            .unwrap_or(Json::Null)
-    }
-}
-
-/// The last `n` lines of a log.
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// Waits until each edge has everything it wrote acknowledged and the hub's durable position
 /// for its branch is the edge's last seq.
@@ -140,16 +47,7 @@ fn wait_synced(http: &Http, hub: &HubProcess, edges: &[&EdgeProcess]) {
                     && h["synced_seq"].as_u64() == last
                     && http.branch_info(hub, edge.branch())["synced_seq"].as_u64() == last
             },
-            || {
-                format!(
-                    "edge {} healthz: {}\nhub branches: {}\nedge log:\n{}\nhub log:\n{}",
-                    edge.branch(),
-                    http.describe(&edge.url("/healthz"), None),
-                    http.describe(&hub.url("/api/branches"), Some(hub.admin_token())),
-                    tail(&edge.log(), 20),
-                    tail(&hub.log(), 20),
-                )
-            },
+            || sync_context(http, hub, edge),
         );
     }
 }
@@ -276,7 +174,7 @@ impl Browser {
     /// Opens a new tab on `url` (`PUT /json/new?URL`) and returns its WebSocket address.
     fn open_tab(&self, http: &Http, url: &str) -> String {
         let endpoint = format!("http://{}/json/new?{}", self.devtools, percent_encode(url));
-        let reply = http.send(Method::PUT, &endpoint, None, None);
+        let reply = http.send(Method::PUT, &endpoint, None, Body::Empty);
         let body = reply.expect(200);
         body["webSocketDebuggerUrl"]
             .as_str()
@@ -314,7 +212,6 @@ struct Page<'a> {
 impl<'a> Page<'a> {
     fn connect(http: &'a Http, ws_url: &str) -> Page<'a> {
         let (ws, _) = http
-            .rt
             .block_on(async {
                 tokio::time::timeout(BROWSER_DEADLINE, tokio_tungstenite::connect_async(ws_url))
                     .await
@@ -334,7 +231,7 @@ impl<'a> Page<'a> {
         self.next_id.set(id + 1);
         let command = json!({"id": id, "method": method, "params": params}).to_string();
         let mut ws = self.ws.borrow_mut();
-        let reply = self.http.rt.block_on(async {
+        let reply = self.http.block_on(async {
             tokio::time::timeout(BROWSER_DEADLINE, async {
                 ws.send(Message::text(command))
                     .await
@@ -482,10 +379,12 @@ fn en_us_money(minor: i64) -> String {
 
 /// Creates order `o1` with one payment of `amount` at `edge`.
 fn order_with_payment(http: &Http, edge: &EdgeProcess, amount: i64) {
-    let order = http.insert(edge, "order_header", json!({"id": "o1", "status": "open"}));
+    let order = http
+        .insert(edge, "order_header", json!({"id": "o1", "status": "open"}))
+        .expect(201);
     assert_eq!(order["id"], "o1", "{order}");
     let payment = json!({"id": "p1", "order_id": "o1", "method": "card", "amount": amount});
-    http.insert(edge, "order_payment", payment);
+    http.insert(edge, "order_payment", payment).expect(201);
 }
 
 /// Polls the page until its branch rows are exactly `expected` (`(branch, orders, sales in
@@ -572,7 +471,7 @@ fn dashboard_shows_branches_and_refreshes_live() {
     page.eval("window.__outpostNoReload = true");
     let extra = 123_456;
     let payment = json!({"id": "p2", "order_id": "o1", "method": "cash", "amount": extra});
-    http.insert(&b1, "order_payment", payment);
+    http.insert(&b1, "order_payment", payment).expect(201);
     wait_synced(&http, &hub, &[&b1]);
     wait_for_rows(
         &page,

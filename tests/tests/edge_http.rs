@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value as Json, json};
-use tests::{EdgeProcess, Reply};
+use tests::{Body, EdgeProcess, Reply};
 use tokio::sync::{Barrier, Mutex, watch};
 
 // ---------------------------------------------------------------------------------------------
@@ -29,14 +29,6 @@ fn client() -> Client {
         .timeout(REQUEST_TIMEOUT)
         .build()
         .expect("an HTTP client")
-}
-
-/// A request body.
-#[derive(Clone)]
-enum Body {
-    Empty,
-    Json(Json),
-    Raw(Vec<u8>),
 }
 
 /// Who sends a request.
@@ -63,23 +55,7 @@ async fn try_send(
         Who::Header(h) => req.header(reqwest::header::AUTHORIZATION, h),
         Who::Nobody => req,
     };
-    req = match body {
-        Body::Empty => req,
-        Body::Json(v) => req.json(&v),
-        Body::Raw(bytes) => req
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(bytes),
-    };
-    let resp = req.send().await?;
-    let status = resp.status();
-    let bytes = resp.bytes().await?;
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let body = if bytes.is_empty() {
-        Json::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or(Json::Null)
-    };
-    Ok(Reply { status, body, text })
+    Reply::read(body.attach(req).send().await?).await
 }
 
 async fn send(client: &Client, method: Method, url: &str, who: Who<'_>, body: Body) -> Reply {

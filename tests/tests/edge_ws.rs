@@ -18,7 +18,7 @@ use reqwest::{Client, Method};
 use serde_json::{Map, Value as Json, json};
 use shared::feed::{ClientMsg, FeedOp, FeedRow, POSTCARD_PROTOCOL, ServerMsg};
 use shared::json::value_to_json;
-use tests::{EdgeProcess, Reply};
+use tests::{EdgeProcess, Reply, int, text, uint};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -71,11 +71,9 @@ impl Terminal {
             req = req.json(&b);
         }
         let resp = req.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
-        let status = resp.status();
-        let bytes = resp.bytes().await.unwrap_or_else(|e| panic!("{what}: {e}"));
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
-        Reply { status, body, text }
+        Reply::read(resp)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
     }
 
     /// Inserts a row that must be new (201); returns the stored row.
@@ -156,19 +154,6 @@ impl Terminal {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
     }
-}
-
-fn uint(v: &Json) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("not a non-negative integer: {v}"))
-}
-
-fn int(v: &Json) -> i64 {
-    v.as_i64().unwrap_or_else(|| panic!("not an integer: {v}"))
-}
-
-fn text(v: &Json) -> &str {
-    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
 
 /// The tokens of one edge's terminals.

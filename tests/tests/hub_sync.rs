@@ -19,218 +19,53 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use reqwest::{Client, Method};
+use reqwest::Method;
 use serde_json::{Value as Json, json};
-use tests::{EdgeProcess, HubProcess, Reply, SYNC_DEADLINE, edge_binary, wait_until};
+use tests::{
+    Body, EdgeProcess, Http, HubProcess, Reply, SYNC_DEADLINE, assert_hub_payment_totals,
+    edge_binary, int, open_order, sync_context, tail, text, uint, wait_until,
+};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A safety net against a hung server turning into a hung test; not a timing assertion.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Safety net for one expected WebSocket frame.
 const FRAME_DEADLINE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
-// HTTP, blocking on a runtime of the test's own (so `wait_until` conditions can make requests)
+// Requests only these tests make, on the shared blocking client
 // ---------------------------------------------------------------------------------------------
 
-/// A request body.
-enum Body {
-    Empty,
-    Json(Json),
-    Raw(&'static [u8]),
-}
+/// What these tests ask of the edge and the hub beyond [`Http`]'s shared requests.
+trait SyncApi {
+    /// `PATCH B/tables/{table}/{id}` at the edge: `set`, if the row is at `version`.
+    fn patch(&self, edge: &EdgeProcess, table: &str, id: &str, version: u64, set: Json) -> Reply;
 
-/// An HTTP client whose calls block on a current-thread runtime the test owns.
-struct Http {
-    rt: tokio::runtime::Runtime,
-    client: Client,
-}
+    /// [`Http::hub_rows`], also checking that each page's `meta.count` is its number of rows.
+    fn counted_hub_rows(&self, hub: &HubProcess, q: Json) -> BTreeMap<(String, String), Json>;
 
-impl Http {
-    fn new() -> Http {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
-        let client = {
-            let _guard = rt.enter();
-            Client::builder()
-                .timeout(REQUEST_TIMEOUT)
-                .build()
-                .expect("an HTTP client")
-        };
-        Http { rt, client }
-    }
-
-    fn try_send(
+    /// `PUT /api/modules/pos/tables/{table}/{id}` at the hub, for every branch or, with
+    /// `scope`, for one.
+    fn hub_put(
         &self,
-        method: Method,
-        url: &str,
-        token: Option<&str>,
-        body: Body,
-    ) -> Result<Reply, reqwest::Error> {
-        self.rt.block_on(async {
-            let mut req = self.client.request(method, url);
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
-            }
-            req = match body {
-                Body::Empty => req,
-                Body::Json(v) => req.json(&v),
-                Body::Raw(bytes) => req
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(bytes),
-            };
-            let resp = req.send().await?;
-            let status = resp.status();
-            let bytes = resp.bytes().await?;
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
-            Ok(Reply { status, body, text })
-        })
-    }
+        hub: &HubProcess,
+        table: &str,
+        id: &str,
+        scope: Option<&str>,
+        row: Json,
+    ) -> Reply;
+}
 
-    fn send(&self, method: Method, url: &str, token: Option<&str>, body: Body) -> Reply {
-        let what = format!("{method} {url}");
-        self.try_send(method, url, token, body)
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
-    /// A GET's status and body as text, or why it failed (for the context of a failed wait).
-    fn describe(&self, url: &str, token: Option<&str>) -> String {
-        match self.try_send(Method::GET, url, token, Body::Empty) {
-            Ok(r) => format!("{} {}", r.status, r.text.trim()),
-            Err(e) => format!("unreachable ({e})"),
-        }
-    }
-
-    /// A counter or gauge from a Prometheus text page.
-    fn metric_at(&self, url: &str, name: &str) -> u64 {
-        let reply = self.send(Method::GET, url, None, Body::Empty);
-        assert_eq!(reply.status, 200, "GET {url}: {}", reply.text);
-        reply
-            .text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{}", reply.text))
-    }
-
-    // --- the edge (terminal API, CONTRACT 2) ---
-
-    fn healthz(&self, edge: &EdgeProcess) -> Json {
-        self.send(Method::GET, &edge.url("/healthz"), None, Body::Empty)
-            .expect(200)
-    }
-
-    fn edge_metric(&self, edge: &EdgeProcess, name: &str) -> u64 {
-        self.metric_at(&edge.url("/metrics"), name)
-    }
-
-    fn insert(&self, edge: &EdgeProcess, table: &str, row: Json) -> Reply {
-        let token = Some(edge.admin_token());
-        self.send(Method::POST, &edge.table_url(table), token, Body::Json(row))
-    }
-
-    fn batch(&self, edge: &EdgeProcess, ops: Json) -> Reply {
-        let url = format!("{}/batch", edge.module_url());
-        let body = Body::Json(json!({ "ops": ops }));
-        self.send(Method::POST, &url, Some(edge.admin_token()), body)
-    }
-
-    fn get_row(&self, edge: &EdgeProcess, table: &str, id: &str) -> Reply {
-        let token = Some(edge.admin_token());
-        self.send(Method::GET, &edge.row_url(table, id), token, Body::Empty)
-    }
-
+impl SyncApi for Http {
     fn patch(&self, edge: &EdgeProcess, table: &str, id: &str, version: u64, set: Json) -> Reply {
         let body = Body::Json(json!({ "version": version, "set": set }));
         let token = Some(edge.admin_token());
         self.send(Method::PATCH, &edge.row_url(table, id), token, body)
     }
 
-    /// Every row of `table` at the edge, keyed by id (each id once).
-    fn edge_rows(&self, edge: &EdgeProcess, table: &str) -> BTreeMap<String, Json> {
-        let url = format!("{}/query", edge.module_url());
-        let mut out = BTreeMap::new();
-        loop {
-            let q = json!({
-                "table": table,
-                "orderBy": [{"field": "id", "direction": "asc"}],
-                "limit": 1000,
-                "offset": out.len(),
-            });
-            let body = self
-                .send(Method::POST, &url, Some(edge.admin_token()), Body::Json(q))
-                .expect(200);
-            for row in body["rows"].as_array().expect("rows") {
-                let id = text(&row["id"]).to_owned();
-                assert!(
-                    out.insert(id.clone(), row.clone()).is_none(),
-                    "{table} {id} twice at the edge"
-                );
-            }
-            if body["meta"]["has_more"] != json!(true) {
-                return out;
-            }
-        }
-    }
-
-    // --- the hub (head office, CONTRACT 3) ---
-
-    fn hub_metric(&self, hub: &HubProcess, name: &str) -> u64 {
-        self.metric_at(&hub.url("/metrics"), name)
-    }
-
-    fn branches(&self, hub: &HubProcess) -> Vec<Json> {
-        let body = self
-            .send(
-                Method::GET,
-                &hub.url("/api/branches"),
-                Some(hub.admin_token()),
-                Body::Empty,
-            )
-            .expect(200);
-        body.as_array()
-            .unwrap_or_else(|| panic!("/api/branches is not a list: {body}"))
-            .clone()
-    }
-
-    /// The hub's entry for `branch` in `/api/branches` (`null` when it has none).
-    fn branch_info(&self, hub: &HubProcess, branch: &str) -> Json {
-        self.branches(hub)
-            .into_iter()
-            .find(|b| b["branch"] == branch)
-            .unwrap_or(Json::Null)
-    }
-
-    fn hub_query(&self, hub: &HubProcess, q: Json) -> Reply {
-        let url = hub.url("/api/query");
-        self.send(Method::POST, &url, Some(hub.admin_token()), Body::Json(q))
-    }
-
-    /// Every row of a plain query at the hub, paging with `offset`, keyed by (branch, id):
-    /// a key twice fails the test.
-    fn hub_rows(&self, hub: &HubProcess, q: Json) -> BTreeMap<(String, String), Json> {
-        let mut out = BTreeMap::new();
-        loop {
-            let mut page = q.clone();
-            page["orderBy"] = json!([{"field": "id", "direction": "asc"}]);
-            page["limit"] = json!(1000);
-            page["offset"] = json!(out.len());
-            let body = self.hub_query(hub, page.clone()).expect(200);
+    fn counted_hub_rows(&self, hub: &HubProcess, q: Json) -> BTreeMap<(String, String), Json> {
+        self.hub_rows_checking(hub, q, |page, body| {
             let rows = body["rows"].as_array().expect("rows");
             assert_eq!(body["meta"]["count"], json!(rows.len()), "{page}: {body}");
-            for row in rows {
-                let key = (text(&row["branch"]).to_owned(), text(&row["id"]).to_owned());
-                assert!(
-                    out.insert(key.clone(), row.clone()).is_none(),
-                    "{key:?} twice at the hub: {row}"
-                );
-            }
-            if body["meta"]["has_more"] != json!(true) {
-                return out;
-            }
-        }
+        })
     }
 
     fn hub_put(
@@ -249,36 +84,9 @@ impl Http {
     }
 }
 
-fn uint(v: &Json) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("not a non-negative integer: {v}"))
-}
-
-fn int(v: &Json) -> i64 {
-    v.as_i64().unwrap_or_else(|| panic!("not an integer: {v}"))
-}
-
-fn text(v: &Json) -> &str {
-    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
-}
-
-/// The last `n` lines of a log.
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// What a failed sync wait shows: both sides' view and the ends of both logs.
-fn sync_context(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> String {
-    format!(
-        "edge {} healthz: {}\nhub branches: {}\nedge log:\n{}\nhub log:\n{}",
-        edge.branch(),
-        http.describe(&edge.url("/healthz"), None),
-        http.describe(&hub.url("/api/branches"), Some(hub.admin_token())),
-        tail(&edge.log(), 20),
-        tail(&hub.log(), 20),
-    )
-}
+// ---------------------------------------------------------------------------------------------
+// Waits
+// ---------------------------------------------------------------------------------------------
 
 /// Waits until every edge has everything it wrote acknowledged by the hub and the hub's
 /// durable position for its branch is the edge's last seq. Returns each edge's last seq.
@@ -305,20 +113,6 @@ fn wait_synced(http: &Http, hub: &HubProcess, edges: &[&EdgeProcess]) -> Vec<u64
 // ---------------------------------------------------------------------------------------------
 // Writes
 // ---------------------------------------------------------------------------------------------
-
-/// Opens an order with one line of `quantity` × `unit_price` (one batch).
-fn open_order(http: &Http, edge: &EdgeProcess, id: &str, quantity: i64, unit_price: i64) {
-    http.batch(
-        edge,
-        json!([
-            {"op": "insert", "table": "order_header", "row": {"id": id, "table_id": "T1"}},
-            {"op": "insert", "table": "order_line", "row": {"id": format!("{id}-l1"), "order_id": id,
-                "item_id": "burger", "name": "burger", "quantity": quantity, "unit_price": unit_price,
-                "station_id": "grill"}},
-        ]),
-    )
-    .expect(200);
-}
 
 fn payment(order: &str, id: &str, amount: i64) -> Json {
     json!({"id": id, "order_id": order, "method": "card", "amount": amount})
@@ -357,7 +151,7 @@ fn pay_batch(
 fn assert_payments_at_hub(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> usize {
     let branch = edge.branch();
     let at_edge = http.edge_rows(edge, "order_payment");
-    let at_hub = http.hub_rows(hub, json!({"table": "order_payment", "branch": branch}));
+    let at_hub = http.counted_hub_rows(hub, json!({"table": "order_payment", "branch": branch}));
     let edge_ids: BTreeSet<&String> = at_edge.keys().collect();
     let hub_ids: BTreeSet<&String> = at_hub.keys().map(|(_, id)| id).collect();
     assert_eq!(hub_ids.len(), at_hub.len(), "each payment once at the hub");
@@ -377,19 +171,7 @@ fn assert_payments_at_hub(http: &Http, hub: &HubProcess, edge: &EdgeProcess) -> 
             );
         }
     }
-    let sum: i64 = at_edge.values().map(|r| int(&r["amount"])).sum();
-    let grouped = http
-        .hub_query(
-            hub,
-            json!({"table": "order_payment", "branch": branch, "groupBy": ["branch"],
-                "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
-        )
-        .expect(200);
-    assert_eq!(
-        grouped["rows"],
-        json!([{"branch": branch, "n": at_edge.len(), "total": sum}]),
-        "{grouped}"
-    );
+    assert_hub_payment_totals(http, hub, branch, &at_edge);
     at_edge.len()
 }
 
@@ -475,7 +257,7 @@ fn two_edges_reach_the_hub_exactly_once() {
     assert_eq!(groups, want, "{grouped}");
 
     // Every payment exactly once, with its amount, and nothing else.
-    let at_hub = http.hub_rows(&hub, json!({"table": "order_payment"}));
+    let at_hub = http.counted_hub_rows(&hub, json!({"table": "order_payment"}));
     let got: BTreeMap<(String, String), i64> = at_hub
         .iter()
         .map(|(k, row)| (k.clone(), int(&row["amount"])))
@@ -493,7 +275,7 @@ fn two_edges_reach_the_hub_exactly_once() {
     for edge in [&b1, &b2] {
         assert_payments_at_hub(&http, &hub, edge);
         let orders = http.edge_rows(edge, "order_header");
-        let hub_orders = http.hub_rows(
+        let hub_orders = http.counted_hub_rows(
             &hub,
             json!({"table": "order_header", "branch": edge.branch()}),
         );
@@ -533,7 +315,7 @@ type Ws =
 
 /// The next JSON text frame.
 fn next_frame(http: &Http, ws: &mut Ws) -> Json {
-    http.rt.block_on(async {
+    http.block_on(async {
         loop {
             let msg = tokio::time::timeout(FRAME_DEADLINE, ws.next())
                 .await
@@ -623,7 +405,8 @@ fn menu_price_reaches_the_right_edges_and_their_feeds() {
     );
     let absent = http.get_row(&b2, "menu_item", "m2");
     assert_eq!(absent.status, 404, "m2 is B001's only: {}", absent.text);
-    let m2_at_hub = http.hub_rows(&hub, json!({"table": "menu_item", "where": {"id": "m2"}}));
+    let m2_at_hub =
+        http.counted_hub_rows(&hub, json!({"table": "menu_item", "where": {"id": "m2"}}));
     assert_eq!(
         m2_at_hub.keys().cloned().collect::<Vec<_>>(),
         vec![("B001".to_owned(), "m2".to_owned())]
@@ -631,7 +414,7 @@ fn menu_price_reaches_the_right_edges_and_their_feeds() {
 
     // A terminal at B001 watching the menu sees a new price arrive from head office.
     let url = format!("ws://{}/ws?token={}", b1.http_addr(), b1.admin_token());
-    let mut ws: Ws = http.rt.block_on(async {
+    let mut ws: Ws = http.block_on(async {
         let (ws, _) = tokio::time::timeout(FRAME_DEADLINE, tokio_tungstenite::connect_async(url))
             .await
             .expect("the WebSocket handshake within the deadline")
@@ -640,8 +423,7 @@ fn menu_price_reaches_the_right_edges_and_their_feeds() {
     });
     let subscribe =
         json!({"type": "subscribe", "sub": "menu", "module": "pos", "tables": ["menu_item"]});
-    http.rt
-        .block_on(ws.send(Message::Text(subscribe.to_string().into())))
+    http.block_on(ws.send(Message::Text(subscribe.to_string().into())))
         .expect("send the subscribe frame");
     let snapshot = next_frame(&http, &mut ws);
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
@@ -766,7 +548,7 @@ fn backlog_report_reaches_head_office() {
     );
     // The connection stays open (driven by the runtime the HTTP calls below run on) until
     // the hub shows the report.
-    let _link = http.rt.block_on(async {
+    let _link = http.block_on(async {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(identity.client_config().unwrap());
         let conn = endpoint
@@ -936,7 +718,7 @@ fn resume_not_restart() {
 
     let payments = assert_payments_at_hub(&http, &hub, &edge);
     assert_eq!(payments, written.len());
-    let at_hub = http.hub_rows(&hub, json!({"table": "order_payment", "branch": "B001"}));
+    let at_hub = http.counted_hub_rows(&hub, json!({"table": "order_payment", "branch": "B001"}));
     for (id, amount) in &written {
         assert_eq!(
             at_hub[&("B001".to_owned(), id.clone())]["amount"],
@@ -981,7 +763,7 @@ fn corrupted_segment_is_rejected_and_resent() {
         lasts[0]
     );
     assert_payments_at_hub(&http, &hub, &edge);
-    let at_hub = http.hub_rows(&hub, json!({"table": "order_payment", "branch": "B001"}));
+    let at_hub = http.counted_hub_rows(&hub, json!({"table": "order_payment", "branch": "B001"}));
     let got: BTreeMap<String, i64> = at_hub
         .iter()
         .map(|((_, id), row)| (id.clone(), int(&row["amount"])))
@@ -1158,7 +940,7 @@ fn revoked_branch_is_cut_off() {
     assert_eq!(info["connected"], false, "{info}");
     assert_eq!(uint(&info["synced_seq"]), held, "{info}");
     assert!(http.hub_metric(&hub, "outpost_hub_refused_connections_total") >= 1);
-    let at_hub = http.hub_rows(&hub, json!({"table": "order_payment", "branch": "B001"}));
+    let at_hub = http.counted_hub_rows(&hub, json!({"table": "order_payment", "branch": "B001"}));
     let ids: Vec<&str> = at_hub.keys().map(|(_, id)| id.as_str()).collect();
     assert_eq!(ids, ["p1"], "only the payment from before the revocation");
 }
@@ -1240,7 +1022,7 @@ fn hub_api_errors() {
         (
             "malformed JSON",
             put_url("menu_item", "m1"),
-            Body::Raw(b"{\"name\": \"Burger\", "),
+            Body::Raw(b"{\"name\": \"Burger\", ".to_vec()),
             400,
             "malformed_json",
         ),
@@ -1288,7 +1070,7 @@ fn hub_api_errors() {
         ),
         (
             "malformed JSON",
-            Body::Raw(b"{\"table\": "),
+            Body::Raw(b"{\"table\": ".to_vec()),
             400,
             "malformed_json",
         ),
