@@ -68,6 +68,9 @@ pub struct Event {
     /// For `link`: the faults from now on.
     #[serde(default)]
     pub faults: Option<LinkFaults>,
+    /// For `publish_release`: the version the edge binary is published as (ring `all`).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -80,6 +83,9 @@ pub enum Action {
     RestartEdge,
     KillHub,
     RestartHub,
+    /// Head office publishes the run's edge binary as a new release: every edge must end up
+    /// running it, through the faults, with no acknowledged write lost in the handover.
+    PublishRelease,
 }
 
 /// The scenarios that ship with the harness.
@@ -98,6 +104,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../scenarios/edge-crash-mid-segment.toml"),
     ),
     ("ci-smoke", include_str!("../scenarios/ci-smoke.toml")),
+    (
+        "rolling-update",
+        include_str!("../scenarios/rolling-update.toml"),
+    ),
 ];
 
 impl Scenario {
@@ -130,7 +140,17 @@ impl Scenario {
             if !(0.0..=self.duration_s as f64).contains(&e.at_s) {
                 return Err(format!("an event at {} s is outside the run", e.at_s));
             }
-            let needs_branch = !matches!(e.action, Action::KillHub | Action::RestartHub);
+            let needs_branch = !matches!(
+                e.action,
+                Action::KillHub | Action::RestartHub | Action::PublishRelease
+            );
+            if e.action == Action::PublishRelease {
+                let v = e
+                    .version
+                    .as_deref()
+                    .ok_or("a publish_release event needs a version")?;
+                shared::release::parse_version(v)?;
+            }
             match &e.branch {
                 Some(b) if needs_branch => {
                     let n = b
@@ -281,6 +301,8 @@ pub struct BranchReport {
     pub hub_synced_seq: u64,
     pub till_errors: u64,
     pub screen_changes: u64,
+    /// The release the edge runs at the end (`/healthz` version).
+    pub release: String,
 }
 
 impl PartitionReport {
@@ -294,7 +316,7 @@ impl std::fmt::Display for PartitionReport {
         writeln!(f, "== scenario {}: {:.1} s ==", self.scenario, self.seconds)?;
         writeln!(
             f,
-            "{:<6} {:>7} {:>9} {:>9} {:>12} {:>9} {:>9} {:>7} {:>8}",
+            "{:<6} {:>7} {:>9} {:>9} {:>12} {:>9} {:>9} {:>7} {:>8}  release",
             "branch",
             "orders",
             "payments",
@@ -308,7 +330,7 @@ impl std::fmt::Display for PartitionReport {
         for b in &self.branches {
             writeln!(
                 f,
-                "{:<6} {:>7} {:>9} {:>9} {:>9}.{:02} {:>9} {:>9} {:>7} {:>8}",
+                "{:<6} {:>7} {:>9} {:>9} {:>9}.{:02} {:>9} {:>9} {:>7} {:>8}  {}",
                 b.branch,
                 b.orders,
                 b.payments_acknowledged,
@@ -318,7 +340,8 @@ impl std::fmt::Display for PartitionReport {
                 b.edge_last_seq,
                 b.hub_synced_seq,
                 b.till_errors,
-                b.screen_changes
+                b.screen_changes,
+                b.release
             )?;
         }
         writeln!(
@@ -653,6 +676,7 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
     }
 
     // The timeline.
+    let mut published: Option<String> = None;
     let started = Instant::now();
     let mut events = scenario.events.clone();
     events.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
@@ -695,6 +719,26 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
                 hub.proc.kill9();
                 tokio::task::block_in_place(|| hub.proc.spawn())?;
             }
+            Action::PublishRelease => {
+                let version = ev.version.clone().unwrap_or_default();
+                let artifact = tokio::fs::read(&edge_bin).await.map_err(err)?;
+                let r = http
+                    .post(format!("{hub_url}/api/releases?version={version}&ring=all"))
+                    .bearer_auth(&hub_token)
+                    .timeout(Duration::from_secs(300))
+                    .body(artifact)
+                    .send()
+                    .await
+                    .map_err(err)?;
+                if !r.status().is_success() {
+                    return Err(format!(
+                        "publishing release {version}: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+                published = Some(version);
+            }
         }
     }
     if let Some(rest) = Duration::from_secs(scenario.duration_s).checked_sub(started.elapsed()) {
@@ -720,6 +764,7 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
     }
     let mut violations = Vec::new();
     let mut finals = BTreeMap::new();
+    let mut releases = BTreeMap::new();
     loop {
         let branches = json_get(&http, &format!("{hub_url}/api/branches"), &hub_token).await;
         let mut all = true;
@@ -740,14 +785,24 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
                 x["materialised_seq"] == x["synced_seq"] && x["feed_acked_seq"] == x["feed_seq"]
             });
             finals.insert(e.branch.clone(), (last, synced.unwrap_or(0)));
-            all &= synced == Some(last) && h["synced_seq"].as_u64() == Some(last) && feed_done;
+            releases.insert(
+                e.branch.clone(),
+                h["version"].as_str().unwrap_or("?").to_owned(),
+            );
+            // After a publish, every edge also runs the new release.
+            let updated = published.as_deref().is_none_or(|v| h["version"] == v);
+            all &= synced == Some(last)
+                && h["synced_seq"].as_u64() == Some(last)
+                && feed_done
+                && updated;
         }
         if all {
             break;
         }
         if Instant::now() > quiet_deadline {
             violations.push(format!(
-                "no quiescence within 120 s after healing: {finals:?} (edge last seq, hub synced seq)"
+                "no quiescence within 120 s after healing: {finals:?} (edge last seq, hub synced seq){}",
+                published.as_deref().map_or(String::new(), |v| format!(", or not every edge runs release {v}"))
             ));
             break;
         }
@@ -926,6 +981,7 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
             hub_synced_seq: synced,
             till_errors: errors,
             screen_changes: screen.changes,
+            release: releases.get(&e.branch).cloned().unwrap_or_default(),
         });
     }
     let sum = |f: fn(&crate::faultproxy::ProxyStats) -> u64| -> u64 {

@@ -1,7 +1,10 @@
 //! The partition harness end to end on every test run: the shipped `ci-smoke` scenario runs
 //! real `outpost-hub` and `outpost-edge` processes through UDP fault proxies (lossy links, a
 //! cut and heal, an edge kill -9 and restart, a hub kill -9 and restart) under till and
-//! screen load, then checks every invariant against the real APIs.
+//! screen load, then checks every invariant against the real APIs. The shipped
+//! `rolling-update` scenario publishes a new edge release in the middle of the load, with one
+//! branch cut off at the time and another restarted mid-download: every edge must end on the
+//! new release with every invariant intact.
 
 use simulations::partition::{Scenario, run};
 
@@ -30,6 +33,27 @@ async fn ci_smoke_scenario_keeps_every_invariant() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_scenario_updates_every_edge_under_load() {
+    let scenario = Scenario::load("rolling-update").expect("the shipped scenario parses");
+    let edge = tests::edge_binary();
+    let bin_dir = edge.parent().expect("the binaries' directory");
+    tests::hub_binary();
+    let report = run(&scenario, bin_dir).await.expect("the harness runs");
+    println!("{report}");
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.branches.len(), 3);
+    for b in &report.branches {
+        assert_eq!(b.release, "99.0.0", "{} did not update: {report}", b.branch);
+        assert!(
+            b.payments_acknowledged > 0,
+            "{} took no payment: {report}",
+            b.branch
+        );
+        assert_eq!(b.edge_last_seq, b.hub_synced_seq, "{report}");
+    }
+}
+
 #[test]
 fn every_shipped_scenario_parses_and_bad_ones_are_refused() {
     for (name, _) in simulations::partition::SHIPPED {
@@ -53,6 +77,14 @@ fn every_shipped_scenario_parses_and_bad_ones_are_refused() {
         (
             "branches = 2\nname = \"x\"\nduration_s = 5\n[[events]]\nat_s = 1\naction = \"explode\"",
             "unknown variant",
+        ),
+        (
+            "branches = 2\nname = \"x\"\nduration_s = 5\n[[events]]\nat_s = 1\naction = \"publish_release\"",
+            "needs a version",
+        ),
+        (
+            "branches = 2\nname = \"x\"\nduration_s = 5\n[[events]]\nat_s = 1\naction = \"publish_release\"\nversion = \"2\"",
+            "semantic version",
         ),
     ];
     for (i, (text, expected)) in bad.iter().enumerate() {
