@@ -3,6 +3,7 @@
 //! shuts down cleanly on SIGTERM/SIGINT (in-flight requests finish, the writer drains).
 
 use std::fmt::Write as _;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -483,6 +484,9 @@ async fn lock_data_dir(data_dir: &Path, wait: bool) -> Result<std::fs::File, Sta
     }
 }
 
+/// How long requests under way may take to finish once the edge is stopping.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the edge until a shutdown signal (or, under a keeper, until it asks to stop or a new
 /// release is staged).
 pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
@@ -533,6 +537,7 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
     // A release on trial is committed once healthy: store open, API listening, and the hub's
     // welcome.
     if let (Some(updater), Some(status)) = (&updater, &sync) {
+        updater.locally_up();
         let (updater, status) = (updater.clone(), status.clone());
         tokio::spawn(async move {
             while !status.connected.load(Relaxed) {
@@ -543,6 +548,7 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
     }
     let mut staged = updater.as_ref().map(|u| u.staged());
     let update = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let stopping = {
         let update = update.clone();
         async move {
@@ -553,16 +559,26 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
                     update.store(true, Relaxed);
                 }
             }
+            let _ = stopping_tx.send(true);
         }
     };
     tracing::info!(branch = %config.branch, http = %bound, "edge serving");
-    axum::serve(
+    let server = axum::serve(
         no_delay(listener),
         router_with_updates(store.clone(), config.branch.clone(), sync, updater),
     )
     .with_graceful_shutdown(stopping)
-    .await
-    .map_err(|e| StartError(format!("server failed: {e}")))?;
+    .into_future();
+    // Requests under way get SHUTDOWN_GRACE to finish; a client that holds its connection
+    // longer is cut off (a write it did not get an answer for is not acknowledged).
+    let grace = async {
+        let _ = stopping_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served.map_err(|e| StartError(format!("server failed: {e}")))?,
+        () = grace => tracing::warn!("connections still open {}s after the stop; closing them", SHUTDOWN_GRACE.as_secs()),
+    }
     let _ = stop_sync.send(true);
     if let Some(task) = sync_task {
         match task.await {

@@ -21,7 +21,12 @@
 //! listens and the hub has welcomed it. A release that exits before that [`CRASHES_MAX`]
 //! times, or is not healthy within the deadline, is rolled back: `current` returns to the
 //! previous release, the version is refused for good, and the outcome is reported to the hub
-//! on the next connection.
+//! on the next connection. One whose store and API came up but which did not reach the hub in
+//! time (the link may just be down) is rolled back without refusal and tried again on a later
+//! offer, [`CRASHES_MAX`] times at most.
+//!
+//! Every change to `current` and `state.json` is a durable atomic replace, ordered so that a
+//! crash between two of them is repaired at the keeper's next start ([`reconcile`]).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -79,18 +84,38 @@ pub fn self_check_version() -> String {
 pub struct Pending {
     pub version: String,
     pub previous: String,
-    /// Starts that ended before the release became healthy.
+    /// Starts of the release on trial, counted before each start (so a power cut during a
+    /// start counts too).
     pub attempts: u32,
+    /// The release opened its store and its API listens: only the hub is missing.
+    #[serde(default)]
+    pub local_ok: bool,
 }
 
-/// `state.json`.
+/// `state.json`. Read leniently: a field or an outcome this build does not know (written by a
+/// newer release) is skipped, never a reason to stop.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    #[serde(default)]
     pub pending: Option<Pending>,
     /// Versions never to try again, with why.
+    #[serde(default)]
     pub refused: BTreeMap<String, String>,
+    /// Rollbacks of a release that came up but could not reach the hub in time, by version:
+    /// such a release is tried again on a later offer, at most [`CRASHES_MAX`] times.
+    #[serde(default)]
+    pub soft_rollbacks: BTreeMap<String, u32>,
     /// The latest outcomes, oldest first.
+    #[serde(default, deserialize_with = "known_reports")]
     pub reports: Vec<UpdateReport>,
+}
+
+fn known_reports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<UpdateReport>, D::Error> {
+    let values = Vec::<serde_json::Value>::deserialize(d)?;
+    Ok(values
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect())
 }
 
 impl State {
@@ -161,11 +186,24 @@ impl Releases {
         write_atomic(&self.dir, "current", format!("{version}\n").as_bytes())
     }
 
+    /// Reads `state.json`. A file that does not parse (a hand edit, a damaged disk) is moved
+    /// aside to `state.json.unreadable` for a person to look at, and the edge goes on from an
+    /// empty state: it keeps running what `current` names.
     pub fn state(&self) -> io::Result<State> {
-        match fs::read(self.dir.join("state.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("state.json: {e}"))
-            }),
+        let path = self.dir.join("state.json");
+        match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(state) => Ok(state),
+                Err(e) => {
+                    let aside = self.dir.join("state.json.unreadable");
+                    tracing::error!(
+                        "releases/state.json cannot be read ({e}); moved to {}",
+                        aside.display()
+                    );
+                    let _ = fs::rename(&path, &aside);
+                    Ok(State::default())
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(e),
         }
@@ -389,14 +427,27 @@ fn deadline() -> Duration {
 /// worker's arguments (`serve ...`).
 pub fn keep(data_dir: &Path, args: Vec<OsString>) -> Result<ExitCode, String> {
     let releases = Releases::new(data_dir);
-    releases
-        .install_initial()
-        .map_err(|e| format!("cannot install the first release: {e}"))?;
+    if let Err(e) = releases.install_initial() {
+        // E.g. a data dir on a full disk: the keeper's own binary serves meanwhile.
+        tracing::error!("cannot install the first release ({e}); running this binary");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(keeper(releases, args))
+}
+
+/// How a worker's run ended.
+enum Ended {
+    /// The keeper was asked to stop; the worker stopped with this code.
+    Stopped(Option<i32>),
+    /// The worker staged a new release and switched `current` to it.
+    Update,
+    /// The worker ended on its own (or never started).
+    Exited(String, Option<i32>),
+    /// The release on trial was not healthy within the deadline; the worker was stopped.
+    Deadline,
 }
 
 async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, String> {
@@ -405,129 +456,281 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let deadline_after = deadline();
     loop {
-        let version = releases
-            .current()
-            .map_err(|e| format!("cannot read releases/current: {e}"))?
-            .ok_or("releases/current is missing")?;
-        let state = releases
-            .state()
-            .map_err(|e| format!("cannot read releases/state.json: {e}"))?;
-        let mut probation = state.pending.as_ref().is_some_and(|p| p.version == version);
-        let spawned = tokio::process::Command::new(releases.binary(&version))
-            .args(&args)
-            .env(WORKER_ENV, &version)
-            .stdin(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
-        let (ended, timed_out) = match spawned {
-            Err(e) => (format!("did not start: {e}"), false),
-            Ok(mut child) => {
-                tracing::info!(%version, probation, "keeper: worker started");
-                let mut stdin = child.stdin.take();
-                let mut deadline = probation.then(|| tokio::time::Instant::now() + deadline_after);
-                let mut stopping = false;
-                let mut timed_out = false;
-                let mut kill_at: Option<tokio::time::Instant> = None;
-                let mut check = tokio::time::interval(Duration::from_millis(200));
-                let status = loop {
-                    tokio::select! {
-                        status = child.wait() => break status,
-                        _ = term.recv() => stopping = true,
-                        _ = int.recv() => stopping = true,
-                        _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                            deadline = None;
-                            timed_out = true;
-                        }
-                        _ = async { tokio::time::sleep_until(kill_at.expect("guarded")).await }, if kill_at.is_some() => {
-                            kill_at = None;
-                            let _ = child.start_kill();
-                        }
-                        _ = check.tick(), if probation => {
-                            // The worker commits its release once healthy.
-                            let committed = releases.state().ok().is_some_and(|s| {
-                                s.pending.as_ref().is_none_or(|p| p.version != version)
-                            });
-                            if committed {
-                                probation = false;
-                                deadline = None;
-                            }
-                        }
-                    }
-                    if (stopping || timed_out) && kill_at.is_none() {
-                        // The pipe stays open: its end would make the worker exit at once.
-                        if let Some(pipe) = stdin.as_mut() {
-                            use tokio::io::AsyncWriteExt;
-                            let _ = pipe.write_all(b"stop\n").await;
-                            let _ = pipe.flush().await;
-                        }
-                        kill_at = Some(tokio::time::Instant::now() + STOP_GRACE);
-                    }
-                };
-                let status = status.map_err(|e| format!("waiting for the worker: {e}"))?;
-                if stopping {
-                    return Ok(exit_code(status.code()));
-                }
-                if status.code() == Some(i32::from(EXIT_UPDATE)) {
-                    tracing::info!(%version, "keeper: the worker staged an update");
-                    continue;
-                }
-                let ended = if timed_out {
-                    format!("was not healthy within {}s", deadline_after.as_secs())
-                } else {
-                    format!("exited ({status}) before it was healthy")
-                };
-                if !probation && !timed_out {
-                    // A release in service stopped on its own: the edge stops with it.
-                    tracing::warn!(%version, "keeper: the worker ended ({status})");
-                    return Ok(exit_code(status.code()));
-                }
-                (ended, timed_out)
+        let (version, mut state) = reconcile(&releases);
+        let trial = state.pending.clone().filter(|p| p.version == version);
+        if let Some(pending) = &trial {
+            if pending.attempts >= CRASHES_MAX {
+                let detail = format!(
+                    "release {version} did not become healthy in {} starts; rolled back to {}",
+                    pending.attempts, pending.previous
+                );
+                roll_back(&releases, state, pending, detail, true)?;
+                continue;
             }
+            // Counted before the start: a start the machine does not survive counts too.
+            if let Some(p) = state.pending.as_mut() {
+                p.attempts += 1;
+            }
+            if let Err(e) = releases.save_state(&state) {
+                tracing::error!("cannot write releases/state.json: {e}");
+            }
+        }
+        let probation = trial.is_some();
+        let worker = Worker {
+            releases: &releases,
+            version: &version,
+            args: &args,
+            probation,
+            deadline_after,
         };
-        // The release on trial failed to come up.
-        let mut state = releases
-            .state()
-            .map_err(|e| format!("cannot read releases/state.json: {e}"))?;
-        let Some(mut pending) = state.pending.clone().filter(|p| p.version == version) else {
-            return Err(format!("release {version} {ended}"));
+        let ended = worker.run(&mut term, &mut int).await?;
+        let deadline = matches!(ended, Ended::Deadline);
+        let (why, code) = match ended {
+            Ended::Stopped(code) => return Ok(exit_code(code)),
+            Ended::Update => {
+                tracing::info!(%version, "keeper: the worker staged an update");
+                continue;
+            }
+            Ended::Exited(why, code) => (why, code),
+            Ended::Deadline => (
+                format!("was not healthy within {}s", deadline_after.as_secs()),
+                None,
+            ),
         };
-        pending.attempts += 1;
-        if timed_out || pending.attempts >= CRASHES_MAX {
-            let detail = if timed_out {
+        let state = releases.state().unwrap_or_else(|e| {
+            tracing::error!("cannot read releases/state.json: {e}");
+            State::default()
+        });
+        let Some(pending) = state.pending.clone().filter(|p| p.version == version) else {
+            if deadline {
+                // Committed just as the deadline passed: start it again, in service.
+                continue;
+            }
+            // A release in service stopped on its own: the edge stops with it.
+            tracing::warn!(%version, "keeper: the worker ended: {why}");
+            return Ok(exit_code(code));
+        };
+        if deadline && pending.local_ok {
+            // Store and API came up; only the hub was not reached (the link may simply be
+            // down). Rolled back for now, tried again on a later offer, a few times at most.
+            let soft = state.soft_rollbacks.get(&version).copied().unwrap_or(0) + 1;
+            let refuse = soft >= CRASHES_MAX;
+            let detail = format!(
+                "release {version} did not reach the hub within {}s ({soft} of {CRASHES_MAX} tries); rolled back to {}",
+                deadline_after.as_secs(),
+                pending.previous
+            );
+            roll_back(&releases, state, &pending, detail, refuse)?;
+        } else if deadline || pending.attempts >= CRASHES_MAX {
+            let detail = if deadline {
                 format!(
-                    "release {version} {ended}; rolled back to {}",
+                    "release {version} {why}; rolled back to {}",
                     pending.previous
                 )
             } else {
                 format!(
-                    "release {version} {ended}, {} times; rolled back to {}",
+                    "release {version} {why}, {} times; rolled back to {}",
                     pending.attempts, pending.previous
                 )
             };
-            tracing::error!("keeper: {detail}");
-            releases
-                .set_current(&pending.previous)
-                .map_err(|e| format!("cannot roll back releases/current: {e}"))?;
-            state.pending = None;
-            state.refused.insert(version.clone(), detail.clone());
-            state.report(
-                &version,
-                &pending.previous,
-                UpdateOutcome::RolledBack,
-                &detail,
-            );
+            roll_back(&releases, state, &pending, detail, true)?;
         } else {
             tracing::warn!(
-                "keeper: release {version} {ended} (attempt {} of {CRASHES_MAX})",
+                "keeper: release {version} {why} (attempt {} of {CRASHES_MAX})",
                 pending.attempts
             );
-            state.pending = Some(pending);
             // A moment before the next try, for whatever made it fail to pass.
             tokio::time::sleep(RETRY_PAUSE).await;
         }
-        releases
-            .save_state(&state)
-            .map_err(|e| format!("cannot write releases/state.json: {e}"))?;
+    }
+}
+
+/// Brings `current` and `state.json` into agreement after an interruption (a crash or power
+/// cut between two of their writes) and returns the version to run with the state.
+fn reconcile(releases: &Releases) -> (String, State) {
+    let own = env!("CARGO_PKG_VERSION").to_owned();
+    let mut state = releases.state().unwrap_or_else(|e| {
+        tracing::error!("cannot read releases/state.json: {e}");
+        State::default()
+    });
+    let mut version = match releases.current() {
+        Ok(Some(v)) if !v.is_empty() => v,
+        Ok(_) => own,
+        Err(e) => {
+            tracing::error!("cannot read releases/current ({e}); running this binary");
+            own
+        }
+    };
+    let Some(pending) = state.pending.clone() else {
+        return (version, state);
+    };
+    if pending.version != version {
+        // The switch to it never completed, or its rollback did: nothing is on trial.
+        tracing::warn!(pending = %pending.version, current = %version, "keeper: dropping a stale release trial");
+        state.pending = None;
+    } else if state.refused.contains_key(&pending.version) {
+        // A rollback was cut short after it recorded the refusal: finish it.
+        match releases.set_current(&pending.previous) {
+            Ok(()) => {
+                tracing::warn!(version = %pending.version, previous = %pending.previous, "keeper: finished an interrupted rollback");
+                version = pending.previous;
+                state.pending = None;
+            }
+            Err(e) => tracing::error!("cannot roll back releases/current: {e}"),
+        }
+    } else {
+        return (version, state);
+    }
+    if let Err(e) = releases.save_state(&state) {
+        tracing::error!("cannot write releases/state.json: {e}");
+    }
+    (version, state)
+}
+
+/// Returns `current` to the release before `pending`, recording the outcome first (so a
+/// rollback cut short is finished by [`reconcile`]). `refuse`: never try this version again.
+fn roll_back(
+    releases: &Releases,
+    mut state: State,
+    pending: &Pending,
+    detail: String,
+    refuse: bool,
+) -> Result<(), String> {
+    tracing::error!("keeper: {detail}");
+    let version = &pending.version;
+    if refuse {
+        state.refused.insert(version.clone(), detail.clone());
+        state.soft_rollbacks.remove(version);
+    } else {
+        *state.soft_rollbacks.entry(version.clone()).or_default() += 1;
+    }
+    state.report(
+        version,
+        &pending.previous,
+        UpdateOutcome::RolledBack,
+        &detail,
+    );
+    releases
+        .save_state(&state)
+        .map_err(|e| format!("cannot write releases/state.json: {e}"))?;
+    releases
+        .set_current(&pending.previous)
+        .map_err(|e| format!("cannot roll back releases/current: {e}"))?;
+    state.pending = None;
+    releases
+        .save_state(&state)
+        .map_err(|e| format!("cannot write releases/state.json: {e}"))
+}
+
+/// One run of a worker.
+struct Worker<'a> {
+    releases: &'a Releases,
+    version: &'a str,
+    args: &'a [OsString],
+    probation: bool,
+    deadline_after: Duration,
+}
+
+impl Worker<'_> {
+    fn command(&self, binary: &Path, version: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .args(self.args)
+            .env(WORKER_ENV, version)
+            .stdin(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn run(
+        &self,
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> Result<Ended, String> {
+        let version = self.version;
+        let mut child = match self
+            .command(&self.releases.binary(version), version)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if self.probation => {
+                return Ok(Ended::Exited(format!("did not start: {e}"), None));
+            }
+            Err(e) => {
+                // A release in service whose binary is gone or cannot run (a noexec mount, a
+                // deleted file): the keeper's own binary serves rather than nothing.
+                let own = env!("CARGO_PKG_VERSION");
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                tracing::error!(%version, "keeper: release cannot start ({e}); running this binary ({own})");
+                self.command(&exe, own)
+                    .spawn()
+                    .map_err(|e| format!("cannot start the worker: {e}"))?
+            }
+        };
+        tracing::info!(%version, probation = self.probation, "keeper: worker started");
+        let mut probation = self.probation;
+        let mut stdin = child.stdin.take();
+        let mut deadline = probation.then(|| tokio::time::Instant::now() + self.deadline_after);
+        let mut stopping = false;
+        let mut timed_out = false;
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let mut check = tokio::time::interval(Duration::from_millis(200));
+        // The worker commits its release once healthy.
+        let committed = || {
+            self.releases
+                .state()
+                .ok()
+                .is_some_and(|s| s.pending.as_ref().is_none_or(|p| p.version != version))
+        };
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                _ = term.recv() => stopping = true,
+                _ = int.recv() => stopping = true,
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    deadline = None;
+                    if committed() {
+                        probation = false;
+                    } else {
+                        timed_out = true;
+                    }
+                }
+                _ = async { tokio::time::sleep_until(kill_at.expect("guarded")).await }, if kill_at.is_some() => {
+                    kill_at = None;
+                    let _ = child.start_kill();
+                }
+                _ = check.tick(), if probation && !timed_out => {
+                    if committed() {
+                        probation = false;
+                        deadline = None;
+                    }
+                }
+            }
+            if (stopping || timed_out) && kill_at.is_none() {
+                // The pipe stays open: its end would make the worker exit at once.
+                if let Some(pipe) = stdin.as_mut() {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = pipe.write_all(b"stop\n").await;
+                    let _ = pipe.flush().await;
+                }
+                kill_at = Some(tokio::time::Instant::now() + STOP_GRACE);
+            }
+        };
+        let status = status.map_err(|e| format!("waiting for the worker: {e}"))?;
+        Ok(if stopping {
+            Ended::Stopped(status.code())
+        } else if status.code() == Some(i32::from(EXIT_UPDATE)) {
+            Ended::Update
+        } else if timed_out {
+            Ended::Deadline
+        } else if probation {
+            Ended::Exited(
+                format!("exited ({status}) before it was healthy"),
+                status.code(),
+            )
+        } else {
+            Ended::Exited(format!("exited ({status})"), status.code())
+        })
     }
 }
 
@@ -584,16 +787,24 @@ pub struct Updater {
     releases: Releases,
     running: String,
     release_key: Option<ed25519_dalek::VerifyingKey>,
+    /// An install task is running.
     busy: std::sync::atomic::AtomicBool,
+    /// The hub's latest offers and the connection they came on.
+    latest: parking_lot::Mutex<Option<(quinn::Connection, Vec<ReleaseOffer>)>>,
+    /// Bumped with every new set of offers.
+    offers_seen: std::sync::atomic::AtomicU64,
     /// Turns true when a release is staged and `current` points at it.
     staged: tokio::sync::watch::Sender<bool>,
     /// Bumped whenever `state.json`'s reports change (the sync client then tells the hub).
     reports_changed: std::sync::atomic::AtomicU64,
     cut_at: parking_lot::Mutex<Option<u64>>,
-    /// Offers that arrived while this release was still on trial, taken up once it is healthy.
-    deferred: parking_lot::Mutex<Option<(quinn::Connection, Vec<ReleaseOffer>)>>,
     pub metrics: UpdateMetrics,
 }
+
+/// First pause before an interrupted download is tried again on the same connection; it
+/// doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Updater {
     pub fn new(
@@ -606,12 +817,13 @@ impl Updater {
             running: running.to_owned(),
             release_key,
             busy: Default::default(),
+            latest: parking_lot::Mutex::new(None),
+            offers_seen: Default::default(),
             staged: tokio::sync::watch::channel(false).0,
             reports_changed: Default::default(),
             cut_at: parking_lot::Mutex::new(
                 std::env::var(CUT_ENV).ok().and_then(|v| v.parse().ok()),
             ),
-            deferred: parking_lot::Mutex::new(None),
             metrics: UpdateMetrics::default(),
         })
     }
@@ -631,20 +843,41 @@ impl Updater {
         self.releases.state().map(|s| s.reports).unwrap_or_default()
     }
 
+    /// This release is on trial (not yet healthy).
+    fn on_trial(&self) -> bool {
+        self.releases
+            .state()
+            .is_ok_and(|s| s.pending.is_some_and(|p| p.version == self.running))
+    }
+
+    /// Store open and API listening: if the hub is not reached in time, the keeper rolls back
+    /// without refusing the release for good.
+    pub fn locally_up(&self) {
+        if !self.on_trial() {
+            return;
+        }
+        let running = &self.running;
+        let r = self.releases.update_state(|s| {
+            if let Some(p) = s.pending.as_mut().filter(|p| &p.version == running) {
+                p.local_ok = true;
+            }
+        });
+        if let Err(e) = r {
+            tracing::error!("cannot record that release {running} came up: {e}");
+        }
+    }
+
     /// The worker is healthy (store open, API listening, hub handshake done): a release in
     /// probation is committed.
     pub fn healthy(self: &std::sync::Arc<Self>) {
-        let on_trial = self
-            .releases
-            .state()
-            .is_ok_and(|s| s.pending.is_some_and(|p| p.version == self.running));
-        if !on_trial {
+        if !self.on_trial() {
             return;
         }
         let running = self.running.clone();
         let mut committed = None;
         let r = self.releases.update_state(|s| {
             if let Some(p) = s.pending.take_if(|p| p.version == running) {
+                s.soft_rollbacks.remove(&running);
                 s.report(
                     &running,
                     &p.previous,
@@ -659,55 +892,77 @@ impl Updater {
                 tracing::info!(version = %self.running, %previous, "release installed and healthy");
                 self.reports_changed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let deferred = self.deferred.lock().take();
-                if let Some((conn, offers)) = deferred
-                    && conn.close_reason().is_none()
-                {
-                    self.offers(&conn, &offers);
-                }
+                // Offers that arrived while on trial are considered now.
+                self.kick();
             }
             (Err(e), _) => tracing::error!("cannot commit release {}: {e}", self.running),
             _ => {}
         }
     }
 
-    /// The hub's offers arrived on `conn`: starts installing the best one, unless an install
-    /// is under way or this release is itself still on trial.
+    /// The hub's offers arrived on `conn`: installs the best one in the background.
     pub fn offers(self: &std::sync::Arc<Self>, conn: &quinn::Connection, offers: &[ReleaseOffer]) {
+        *self.latest.lock() = Some((conn.clone(), offers.to_vec()));
+        self.offers_seen
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Starts the install task unless it runs, a release is staged, or this release is still on
+    /// trial (then [`Updater::healthy`] kicks again).
+    fn kick(self: &std::sync::Arc<Self>) {
         use std::sync::atomic::Ordering::SeqCst;
-        let state = match self.releases.state() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot read the update state: {e}");
+        if *self.staged.borrow() || self.on_trial() || self.busy.swap(true, SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut seen = me.offers_seen.load(SeqCst);
+            me.install_latest(&mut seen).await;
+            me.busy.store(false, SeqCst);
+            // Offers that came while the task was finishing are not left waiting.
+            if me.offers_seen.load(SeqCst) != seen {
+                me.kick();
+            }
+        });
+    }
+
+    /// Installs the best of the latest offers: a refused release makes room for the next best;
+    /// an interrupted download is tried again, with growing pauses, while the connection lives.
+    async fn install_latest(&self, seen: &mut u64) {
+        let mut pause = RETRY_FIRST;
+        loop {
+            *seen = self.offers_seen.load(std::sync::atomic::Ordering::SeqCst);
+            let Some((conn, offers)) = self.latest.lock().clone() else {
+                return;
+            };
+            if conn.close_reason().is_some() {
                 return;
             }
-        };
-        if state.pending.is_some() {
-            // On trial: considered once healthy (or dropped, if it is rolled back).
-            *self.deferred.lock() = Some((conn.clone(), offers.to_vec()));
-            return;
-        }
-        if *self.staged.borrow() {
-            return;
-        }
-        let Some(offer) = choose(offers, &self.running, &state) else {
-            return;
-        };
-        if self.busy.swap(true, SeqCst) {
-            return;
-        }
-        let (me, conn) = (self.clone(), conn.clone());
-        tokio::spawn(async move {
-            let version = offer.version.clone();
-            match me.install(&conn, &offer).await {
-                Ok(()) => {}
-                Err(Stop::Retry(why)) => {
-                    tracing::info!(%version, "release download interrupted (resumes later): {why}")
+            let state = match self.releases.state() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot read the update state: {e}");
+                    return;
                 }
-                Err(Stop::Refuse(why)) => me.refuse(&version, &why),
+            };
+            let Some(offer) = choose(&offers, &self.running, &state) else {
+                return;
+            };
+            let version = offer.version.clone();
+            match self.install(&conn, &offer).await {
+                Ok(()) => return,
+                Err(Stop::Refuse(why)) => self.refuse(&version, &why),
+                Err(Stop::Retry(why)) => {
+                    tracing::info!(%version, "release install interrupted (tried again in {}s): {why}", pause.as_secs());
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = conn.closed() => return,
+                    }
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
             }
-            me.busy.store(false, SeqCst);
-        });
+        }
     }
 
     fn refuse(&self, version: &str, why: &str) {
@@ -729,19 +984,44 @@ impl Updater {
 
     async fn install(&self, conn: &quinn::Connection, offer: &ReleaseOffer) -> Result<(), Stop> {
         verify_signature(offer, self.release_key.as_ref()).map_err(Stop::Refuse)?;
-        tracing::info!(version = %offer.version, size = offer.size, "downloading a release");
-        let part = self.releases.part_path(&offer.version);
-        self.download(conn, offer, &part).await?;
-        let (releases, offer2, part2) = (self.releases.clone(), offer.clone(), part.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), Stop> {
-            verify_download(&offer2, &part2).map_err(Stop::Refuse)?;
-            let binary = releases
-                .stage(&offer2.version, &part2)
-                .map_err(|e| Stop::Retry(format!("cannot stage the release: {e}")))?;
-            self_check(&binary, &offer2.version).map_err(Stop::Refuse)
+        let binary = self.releases.binary(&offer.version);
+        let (offer2, binary2) = (offer.clone(), binary.clone());
+        // Staged before (and rolled back for a missing hub): no need to fetch it again.
+        let staged_before = tokio::task::spawn_blocking(move || {
+            binary2.exists() && verify_download(&offer2, &binary2).is_ok()
         })
         .await
-        .map_err(|e| Stop::Retry(e.to_string()))??;
+        .unwrap_or(false);
+        if !staged_before {
+            tracing::info!(version = %offer.version, size = offer.size, "downloading a release");
+            let part = self.releases.part_path(&offer.version);
+            let resumed = self.download(conn, offer, &part).await?;
+            let (releases, offer2, part2) = (self.releases.clone(), offer.clone(), part.clone());
+            tokio::task::spawn_blocking(move || -> Result<(), Stop> {
+                if let Err(why) = verify_download(&offer2, &part2) {
+                    if resumed {
+                        // The bytes kept from an earlier connection may be what is wrong:
+                        // one more try from the first byte before the release is refused.
+                        let _ = fs::remove_file(&part2);
+                        return Err(Stop::Retry(format!(
+                            "{why}; downloading it again from the start"
+                        )));
+                    }
+                    return Err(Stop::Refuse(why));
+                }
+                releases
+                    .stage(&offer2.version, &part2)
+                    .map(|_| ())
+                    .map_err(|e| Stop::Retry(format!("cannot stage the release: {e}")))
+            })
+            .await
+            .map_err(|e| Stop::Retry(e.to_string()))??;
+        }
+        let version = offer.version.clone();
+        tokio::task::spawn_blocking(move || self_check(&binary, &version))
+            .await
+            .map_err(|e| Stop::Retry(e.to_string()))?
+            .map_err(Stop::Refuse)?;
         let running = self.running.clone();
         self.releases
             .update_state(|s| {
@@ -749,12 +1029,15 @@ impl Updater {
                     version: offer.version.clone(),
                     previous: running,
                     attempts: 0,
+                    local_ok: false,
                 });
             })
             .map_err(|e| Stop::Retry(format!("cannot write the update state: {e}")))?;
-        self.releases
-            .set_current(&offer.version)
-            .map_err(|e| Stop::Retry(format!("cannot switch releases/current: {e}")))?;
+        if let Err(e) = self.releases.set_current(&offer.version) {
+            // Nothing is on trial after all.
+            let _ = self.releases.update_state(|s| s.pending = None);
+            return Err(Stop::Retry(format!("cannot switch releases/current: {e}")));
+        }
         self.metrics
             .staged
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -763,13 +1046,14 @@ impl Updater {
         Ok(())
     }
 
-    /// Downloads the artifact into `part`, resuming from what it already holds.
+    /// Downloads the artifact into `part`, resuming from what it already holds. Returns
+    /// whether it resumed.
     async fn download(
         &self,
         conn: &quinn::Connection,
         offer: &ReleaseOffer,
         part: &Path,
-    ) -> Result<(), Stop> {
+    ) -> Result<bool, Stop> {
         use std::sync::atomic::Ordering::Relaxed;
         use tokio::io::AsyncWriteExt;
         let retry = |e: &dyn std::fmt::Display| Stop::Retry(e.to_string());
@@ -779,8 +1063,9 @@ impl Updater {
             fs::remove_file(part).map_err(|e| retry(&e))?;
             offset = 0;
         }
+        let resumed = offset > 0;
         if offset == offer.size {
-            return Ok(());
+            return Ok(resumed);
         }
         self.metrics.downloads_started.fetch_add(1, Relaxed);
         if offset > 0 {
@@ -879,7 +1164,7 @@ impl Updater {
                 offer.size
             )));
         }
-        Ok(())
+        Ok(resumed)
     }
 }
 
@@ -969,6 +1254,7 @@ mod tests {
                     version: "9.9.9".into(),
                     previous: v.clone(),
                     attempts: 1,
+                    local_ok: false,
                 });
                 s.report("9.9.9", &v, UpdateOutcome::Refused, "because");
             })
@@ -977,6 +1263,118 @@ mod tests {
         assert_eq!(again.current().unwrap().as_deref(), Some("9.9.9"));
         assert_eq!(again.state().unwrap(), state);
         assert!(!dir.path().join("releases/current.tmp").exists());
+    }
+
+    fn pending(version: &str, previous: &str) -> Pending {
+        Pending {
+            version: version.into(),
+            previous: previous.into(),
+            attempts: 1,
+            local_ok: false,
+        }
+    }
+
+    #[test]
+    fn a_trial_whose_switch_never_happened_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        r.set_current("0.1.0").unwrap();
+        // The worker wrote `pending`, then could not switch `current`, or crashed before it.
+        r.update_state(|s| s.pending = Some(pending("0.2.0", "0.1.0")))
+            .unwrap();
+        let (version, state) = reconcile(&r);
+        assert_eq!(version, "0.1.0");
+        assert_eq!(state.pending, None);
+        assert_eq!(r.state().unwrap().pending, None, "saved");
+        assert!(
+            !state.refused.contains_key("0.2.0"),
+            "not refused: it never ran"
+        );
+    }
+
+    #[test]
+    fn a_rollback_cut_short_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        r.set_current("0.2.0").unwrap();
+        // The keeper recorded the refusal, then died before `current` went back.
+        r.update_state(|s| {
+            s.pending = Some(pending("0.2.0", "0.1.0"));
+            s.refused.insert("0.2.0".into(), "crashed".into());
+        })
+        .unwrap();
+        let (version, state) = reconcile(&r);
+        assert_eq!(version, "0.1.0");
+        assert_eq!(r.current().unwrap().as_deref(), Some("0.1.0"));
+        assert_eq!(state.pending, None);
+        assert_eq!(r.state().unwrap(), state);
+        // A trial that is still going is left alone.
+        r.set_current("0.3.0").unwrap();
+        r.update_state(|s| s.pending = Some(pending("0.3.0", "0.1.0")))
+            .unwrap();
+        let (version, state) = reconcile(&r);
+        assert_eq!(version, "0.3.0");
+        assert_eq!(state.pending, Some(pending("0.3.0", "0.1.0")));
+    }
+
+    #[test]
+    fn rollbacks_refuse_or_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        r.set_current("0.2.0").unwrap();
+        let trial = pending("0.2.0", "0.1.0");
+        let state = r.update_state(|s| s.pending = Some(trial.clone())).unwrap();
+        roll_back(&r, state, &trial, "no hub".into(), false).unwrap();
+        let state = r.state().unwrap();
+        assert_eq!(r.current().unwrap().as_deref(), Some("0.1.0"));
+        assert_eq!(state.pending, None);
+        assert_eq!(state.soft_rollbacks.get("0.2.0"), Some(&1));
+        assert!(!state.refused.contains_key("0.2.0"), "tried again later");
+        assert_eq!(
+            state.reports.last().unwrap().outcome,
+            UpdateOutcome::RolledBack
+        );
+
+        r.set_current("0.2.0").unwrap();
+        let state = r.update_state(|s| s.pending = Some(trial.clone())).unwrap();
+        roll_back(&r, state, &trial, "crashed".into(), true).unwrap();
+        let state = r.state().unwrap();
+        assert_eq!(r.current().unwrap().as_deref(), Some("0.1.0"));
+        assert_eq!(
+            state.refused.get("0.2.0").map(String::as_str),
+            Some("crashed")
+        );
+        assert!(state.soft_rollbacks.is_empty());
+        assert_eq!(state.reports.len(), 2);
+    }
+
+    #[test]
+    fn state_from_a_newer_release_or_a_damaged_disk_does_not_stop_the_edge() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        let at = now_micros();
+        // A newer release's outcome kind and field: skipped, the rest kept.
+        let newer = serde_json::json!({
+            "pending": {"version": "0.3.0", "previous": "0.2.0", "attempts": 1},
+            "refused": {"0.2.5": "bad"},
+            "reports": [
+                {"version": "0.2.5", "from": "0.2.0", "outcome": "Refused", "detail": "bad", "at": at},
+                {"version": "0.2.6", "from": "0.2.0", "outcome": "Quarantined", "detail": "?", "at": at}
+            ],
+            "channel": "beta"
+        });
+        fs::create_dir_all(r.dir()).unwrap();
+        fs::write(r.dir().join("state.json"), newer.to_string()).unwrap();
+        let state = r.state().unwrap();
+        assert_eq!(state.pending, Some(pending("0.3.0", "0.2.0")));
+        assert_eq!(state.refused.len(), 1);
+        assert_eq!(state.reports.len(), 1);
+        assert_eq!(state.reports[0].version, "0.2.5");
+        // Not JSON at all: set aside, and an empty state.
+        fs::write(r.dir().join("state.json"), b"\0\0garbage").unwrap();
+        assert_eq!(r.state().unwrap(), State::default());
+        assert!(r.dir().join("state.json.unreadable").exists());
+        assert!(!r.dir().join("state.json").exists());
     }
 
     #[test]

@@ -848,6 +848,89 @@ fn release_not_healthy_in_time_is_rolled_back() {
     assert_serves_and_syncs(&http, &hub, &edge, &[("order_payment", "p0", &p0)], "p1");
 }
 
+#[test]
+fn release_that_cannot_reach_the_hub_is_rolled_back_and_tried_again() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let mut edge =
+        EdgeProcess::start_synced("B001", &hub, &[("OUTPOST_UPDATE_DEADLINE_S", PROBATION_S)]);
+    let before = wait_connected(&http, &hub, &edge);
+    assert_ne!(before, "0.3.0", "the edge under test already runs 0.3.0");
+
+    // The real edge, except that it looks for the hub where none listens: its store opens and
+    // its API listens, but the hub never welcomes it (as when the link drops during a switch).
+    let body = format!(
+        "if [ \"$1\" = self-check ]; then echo \"outpost-edge 0.3.0\"; exit 0; fi\n\
+         prev=\n\
+         for a do\n  shift\n  p=$a\n  if [ \"$prev\" = --hub ]; then a=127.0.0.1:9; fi\n  \
+         set -- \"$@\" \"$a\"\n  prev=$p\ndone\n\
+         exec '{}' \"$@\"\n",
+        edge_binary().display()
+    );
+    let artifact = script(&body);
+    let size = artifact.len() as u64;
+    http.publish(&hub, "0.3.0", "all", artifact).expect(201);
+
+    // Rolled back, but not refused: tried again on the next connection, CRASHES_MAX (3) times
+    // in all, and then refused for good. The hub keeps each branch's latest outcome per version.
+    let mut entry = Json::Null;
+    wait_until(
+        "the third rollback of 0.3.0 reported",
+        || {
+            entry = http.rollout(&hub, "B001");
+            entry["last_outcome"]["version"] == "0.3.0"
+                && entry["last_outcome"]["outcome"] == "rolled_back"
+                && text(&entry["last_outcome"]["detail"]).contains("3 of 3")
+        },
+        || context(&http, &hub, &edge),
+    );
+    let detail = text(&entry["last_outcome"]["detail"]);
+    assert!(detail.contains("did not reach the hub"), "{entry}");
+    let state: Json = serde_json::from_slice(
+        &std::fs::read(releases_dir(&edge).join("state.json")).expect("state.json"),
+    )
+    .expect("state.json is JSON");
+    assert!(state["refused"]["0.3.0"].is_string(), "{state}");
+    assert!(state["pending"].is_null(), "{state}");
+    // Fetched once: the later tries reuse the staged, verified binary.
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_fetches_total"),
+        1
+    );
+    assert_eq!(
+        http.hub_metric(&hub, "outpost_hub_release_bytes_served_total"),
+        size
+    );
+    wait_connected(&http, &hub, &edge);
+    assert_eq!(current_release(&edge), before);
+    assert_eq!(http.healthz(&Worker(&edge))["version"], before.as_str());
+    assert!(edge.is_running(), "the keeper still runs");
+}
+
+#[test]
+fn keeper_serves_with_its_own_binary_when_the_release_cannot_start() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let (mut edge, before) = synced_edge(&http, &hub);
+    let p0 = http
+        .get_row(&Worker(&edge), "order_payment", "p0")
+        .expect(200);
+    edge.kill9();
+    // The release's binary can no longer be run (damaged, or its mode lost): a new file, so
+    // the test binary it was hard-linked from is untouched.
+    let binary = releases_dir(&edge).join(&before).join("outpost-edge");
+    std::fs::remove_file(&binary).expect("remove the release binary");
+    std::fs::write(&binary, b"not a program").expect("write a file that cannot run");
+    edge.restart();
+    assert_eq!(wait_connected(&http, &hub, &edge), before);
+    assert!(
+        strip_ansi(&edge.log()).contains("release cannot start"),
+        "the keeper says why it runs its own binary:\n{}",
+        tail(&edge.log(), 20)
+    );
+    assert_serves_and_syncs(&http, &hub, &edge, &[("order_payment", "p0", &p0)], "p1");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Rollout rings
 // ---------------------------------------------------------------------------------------------
