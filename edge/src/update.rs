@@ -105,6 +105,9 @@ pub struct State {
     /// such a release is tried again on a later offer, at most [`CRASHES_MAX`] times.
     #[serde(default)]
     pub soft_rollbacks: BTreeMap<String, u32>,
+    /// The release that ran before the current one (kept on disk, with the current one).
+    #[serde(default)]
+    pub previous: Option<String>,
     /// The latest outcomes, oldest first.
     #[serde(default, deserialize_with = "known_reports")]
     pub reports: Vec<UpdateReport>,
@@ -264,6 +267,42 @@ impl Releases {
         sync_dir(&dir)?;
         sync_dir(&self.dir)?;
         Ok(target)
+    }
+
+    /// Removes every release but `keep` (their directories, downloads in progress, leftover
+    /// temporary files): a branch that installs a release a week keeps two on disk, not fifty.
+    pub fn prune(&self, keep: &[&str]) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let version = name.strip_suffix(".part").unwrap_or(&name);
+            if keep.contains(&version) || shared::release::parse_version(version).is_err() {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => tracing::info!(release = %name, "removed an old release"),
+                Err(e) => tracing::warn!(release = %name, "cannot remove an old release: {e}"),
+            }
+        }
+    }
+
+    /// Bytes free for this process on the releases directory's file system.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let dir = if self.dir.exists() {
+            self.dir.as_path()
+        } else {
+            self.dir.parent().unwrap_or(&self.dir)
+        };
+        let st = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     /// Removes a release's files (a refused one).
@@ -801,6 +840,9 @@ pub struct Updater {
     pub metrics: UpdateMetrics,
 }
 
+/// Disk space a release download leaves free for the store (and its WAL), in bytes.
+const DISK_RESERVE: u64 = 256 << 20;
+
 /// First pause before an interrupted download is tried again on the same connection; it
 /// doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(2);
@@ -878,6 +920,7 @@ impl Updater {
         let r = self.releases.update_state(|s| {
             if let Some(p) = s.pending.take_if(|p| p.version == running) {
                 s.soft_rollbacks.remove(&running);
+                s.previous = Some(p.previous.clone());
                 s.report(
                     &running,
                     &p.previous,
@@ -890,6 +933,7 @@ impl Updater {
         match (r, committed) {
             (Ok(_), Some(previous)) => {
                 tracing::info!(version = %self.running, %previous, "release installed and healthy");
+                self.releases.prune(&[&self.running, &previous]);
                 self.reports_changed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Offers that arrived while on trial are considered now.
@@ -1066,6 +1110,23 @@ impl Updater {
         let resumed = offset > 0;
         if offset == offer.size {
             return Ok(resumed);
+        }
+        // The store shares the disk: a download never takes the room its writes need.
+        let needed = offer.size - offset + DISK_RESERVE;
+        match self.releases.free_bytes() {
+            Ok(free) if free < needed => {
+                tracing::error!(
+                    version = %offer.version,
+                    free,
+                    needed,
+                    "not enough disk space to download a release"
+                );
+                return Err(Stop::Retry(format!(
+                    "not enough disk space: {free} bytes free, {needed} needed (the release plus {DISK_RESERVE} kept for the store)"
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot tell the free disk space: {e}"),
         }
         self.metrics.downloads_started.fetch_add(1, Relaxed);
         if offset > 0 {
@@ -1375,6 +1436,32 @@ mod tests {
         assert_eq!(r.state().unwrap(), State::default());
         assert!(r.dir().join("state.json.unreadable").exists());
         assert!(!r.dir().join("state.json").exists());
+    }
+
+    #[test]
+    fn prune_keeps_the_current_and_previous_releases_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        for v in ["0.1.0", "0.2.0", "0.3.0"] {
+            fs::create_dir_all(r.dir().join(v)).unwrap();
+            fs::write(r.binary(v), b"bin").unwrap();
+        }
+        fs::write(r.part_path("0.4.0"), b"half").unwrap();
+        fs::write(r.part_path("0.3.0"), b"half").unwrap();
+        r.set_current("0.3.0").unwrap();
+        r.save_state(&State::default()).unwrap();
+        r.prune(&["0.3.0", "0.2.0"]);
+        let mut left: Vec<String> = fs::read_dir(r.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["0.2.0", "0.3.0", "0.3.0.part", "current", "state.json"]
+        );
+        assert!(r.binary("0.2.0").exists());
+        assert!(r.free_bytes().unwrap() > 0);
     }
 
     #[test]

@@ -491,6 +491,31 @@ fn connected_edge_installs_a_published_release() {
     let before_rows: Vec<(&str, &str, &Json)> =
         rows.iter().map(|(t, id, r)| (*t, *id, r)).collect();
     assert_serves_and_syncs(&http, &hub, &edge, &before_rows, "p3");
+
+    // A second release: installed the same way, and the disk keeps the current and the
+    // previous release only.
+    let p3 = http
+        .get_row(&Worker(&edge), "order_payment", "p3")
+        .expect(200);
+    let mut before_rows = before_rows;
+    before_rows.push(("order_payment", "p3", &p3));
+    http.publish(&hub, "0.3.0", "all", edge_artifact())
+        .expect(201);
+    wait_installed(&http, &hub, &edge, "0.3.0");
+    let mut kept: Vec<String> = std::fs::read_dir(releases_dir(&edge))
+        .expect("the releases dir")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["0.2.0", "0.3.0"], "{before} was removed");
+    assert_eq!(edge.pid(), Some(keeper));
+    assert_serves_and_syncs(&http, &hub, &edge, &before_rows, "p4");
 }
 
 // ---------------------------------------------------------------------------------------------
