@@ -569,15 +569,17 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
     )
     .with_graceful_shutdown(stopping)
     .into_future();
-    // Requests under way get SHUTDOWN_GRACE to finish; a client that holds its connection
-    // longer is cut off (a write it did not get an answer for is not acknowledged).
+    // Requests under way get SHUTDOWN_GRACE to finish; the edge then stops without waiting for
+    // a client that holds its connection longer: the store closes, anything that connection
+    // still asks gets an error, and the process exit ends it (a write it got no answer for
+    // was never acknowledged).
     let grace = async {
         let _ = stopping_rx.wait_for(|s| *s).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
         served = server => served.map_err(|e| StartError(format!("server failed: {e}")))?,
-        () = grace => tracing::warn!("connections still open {}s after the stop; closing them", SHUTDOWN_GRACE.as_secs()),
+        () = grace => tracing::warn!("connections still open {}s after the stop; stopping without them", SHUTDOWN_GRACE.as_secs()),
     }
     let _ = stop_sync.send(true);
     if let Some(task) = sync_task {

@@ -7,9 +7,9 @@
 //! | path | what |
 //! |---|---|
 //! | `<version>/outpost-edge` | a release's binary (0755) |
-//! | `current` | the version to run: one line, replaced atomically |
+//! | `current` | the version to run and, while it is on trial, its [`Trial`] (the release to return to, starts so far); replaced atomically |
 //! | `<version>.part` | a download in progress (resumed from its length) |
-//! | `state.json` | the release in probation, refused versions, the latest outcomes |
+//! | `state.json` | refused versions, soft-rollback counts, the previous release, the latest outcomes |
 //!
 //! Processes: `outpost-edge serve --hub ...` is the **keeper**. It installs the running binary
 //! as the first release, then runs `releases/<current>/outpost-edge serve ...` as its
@@ -25,8 +25,10 @@
 //! time (the link may just be down) is rolled back without refusal and tried again on a later
 //! offer, [`CRASHES_MAX`] times at most.
 //!
-//! Every change to `current` and `state.json` is a durable atomic replace, ordered so that a
-//! crash between two of them is repaired at the keeper's next start ([`reconcile`]).
+//! Every change to `current` and `state.json` is a durable atomic replace. What runs is
+//! decided by `current` alone: the switch to a release and its trial are one write, and so
+//! are the commit and a rollback; `state.json` only keeps what is worth telling and
+//! remembering, so losing or misreading it never takes a release into service.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -79,25 +81,76 @@ pub fn self_check_version() -> String {
         .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
 }
 
-/// A release on trial.
+/// A release on trial: kept in `current` with its version (so the switch to it and its trial
+/// are one atomic write), dropped from it once the release is healthy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pending {
-    pub version: String,
+pub struct Trial {
+    /// The release to return to.
     pub previous: String,
-    /// Starts of the release on trial, counted before each start (so a power cut during a
-    /// start counts too).
+    /// Starts so far, counted before each start (a start the machine does not survive counts
+    /// too).
     pub attempts: u32,
     /// The release opened its store and its API listens: only the hub is missing.
     #[serde(default)]
     pub local_ok: bool,
 }
 
-/// `state.json`. Read leniently: a field or an outcome this build does not know (written by a
-/// newer release) is skipped, never a reason to stop.
+/// What `releases/current` says: the version to run, and its trial if it has not proven
+/// healthy yet. On disk: the version on the first line, `trial <json>` on the second.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    pub version: String,
+    pub trial: Option<Trial>,
+}
+
+impl Current {
+    /// A release in service.
+    pub fn service(version: &str) -> Current {
+        Current {
+            version: version.to_owned(),
+            trial: None,
+        }
+    }
+
+    /// The trial of `version`, if this names it on trial.
+    pub fn trial_of(&self, version: &str) -> Option<&Trial> {
+        self.trial.as_ref().filter(|_| self.version == version)
+    }
+
+    fn parse(text: &str) -> Option<Current> {
+        let mut lines = text.lines();
+        let version = lines.next()?.trim();
+        if version.is_empty() {
+            return None;
+        }
+        // Written atomically, so a second line that does not parse is not expected; it would
+        // leave the release running, in service.
+        let trial = lines
+            .next()
+            .and_then(|l| l.strip_prefix("trial "))
+            .and_then(|json| serde_json::from_str(json).ok());
+        Some(Current {
+            version: version.to_owned(),
+            trial,
+        })
+    }
+
+    fn render(&self) -> String {
+        match &self.trial {
+            None => format!("{}\n", self.version),
+            Some(t) => format!(
+                "{}\ntrial {}\n",
+                self.version,
+                serde_json::to_string(t).expect("a trial serialises")
+            ),
+        }
+    }
+}
+
+/// `state.json`: what is worth keeping but never decides what runs. Read leniently: a field or
+/// an outcome this build does not know (written by a newer release) is skipped.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    #[serde(default)]
-    pub pending: Option<Pending>,
     /// Versions never to try again, with why.
     #[serde(default)]
     pub refused: BTreeMap<String, String>,
@@ -175,38 +228,30 @@ impl Releases {
         self.dir.join(format!("{version}.part"))
     }
 
-    /// The version `current` names, if any.
-    pub fn current(&self) -> io::Result<Option<String>> {
+    /// What `current` says, if it exists.
+    pub fn current(&self) -> io::Result<Option<Current>> {
         match fs::read_to_string(self.dir.join("current")) {
-            Ok(s) => Ok(Some(s.trim().to_owned())),
+            Ok(s) => Ok(Current::parse(&s)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Points `current` at `version`: new file, fsync, rename, fsync the directory.
-    pub fn set_current(&self, version: &str) -> io::Result<()> {
-        write_atomic(&self.dir, "current", format!("{version}\n").as_bytes())
+    /// Replaces `current`: new file, fsync, rename, fsync the directory.
+    pub fn set_current(&self, current: &Current) -> io::Result<()> {
+        write_atomic(&self.dir, "current", current.render().as_bytes())
     }
 
-    /// Reads `state.json`. A file that does not parse (a hand edit, a damaged disk) is moved
-    /// aside to `state.json.unreadable` for a person to look at, and the edge goes on from an
-    /// empty state: it keeps running what `current` names.
+    /// Reads `state.json`. A file that does not parse (a hand edit, a damaged disk) is logged
+    /// and read as empty: it holds no decision about what runs, and the next write replaces
+    /// it.
     pub fn state(&self) -> io::Result<State> {
         let path = self.dir.join("state.json");
         match fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(state) => Ok(state),
-                Err(e) => {
-                    let aside = self.dir.join("state.json.unreadable");
-                    tracing::error!(
-                        "releases/state.json cannot be read ({e}); moved to {}",
-                        aside.display()
-                    );
-                    let _ = fs::rename(&path, &aside);
-                    Ok(State::default())
-                }
-            },
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!("releases/state.json cannot be read ({e}); read as empty");
+                State::default()
+            })),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(e),
         }
@@ -228,10 +273,10 @@ impl Releases {
     /// On first start, installs the running binary as the first release (hard link when it
     /// can, a copy otherwise) and points `current` at it. Returns the current version.
     pub fn install_initial(&self) -> io::Result<String> {
-        if let Some(v) = self.current()?
-            && self.binary(&v).exists()
+        if let Some(c) = self.current()?
+            && self.binary(&c.version).exists()
         {
-            return Ok(v);
+            return Ok(c.version);
         }
         let version = env!("CARGO_PKG_VERSION");
         let exe = std::env::current_exe()?;
@@ -247,7 +292,7 @@ impl Releases {
         fs::rename(&tmp, &target)?;
         sync_dir(&dir)?;
         sync_dir(&self.dir)?;
-        self.set_current(version)?;
+        self.set_current(&Current::service(version))?;
         tracing::info!(version, from = %exe.display(), "installed the running binary as the first release");
         Ok(version.to_owned())
     }
@@ -314,7 +359,8 @@ impl Releases {
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{name}.tmp"));
+    // Per process: a keeper and a worker never write into each other's temporary file.
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
     {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -466,15 +512,39 @@ fn deadline() -> Duration {
 /// worker's arguments (`serve ...`).
 pub fn keep(data_dir: &Path, args: Vec<OsString>) -> Result<ExitCode, String> {
     let releases = Releases::new(data_dir);
-    if let Err(e) = releases.install_initial() {
-        // E.g. a data dir on a full disk: the keeper's own binary serves meanwhile.
-        tracing::error!("cannot install the first release ({e}); running this binary");
-    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    // A worker of an earlier keeper (killed, restarted by the service manager) may still be
+    // finishing: nothing is read before it is gone.
+    runtime.block_on(wait_for_workers(data_dir));
+    if let Err(e) = releases.install_initial() {
+        // E.g. a data dir on a full disk: the keeper's own binary serves meanwhile.
+        tracing::error!("cannot install the first release ({e}); running this binary");
+    }
     runtime.block_on(keeper(releases, args))
+}
+
+/// Waits (up to [`STOP_GRACE`]) until no process holds the data dir's `edge.lock`.
+async fn wait_for_workers(data_dir: &Path) {
+    let Ok(file) = fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("edge.lock"))
+    else {
+        return; // the worker reports what is wrong with the data dir
+    };
+    let until = tokio::time::Instant::now() + STOP_GRACE;
+    while let Err(fs::TryLockError::WouldBlock) = file.try_lock() {
+        if tokio::time::Instant::now() > until {
+            tracing::warn!("another process still holds edge.lock; starting anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = file.unlock();
 }
 
 /// How a worker's run ended.
@@ -494,32 +564,50 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let deadline_after = deadline();
+    // Starts of each release on trial, also kept here: a disk that refuses writes must not
+    // make a crashing release start forever.
+    let mut starts: BTreeMap<String, u32> = BTreeMap::new();
+    // A rollback `current` could not record: the previous release runs regardless.
+    let mut fallback: Option<String> = None;
     loop {
-        let (version, mut state) = reconcile(&releases);
-        let trial = state.pending.clone().filter(|p| p.version == version);
-        if let Some(pending) = &trial {
-            if pending.attempts >= CRASHES_MAX {
+        let Current { version, trial } = match fallback.clone() {
+            Some(previous) => {
+                match releases.set_current(&Current::service(&previous)) {
+                    Ok(()) => fallback = None,
+                    Err(e) => tracing::error!("still cannot roll back releases/current: {e}"),
+                }
+                Current::service(&previous)
+            }
+            None => read_current(&releases),
+        };
+        let mut trial = trial;
+        if let Some(t) = trial.as_mut() {
+            let attempts = t.attempts.max(starts.get(&version).copied().unwrap_or(0));
+            if attempts >= CRASHES_MAX {
                 let detail = format!(
-                    "release {version} did not become healthy in {} starts; rolled back to {}",
-                    pending.attempts, pending.previous
+                    "release {version} did not become healthy in {attempts} starts; rolled back to {}",
+                    t.previous
                 );
-                roll_back(&releases, state, pending, detail, true)?;
+                roll_back(&releases, &version, t, detail, true, &mut fallback);
+                starts.remove(&version);
                 continue;
             }
-            // Counted before the start: a start the machine does not survive counts too.
-            if let Some(p) = state.pending.as_mut() {
-                p.attempts += 1;
-            }
-            if let Err(e) = releases.save_state(&state) {
-                tracing::error!("cannot write releases/state.json: {e}");
+            t.attempts = attempts + 1;
+            t.local_ok = false;
+            starts.insert(version.clone(), t.attempts);
+            let on_disk = Current {
+                version: version.clone(),
+                trial: Some(t.clone()),
+            };
+            if let Err(e) = releases.set_current(&on_disk) {
+                tracing::error!("cannot count the start in releases/current: {e}");
             }
         }
-        let probation = trial.is_some();
         let worker = Worker {
             releases: &releases,
             version: &version,
             args: &args,
-            probation,
+            probation: trial.is_some(),
             deadline_after,
         };
         let ended = worker.run(&mut term, &mut int).await?;
@@ -528,6 +616,7 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
             Ended::Stopped(code) => return Ok(exit_code(code)),
             Ended::Update => {
                 tracing::info!(%version, "keeper: the worker staged an update");
+                starts.remove(&version);
                 continue;
             }
             Ended::Exited(why, code) => (why, code),
@@ -536,11 +625,14 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
                 None,
             ),
         };
-        let state = releases.state().unwrap_or_else(|e| {
-            tracing::error!("cannot read releases/state.json: {e}");
-            State::default()
-        });
-        let Some(pending) = state.pending.clone().filter(|p| p.version == version) else {
+        // Still on trial? An unreadable `current` counts as yes (what was written before the
+        // start): a release is never taken into service on a doubt.
+        let now = match releases.current() {
+            Ok(Some(c)) => c.trial_of(&version).cloned(),
+            Ok(None) | Err(_) => trial.clone(),
+        };
+        let Some(t) = now else {
+            starts.remove(&version);
             if deadline {
                 // Committed just as the deadline passed: start it again, in service.
                 continue;
@@ -549,34 +641,43 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
             tracing::warn!(%version, "keeper: the worker ended: {why}");
             return Ok(exit_code(code));
         };
-        if deadline && pending.local_ok {
+        if deadline && t.local_ok {
             // Store and API came up; only the hub was not reached (the link may simply be
             // down). Rolled back for now, tried again on a later offer, a few times at most.
-            let soft = state.soft_rollbacks.get(&version).copied().unwrap_or(0) + 1;
-            let refuse = soft >= CRASHES_MAX;
+            let soft = releases
+                .state()
+                .map(|s| s.soft_rollbacks.get(&version).copied().unwrap_or(0))
+                .unwrap_or(0)
+                + 1;
             let detail = format!(
                 "release {version} did not reach the hub within {}s ({soft} of {CRASHES_MAX} tries); rolled back to {}",
                 deadline_after.as_secs(),
-                pending.previous
+                t.previous
             );
-            roll_back(&releases, state, &pending, detail, refuse)?;
-        } else if deadline || pending.attempts >= CRASHES_MAX {
+            roll_back(
+                &releases,
+                &version,
+                &t,
+                detail,
+                soft >= CRASHES_MAX,
+                &mut fallback,
+            );
+            starts.remove(&version);
+        } else if deadline || t.attempts >= CRASHES_MAX {
             let detail = if deadline {
-                format!(
-                    "release {version} {why}; rolled back to {}",
-                    pending.previous
-                )
+                format!("release {version} {why}; rolled back to {}", t.previous)
             } else {
                 format!(
                     "release {version} {why}, {} times; rolled back to {}",
-                    pending.attempts, pending.previous
+                    t.attempts, t.previous
                 )
             };
-            roll_back(&releases, state, &pending, detail, true)?;
+            roll_back(&releases, &version, &t, detail, true, &mut fallback);
+            starts.remove(&version);
         } else {
             tracing::warn!(
                 "keeper: release {version} {why} (attempt {} of {CRASHES_MAX})",
-                pending.attempts
+                t.attempts
             );
             // A moment before the next try, for whatever made it fail to pass.
             tokio::time::sleep(RETRY_PAUSE).await;
@@ -584,81 +685,52 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
     }
 }
 
-/// Brings `current` and `state.json` into agreement after an interruption (a crash or power
-/// cut between two of their writes) and returns the version to run with the state.
-fn reconcile(releases: &Releases) -> (String, State) {
-    let own = env!("CARGO_PKG_VERSION").to_owned();
-    let mut state = releases.state().unwrap_or_else(|e| {
-        tracing::error!("cannot read releases/state.json: {e}");
-        State::default()
-    });
-    let mut version = match releases.current() {
-        Ok(Some(v)) if !v.is_empty() => v,
-        Ok(_) => own,
+/// What to run: `current`, or this binary's own version when `current` is missing or cannot
+/// be read.
+fn read_current(releases: &Releases) -> Current {
+    let own = env!("CARGO_PKG_VERSION");
+    match releases.current() {
+        Ok(Some(c)) => c,
+        Ok(None) => Current::service(own),
         Err(e) => {
             tracing::error!("cannot read releases/current ({e}); running this binary");
-            own
+            Current::service(own)
         }
-    };
-    let Some(pending) = state.pending.clone() else {
-        return (version, state);
-    };
-    if pending.version != version {
-        // The switch to it never completed, or its rollback did: nothing is on trial.
-        tracing::warn!(pending = %pending.version, current = %version, "keeper: dropping a stale release trial");
-        state.pending = None;
-    } else if state.refused.contains_key(&pending.version) {
-        // A rollback was cut short after it recorded the refusal: finish it.
-        match releases.set_current(&pending.previous) {
-            Ok(()) => {
-                tracing::warn!(version = %pending.version, previous = %pending.previous, "keeper: finished an interrupted rollback");
-                version = pending.previous;
-                state.pending = None;
-            }
-            Err(e) => tracing::error!("cannot roll back releases/current: {e}"),
-        }
-    } else {
-        return (version, state);
     }
-    if let Err(e) = releases.save_state(&state) {
-        tracing::error!("cannot write releases/state.json: {e}");
-    }
-    (version, state)
 }
 
-/// Returns `current` to the release before `pending`, recording the outcome first (so a
-/// rollback cut short is finished by [`reconcile`]). `refuse`: never try this version again.
+/// Returns `current` to the release before `version` (one atomic write: the switch back ends
+/// the trial), then records the outcome. `refuse`: never try this version again; otherwise
+/// its soft rollbacks are counted. A `current` that cannot be written leaves the previous
+/// release in `fallback`, run regardless.
 fn roll_back(
     releases: &Releases,
-    mut state: State,
-    pending: &Pending,
+    version: &str,
+    trial: &Trial,
     detail: String,
     refuse: bool,
-) -> Result<(), String> {
+    fallback: &mut Option<String>,
+) {
     tracing::error!("keeper: {detail}");
-    let version = &pending.version;
-    if refuse {
-        state.refused.insert(version.clone(), detail.clone());
-        state.soft_rollbacks.remove(version);
-    } else {
-        *state.soft_rollbacks.entry(version.clone()).or_default() += 1;
+    if let Err(e) = releases.set_current(&Current::service(&trial.previous)) {
+        tracing::error!(
+            "cannot roll back releases/current ({e}); running {} regardless",
+            trial.previous
+        );
+        *fallback = Some(trial.previous.clone());
     }
-    state.report(
-        version,
-        &pending.previous,
-        UpdateOutcome::RolledBack,
-        &detail,
-    );
-    releases
-        .save_state(&state)
-        .map_err(|e| format!("cannot write releases/state.json: {e}"))?;
-    releases
-        .set_current(&pending.previous)
-        .map_err(|e| format!("cannot roll back releases/current: {e}"))?;
-    state.pending = None;
-    releases
-        .save_state(&state)
-        .map_err(|e| format!("cannot write releases/state.json: {e}"))
+    let recorded = releases.update_state(|s| {
+        if refuse {
+            s.refused.insert(version.to_owned(), detail.clone());
+            s.soft_rollbacks.remove(version);
+        } else {
+            *s.soft_rollbacks.entry(version.to_owned()).or_default() += 1;
+        }
+        s.report(version, &trial.previous, UpdateOutcome::RolledBack, &detail);
+    });
+    if let Err(e) = recorded {
+        tracing::error!("cannot record the rollback of {version}: {e}");
+    }
 }
 
 /// One run of a worker.
@@ -714,12 +786,13 @@ impl Worker<'_> {
         let mut timed_out = false;
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut check = tokio::time::interval(Duration::from_millis(200));
-        // The worker commits its release once healthy.
+        // The worker commits its release once healthy (an unreadable `current` is no commit).
         let committed = || {
             self.releases
-                .state()
+                .current()
                 .ok()
-                .is_some_and(|s| s.pending.as_ref().is_none_or(|p| p.version != version))
+                .flatten()
+                .is_some_and(|c| c.trial_of(version).is_none())
         };
         let status = loop {
             tokio::select! {
@@ -837,6 +910,8 @@ pub struct Updater {
     /// Bumped whenever `state.json`'s reports change (the sync client then tells the hub).
     reports_changed: std::sync::atomic::AtomicU64,
     cut_at: parking_lot::Mutex<Option<u64>>,
+    /// Versions refused by this process (even if `state.json` could not record it).
+    refused: parking_lot::Mutex<std::collections::BTreeSet<String>>,
     pub metrics: UpdateMetrics,
 }
 
@@ -866,6 +941,7 @@ impl Updater {
             cut_at: parking_lot::Mutex::new(
                 std::env::var(CUT_ENV).ok().and_then(|v| v.parse().ok()),
             ),
+            refused: Default::default(),
             metrics: UpdateMetrics::default(),
         })
     }
@@ -885,63 +961,67 @@ impl Updater {
         self.releases.state().map(|s| s.reports).unwrap_or_default()
     }
 
-    /// This release is on trial (not yet healthy).
+    /// This release is on trial (not yet healthy). An unreadable `current` counts as yes: no
+    /// update starts on a doubt.
     fn on_trial(&self) -> bool {
-        self.releases
-            .state()
-            .is_ok_and(|s| s.pending.is_some_and(|p| p.version == self.running))
+        match self.releases.current() {
+            Ok(c) => c.is_some_and(|c| c.trial_of(&self.running).is_some()),
+            Err(_) => true,
+        }
     }
 
     /// Store open and API listening: if the hub is not reached in time, the keeper rolls back
     /// without refusing the release for good.
     pub fn locally_up(&self) {
-        if !self.on_trial() {
+        let Ok(Some(mut current)) = self.releases.current() else {
             return;
-        }
-        let running = &self.running;
-        let r = self.releases.update_state(|s| {
-            if let Some(p) = s.pending.as_mut().filter(|p| &p.version == running) {
-                p.local_ok = true;
-            }
-        });
-        if let Err(e) = r {
-            tracing::error!("cannot record that release {running} came up: {e}");
+        };
+        let Some(trial) = current
+            .trial
+            .as_mut()
+            .filter(|_| current.version == self.running)
+        else {
+            return;
+        };
+        trial.local_ok = true;
+        if let Err(e) = self.releases.set_current(&current) {
+            tracing::error!("cannot record that release {} came up: {e}", self.running);
         }
     }
 
     /// The worker is healthy (store open, API listening, hub handshake done): a release in
     /// probation is committed.
     pub fn healthy(self: &std::sync::Arc<Self>) {
-        if !self.on_trial() {
+        let Ok(Some(current)) = self.releases.current() else {
+            return;
+        };
+        let Some(trial) = current.trial_of(&self.running).cloned() else {
+            return;
+        };
+        if let Err(e) = self.releases.set_current(&Current::service(&self.running)) {
+            tracing::error!("cannot commit release {}: {e}", self.running);
             return;
         }
-        let running = self.running.clone();
-        let mut committed = None;
-        let r = self.releases.update_state(|s| {
-            if let Some(p) = s.pending.take_if(|p| p.version == running) {
-                s.soft_rollbacks.remove(&running);
-                s.previous = Some(p.previous.clone());
-                s.report(
-                    &running,
-                    &p.previous,
-                    UpdateOutcome::Installed,
-                    "healthy: store open, API listening, hub handshake done",
-                );
-                committed = Some(p.previous);
-            }
+        let (running, previous) = (&self.running, &trial.previous);
+        tracing::info!(version = %running, %previous, "release installed and healthy");
+        let recorded = self.releases.update_state(|s| {
+            s.soft_rollbacks.remove(running);
+            s.previous = Some(previous.clone());
+            s.report(
+                running,
+                previous,
+                UpdateOutcome::Installed,
+                "healthy: store open, API listening, hub handshake done",
+            );
         });
-        match (r, committed) {
-            (Ok(_), Some(previous)) => {
-                tracing::info!(version = %self.running, %previous, "release installed and healthy");
-                self.releases.prune(&[&self.running, &previous]);
-                self.reports_changed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // Offers that arrived while on trial are considered now.
-                self.kick();
-            }
-            (Err(e), _) => tracing::error!("cannot commit release {}: {e}", self.running),
-            _ => {}
+        if let Err(e) = recorded {
+            tracing::error!("cannot record the install of {running}: {e}");
         }
+        self.reports_changed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.releases.prune(&[running, previous]);
+        // Offers that arrived while on trial are considered now.
+        self.kick();
     }
 
     /// The hub's offers arrived on `conn`: installs the best one in the background.
@@ -959,11 +1039,20 @@ impl Updater {
         if *self.staged.borrow() || self.on_trial() || self.busy.swap(true, SeqCst) {
             return;
         }
+        /// Clears `busy` however the task ends (a panic included).
+        struct Idle<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Idle<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, SeqCst);
+            }
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let mut seen = me.offers_seen.load(SeqCst);
-            me.install_latest(&mut seen).await;
-            me.busy.store(false, SeqCst);
+            {
+                let _idle = Idle(&me.busy);
+                me.install_latest(&mut seen).await;
+            }
             // Offers that came while the task was finishing are not left waiting.
             if me.offers_seen.load(SeqCst) != seen {
                 me.kick();
@@ -983,18 +1072,22 @@ impl Updater {
             if conn.close_reason().is_some() {
                 return;
             }
-            let state = match self.releases.state() {
+            let mut state = match self.releases.state() {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!("cannot read the update state: {e}");
                     return;
                 }
             };
+            // Refusals this process made count even if the disk did not take them.
+            for v in self.refused.lock().iter() {
+                state.refused.entry(v.clone()).or_default();
+            }
             let Some(offer) = choose(&offers, &self.running, &state) else {
                 return;
             };
             let version = offer.version.clone();
-            match self.install(&conn, &offer).await {
+            match self.install(&conn, &offer, &state).await {
                 Ok(()) => return,
                 Err(Stop::Refuse(why)) => self.refuse(&version, &why),
                 Err(Stop::Retry(why)) => {
@@ -1011,6 +1104,7 @@ impl Updater {
 
     fn refuse(&self, version: &str, why: &str) {
         tracing::warn!(%version, "release refused: {why}");
+        self.refused.lock().insert(version.to_owned());
         self.metrics
             .refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1026,7 +1120,12 @@ impl Updater {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn install(&self, conn: &quinn::Connection, offer: &ReleaseOffer) -> Result<(), Stop> {
+    async fn install(
+        &self,
+        conn: &quinn::Connection,
+        offer: &ReleaseOffer,
+        state: &State,
+    ) -> Result<(), Stop> {
         verify_signature(offer, self.release_key.as_ref()).map_err(Stop::Refuse)?;
         let binary = self.releases.binary(&offer.version);
         let (offer2, binary2) = (offer.clone(), binary.clone());
@@ -1038,6 +1137,10 @@ impl Updater {
         .unwrap_or(false);
         if !staged_before {
             tracing::info!(version = %offer.version, size = offer.size, "downloading a release");
+            // Refused, rolled-back and abandoned downloads give their room back first.
+            let mut keep = vec![self.running.as_str(), offer.version.as_str()];
+            keep.extend(state.previous.as_deref());
+            self.releases.prune(&keep);
             let part = self.releases.part_path(&offer.version);
             let resumed = self.download(conn, offer, &part).await?;
             let (releases, offer2, part2) = (self.releases.clone(), offer.clone(), part.clone());
@@ -1066,22 +1169,18 @@ impl Updater {
             .await
             .map_err(|e| Stop::Retry(e.to_string()))?
             .map_err(Stop::Refuse)?;
-        let running = self.running.clone();
+        // The switch and the trial are one write: the keeper starts it on trial.
+        let switch = Current {
+            version: offer.version.clone(),
+            trial: Some(Trial {
+                previous: self.running.clone(),
+                attempts: 0,
+                local_ok: false,
+            }),
+        };
         self.releases
-            .update_state(|s| {
-                s.pending = Some(Pending {
-                    version: offer.version.clone(),
-                    previous: running,
-                    attempts: 0,
-                    local_ok: false,
-                });
-            })
-            .map_err(|e| Stop::Retry(format!("cannot write the update state: {e}")))?;
-        if let Err(e) = self.releases.set_current(&offer.version) {
-            // Nothing is on trial after all.
-            let _ = self.releases.update_state(|s| s.pending = None);
-            return Err(Stop::Retry(format!("cannot switch releases/current: {e}")));
-        }
+            .set_current(&switch)
+            .map_err(|e| Stop::Retry(format!("cannot switch releases/current: {e}")))?;
         self.metrics
             .staged
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1112,7 +1211,7 @@ impl Updater {
             return Ok(resumed);
         }
         // The store shares the disk: a download never takes the room its writes need.
-        let needed = offer.size - offset + DISK_RESERVE;
+        let needed = (offer.size - offset).saturating_add(DISK_RESERVE);
         match self.releases.free_bytes() {
             Ok(free) if free < needed => {
                 tracing::error!(
@@ -1295,6 +1394,18 @@ mod tests {
         assert!(verify_download(&good, &path).unwrap_err().contains("bytes"));
     }
 
+    fn trial(previous: &str, attempts: u32) -> Trial {
+        Trial {
+            previous: previous.into(),
+            attempts,
+            local_ok: false,
+        }
+    }
+
+    fn version_of(r: &Releases) -> String {
+        r.current().unwrap().unwrap().version
+    }
+
     #[test]
     fn current_and_state_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -1304,91 +1415,75 @@ mod tests {
         let v = r.install_initial().unwrap();
         assert_eq!(v, env!("CARGO_PKG_VERSION"));
         assert!(r.binary(&v).exists());
-        // A second start keeps what is there.
-        r.set_current("9.9.9").unwrap();
+        assert_eq!(r.current().unwrap(), Some(Current::service(&v)));
+        // A second start keeps what is there, trial included.
+        let on_trial = Current {
+            version: "9.9.9".into(),
+            trial: Some(trial(&v, 1)),
+        };
+        r.set_current(&on_trial).unwrap();
         fs::create_dir_all(dir.path().join("releases/9.9.9")).unwrap();
         fs::write(r.binary("9.9.9"), b"#!/bin/sh\n").unwrap();
         assert_eq!(r.install_initial().unwrap(), "9.9.9");
         let state = r
-            .update_state(|s| {
-                s.pending = Some(Pending {
-                    version: "9.9.9".into(),
-                    previous: v.clone(),
-                    attempts: 1,
-                    local_ok: false,
-                });
-                s.report("9.9.9", &v, UpdateOutcome::Refused, "because");
-            })
+            .update_state(|s| s.report("9.9.9", &v, UpdateOutcome::Refused, "because"))
             .unwrap();
         let again = Releases::new(dir.path());
-        assert_eq!(again.current().unwrap().as_deref(), Some("9.9.9"));
+        assert_eq!(again.current().unwrap(), Some(on_trial.clone()));
         assert_eq!(again.state().unwrap(), state);
-        assert!(!dir.path().join("releases/current.tmp").exists());
-    }
-
-    fn pending(version: &str, previous: &str) -> Pending {
-        Pending {
-            version: version.into(),
-            previous: previous.into(),
-            attempts: 1,
-            local_ok: false,
-        }
-    }
-
-    #[test]
-    fn a_trial_whose_switch_never_happened_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = Releases::new(dir.path());
-        r.set_current("0.1.0").unwrap();
-        // The worker wrote `pending`, then could not switch `current`, or crashed before it.
-        r.update_state(|s| s.pending = Some(pending("0.2.0", "0.1.0")))
-            .unwrap();
-        let (version, state) = reconcile(&r);
-        assert_eq!(version, "0.1.0");
-        assert_eq!(state.pending, None);
-        assert_eq!(r.state().unwrap().pending, None, "saved");
-        assert!(
-            !state.refused.contains_key("0.2.0"),
-            "not refused: it never ran"
+        assert_eq!(
+            again.current().unwrap().unwrap().trial_of("9.9.9"),
+            on_trial.trial.as_ref()
         );
+        assert_eq!(again.current().unwrap().unwrap().trial_of(&v), None);
+        let leftovers: Vec<_> = fs::read_dir(r.dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]
-    fn a_rollback_cut_short_is_finished() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = Releases::new(dir.path());
-        r.set_current("0.2.0").unwrap();
-        // The keeper recorded the refusal, then died before `current` went back.
-        r.update_state(|s| {
-            s.pending = Some(pending("0.2.0", "0.1.0"));
-            s.refused.insert("0.2.0".into(), "crashed".into());
-        })
-        .unwrap();
-        let (version, state) = reconcile(&r);
-        assert_eq!(version, "0.1.0");
-        assert_eq!(r.current().unwrap().as_deref(), Some("0.1.0"));
-        assert_eq!(state.pending, None);
-        assert_eq!(r.state().unwrap(), state);
-        // A trial that is still going is left alone.
-        r.set_current("0.3.0").unwrap();
-        r.update_state(|s| s.pending = Some(pending("0.3.0", "0.1.0")))
-            .unwrap();
-        let (version, state) = reconcile(&r);
-        assert_eq!(version, "0.3.0");
-        assert_eq!(state.pending, Some(pending("0.3.0", "0.1.0")));
+    fn current_reads_the_version_line_and_an_optional_trial() {
+        let c = Current::parse("1.2.3\n").unwrap();
+        assert_eq!(c, Current::service("1.2.3"));
+        let t = Current {
+            version: "1.3.0".into(),
+            trial: Some(Trial {
+                previous: "1.2.3".into(),
+                attempts: 2,
+                local_ok: true,
+            }),
+        };
+        assert_eq!(Current::parse(&t.render()), Some(t.clone()));
+        // The first line is what the earlier layout held: an old reader still finds the version.
+        assert_eq!(t.render().lines().next(), Some("1.3.0"));
+        assert_eq!(Current::parse(""), None);
+        assert_eq!(Current::parse("\n"), None);
+        // A trial line that does not parse leaves the version (it was written atomically, so
+        // this is not expected).
+        assert_eq!(
+            Current::parse("1.3.0\ntrial {"),
+            Some(Current::service("1.3.0"))
+        );
     }
 
     #[test]
     fn rollbacks_refuse_or_count() {
         let dir = tempfile::tempdir().unwrap();
         let r = Releases::new(dir.path());
-        r.set_current("0.2.0").unwrap();
-        let trial = pending("0.2.0", "0.1.0");
-        let state = r.update_state(|s| s.pending = Some(trial.clone())).unwrap();
-        roll_back(&r, state, &trial, "no hub".into(), false).unwrap();
+        let t = trial("0.1.0", 1);
+        let on_trial = Current {
+            version: "0.2.0".into(),
+            trial: Some(t.clone()),
+        };
+        r.set_current(&on_trial).unwrap();
+        let mut fallback = None;
+        roll_back(&r, "0.2.0", &t, "no hub".into(), false, &mut fallback);
         let state = r.state().unwrap();
-        assert_eq!(r.current().unwrap().as_deref(), Some("0.1.0"));
-        assert_eq!(state.pending, None);
+        assert_eq!(r.current().unwrap(), Some(Current::service("0.1.0")));
+        assert_eq!(fallback, None);
         assert_eq!(state.soft_rollbacks.get("0.2.0"), Some(&1));
         assert!(!state.refused.contains_key("0.2.0"), "tried again later");
         assert_eq!(
@@ -1396,11 +1491,10 @@ mod tests {
             UpdateOutcome::RolledBack
         );
 
-        r.set_current("0.2.0").unwrap();
-        let state = r.update_state(|s| s.pending = Some(trial.clone())).unwrap();
-        roll_back(&r, state, &trial, "crashed".into(), true).unwrap();
+        r.set_current(&on_trial).unwrap();
+        roll_back(&r, "0.2.0", &t, "crashed".into(), true, &mut fallback);
         let state = r.state().unwrap();
-        assert_eq!(r.current().unwrap().as_deref(), Some("0.1.0"));
+        assert_eq!(version_of(&r), "0.1.0");
         assert_eq!(
             state.refused.get("0.2.0").map(String::as_str),
             Some("crashed")
@@ -1410,13 +1504,33 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_that_cannot_be_written_still_runs_the_previous_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        let t = trial("0.1.0", 3);
+        r.set_current(&Current {
+            version: "0.2.0".into(),
+            trial: Some(t.clone()),
+        })
+        .unwrap();
+        // `current` cannot be replaced (a non-empty directory in its place: even root's
+        // rename fails).
+        fs::remove_file(r.dir().join("current")).unwrap();
+        fs::create_dir_all(r.dir().join("current/x")).unwrap();
+        let mut fallback = None;
+        roll_back(&r, "0.2.0", &t, "crashed".into(), true, &mut fallback);
+        assert_eq!(fallback.as_deref(), Some("0.1.0"));
+        // The outcome is still recorded.
+        assert!(r.state().unwrap().refused.contains_key("0.2.0"));
+    }
+
+    #[test]
     fn state_from_a_newer_release_or_a_damaged_disk_does_not_stop_the_edge() {
         let dir = tempfile::tempdir().unwrap();
         let r = Releases::new(dir.path());
         let at = now_micros();
         // A newer release's outcome kind and field: skipped, the rest kept.
         let newer = serde_json::json!({
-            "pending": {"version": "0.3.0", "previous": "0.2.0", "attempts": 1},
             "refused": {"0.2.5": "bad"},
             "reports": [
                 {"version": "0.2.5", "from": "0.2.0", "outcome": "Refused", "detail": "bad", "at": at},
@@ -1427,15 +1541,16 @@ mod tests {
         fs::create_dir_all(r.dir()).unwrap();
         fs::write(r.dir().join("state.json"), newer.to_string()).unwrap();
         let state = r.state().unwrap();
-        assert_eq!(state.pending, Some(pending("0.3.0", "0.2.0")));
         assert_eq!(state.refused.len(), 1);
         assert_eq!(state.reports.len(), 1);
         assert_eq!(state.reports[0].version, "0.2.5");
-        // Not JSON at all: set aside, and an empty state.
+        // Not JSON at all: read as empty, and left for the next write to replace.
         fs::write(r.dir().join("state.json"), b"\0\0garbage").unwrap();
         assert_eq!(r.state().unwrap(), State::default());
-        assert!(r.dir().join("state.json.unreadable").exists());
-        assert!(!r.dir().join("state.json").exists());
+        let state = r
+            .update_state(|s| s.previous = Some("0.1.0".into()))
+            .unwrap();
+        assert_eq!(r.state().unwrap(), state);
     }
 
     #[test]
@@ -1448,7 +1563,7 @@ mod tests {
         }
         fs::write(r.part_path("0.4.0"), b"half").unwrap();
         fs::write(r.part_path("0.3.0"), b"half").unwrap();
-        r.set_current("0.3.0").unwrap();
+        r.set_current(&Current::service("0.3.0")).unwrap();
         r.save_state(&State::default()).unwrap();
         r.prune(&["0.3.0", "0.2.0"]);
         let mut left: Vec<String> = fs::read_dir(r.dir())

@@ -258,6 +258,83 @@ pub(crate) async fn json_send(
     Ok(body)
 }
 
+/// The hub's query API, for the end-of-run checks.
+pub(crate) struct HubQuery<'a> {
+    pub http: &'a reqwest::Client,
+    pub url: &'a str,
+    pub token: &'a str,
+}
+
+/// The hub's payment count and sum per branch, from one query.
+pub(crate) async fn hub_payment_totals(hub: &HubQuery<'_>) -> Result<Json, String> {
+    json_send(
+        hub.http,
+        reqwest::Method::POST,
+        &format!("{}/api/query", hub.url),
+        hub.token,
+        json!({"table": "order_payment", "groupBy": ["branch"],
+               "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
+    )
+    .await
+}
+
+/// Checks one branch's payments at the hub against what its tills were told: every
+/// acknowledged payment id is there, and the count and the sum are the acknowledged ones plus
+/// at most the payments in doubt (their answer was lost, e.g. to a kill -9: committed or not).
+/// `totals` is [`hub_payment_totals`]' answer. Violations are pushed to `violations`; returns
+/// the hub's count and sum for the branch.
+pub(crate) async fn check_payments_at_hub(
+    hub: &HubQuery<'_>,
+    branch: &str,
+    totals: &Json,
+    acknowledged: &BTreeMap<String, i64>,
+    in_doubt: &BTreeMap<String, i64>,
+    violations: &mut Vec<String>,
+) -> Result<(u64, i64), String> {
+    let row = totals["rows"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["branch"] == branch));
+    let (n, total) = row.map_or((0, 0), |r| {
+        (
+            r["n"].as_u64().unwrap_or(0),
+            r["total"].as_i64().unwrap_or(0),
+        )
+    });
+    let takings: i64 = acknowledged.values().sum();
+    let doubt_n = in_doubt.len() as u64;
+    let doubt_sum: i64 = in_doubt.values().sum();
+    let count_ok = n >= acknowledged.len() as u64 && n <= acknowledged.len() as u64 + doubt_n;
+    let sum_ok = total >= takings && total <= takings + doubt_sum;
+    if !count_ok || !sum_ok {
+        violations.push(format!(
+            "{branch}: the hub holds {n} payments summing {total}; {} summing {takings} were \
+             acknowledged and {doubt_n} summing {doubt_sum} are in doubt",
+            acknowledged.len()
+        ));
+    }
+    // Every acknowledged payment id is at the hub (ids are unique per branch there).
+    let ids: Vec<&String> = acknowledged.keys().collect();
+    for chunk in ids.chunks(1000) {
+        let found = json_send(
+            hub.http,
+            reqwest::Method::POST,
+            &format!("{}/api/query", hub.url),
+            hub.token,
+            json!({"table": "order_payment", "branch": branch, "where": {"id": chunk},
+                   "aggregates": [{"fn": "count", "as": "n"}]}),
+        )
+        .await?;
+        let n = found["rows"][0]["n"].as_u64().unwrap_or(0);
+        if n != chunk.len() as u64 {
+            violations.push(format!(
+                "{branch}: only {n} of {} acknowledged payment ids are at the hub",
+                chunk.len()
+            ));
+        }
+    }
+    Ok((n, total))
+}
+
 /// A kitchen marks an item available or sold out (a shared row: insert it the first time,
 /// compare-and-set it after). A lost race with another writer is simply skipped.
 pub(crate) async fn set_availability(
@@ -567,15 +644,12 @@ pub async fn run(config: DemoConfig) -> Result<Demo, String> {
     }
 
     // Checks against the real APIs.
-    let q = json_send(
-        &http,
-        reqwest::Method::POST,
-        &format!("{hub_url}/api/query"),
-        &hub_token,
-        json!({"table": "order_payment", "groupBy": ["branch"],
-               "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
-    )
-    .await?;
+    let hub = HubQuery {
+        http: &http,
+        url: &hub_url,
+        token: &hub_token,
+    };
+    let q = hub_payment_totals(&hub).await?;
     let infos = {
         let s = store.clone();
         tokio::task::spawn_blocking(move || s.branches())
@@ -585,49 +659,12 @@ pub async fn run(config: DemoConfig) -> Result<Demo, String> {
     };
     let mut lines = Vec::new();
     for b in &branches {
-        let (orders, payments) = {
+        let (orders, payments, in_doubt) = {
             let a = b.accepted.lock();
-            (a.orders, a.payments.clone())
+            (a.orders, a.payments.clone(), a.in_doubt.clone())
         };
-        let row = q["rows"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|r| r["branch"] == b.id.as_str()));
-        let (n, total) = row.map_or((0, 0), |r| {
-            (
-                r["n"].as_u64().unwrap_or(0),
-                r["total"].as_i64().unwrap_or(0),
-            )
-        });
-        let expected: i64 = payments.values().sum();
-        if n != payments.len() as u64 || total != expected {
-            failures.push(format!(
-                "{}: the hub holds {n} payments summing {total}; the tills were acknowledged {} summing {expected}",
-                b.id,
-                payments.len()
-            ));
-        }
-        // Every acknowledged payment id is at the hub (ids are unique per branch there).
-        let ids: Vec<&String> = payments.keys().collect();
-        for chunk in ids.chunks(1000) {
-            let found = json_send(
-                &http,
-                reqwest::Method::POST,
-                &format!("{hub_url}/api/query"),
-                &hub_token,
-                json!({"table": "order_payment", "branch": b.id.as_str(), "where": {"id": chunk},
-                       "aggregates": [{"fn": "count", "as": "n"}]}),
-            )
-            .await?;
-            let n = found["rows"][0]["n"].as_u64().unwrap_or(0);
-            if n != chunk.len() as u64 {
-                failures.push(format!(
-                    "{}: {} of {} acknowledged payment ids found at the hub",
-                    b.id,
-                    n,
-                    chunk.len()
-                ));
-            }
-        }
+        let takings: i64 = payments.values().sum();
+        check_payments_at_hub(&hub, b.id.as_str(), &q, &payments, &in_doubt, &mut failures).await?;
         let st = b.store.log_status();
         let hub_seq = infos
             .iter()
@@ -667,7 +704,7 @@ pub async fn run(config: DemoConfig) -> Result<Demo, String> {
             branch: b.id.to_string(),
             orders,
             payments: payments.len(),
-            takings: expected,
+            takings,
             last_seq: st.last_seq.0,
             hub_seq,
         });

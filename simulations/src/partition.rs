@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::demo::{Accepted, err, json_get, json_send, set_availability, till};
+use crate::demo::{
+    Accepted, HubQuery, check_payments_at_hub, err, hub_payment_totals, json_get, json_send,
+    set_availability, till,
+};
 use crate::faultproxy::{Direction, FaultProxy, LinkFaults};
 
 /// A scenario file (TOML).
@@ -810,15 +813,12 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
     }
 
     // The checks, against the real APIs.
-    let totals = json_send(
-        &http,
-        reqwest::Method::POST,
-        &format!("{hub_url}/api/query"),
-        &hub_token,
-        json!({"table": "order_payment", "groupBy": ["branch"],
-               "aggregates": [{"fn": "count", "as": "n"}, {"fn": "sum", "field": "amount", "as": "total"}]}),
-    )
-    .await?;
+    let hub = HubQuery {
+        http: &http,
+        url: &hub_url,
+        token: &hub_token,
+    };
+    let totals = hub_payment_totals(&hub).await?;
     let hub_shared = json_send(
         &http,
         reqwest::Method::POST,
@@ -845,50 +845,16 @@ pub async fn run(scenario: &Scenario, bin_dir: &Path) -> Result<PartitionReport,
             let a = e.accepted.lock();
             (a.orders, a.payments.clone(), a.in_doubt.clone(), a.errors)
         };
-        let row = totals["rows"]
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["branch"] == e.branch.as_str()));
-        let (n, total) = row.map_or((0, 0), |r| {
-            (
-                r["n"].as_u64().unwrap_or(0),
-                r["total"].as_i64().unwrap_or(0),
-            )
-        });
-        // Acknowledged payments are all there (checked by id below); beyond them the hub may
-        // hold only payments whose answer was lost to a kill -9 (committed or not).
         let takings: i64 = payments.values().sum();
-        let doubt_n = in_doubt.len() as u64;
-        let doubt_sum: i64 = in_doubt.values().sum();
-        let count_ok = n >= payments.len() as u64 && n <= payments.len() as u64 + doubt_n;
-        let sum_ok = total >= takings && total <= takings + doubt_sum;
-        if !count_ok || !sum_ok {
-            violations.push(format!(
-                "{}: the hub holds {n} payments summing {total}; {} summing {takings} were acknowledged \
-                 and {doubt_n} summing {doubt_sum} are in doubt",
-                e.branch,
-                payments.len()
-            ));
-        }
-        let ids: Vec<&String> = payments.keys().collect();
-        for chunk in ids.chunks(1000) {
-            let found = json_send(
-                &http,
-                reqwest::Method::POST,
-                &format!("{hub_url}/api/query"),
-                &hub_token,
-                json!({"table": "order_payment", "branch": e.branch, "where": {"id": chunk},
-                       "aggregates": [{"fn": "count", "as": "n"}]}),
-            )
-            .await?;
-            if found["rows"][0]["n"].as_u64() != Some(chunk.len() as u64) {
-                violations.push(format!(
-                    "{}: only {} of {} acknowledged payment ids are at the hub",
-                    e.branch,
-                    found["rows"][0]["n"],
-                    chunk.len()
-                ));
-            }
-        }
+        let (n, _) = check_payments_at_hub(
+            &hub,
+            &e.branch,
+            &totals,
+            &payments,
+            &in_doubt,
+            &mut violations,
+        )
+        .await?;
         let (last, synced) = finals.get(&e.branch).copied().unwrap_or((0, 0));
         if last != synced {
             violations.push(format!(
