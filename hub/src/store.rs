@@ -218,7 +218,8 @@ pub trait HubStore: Send + Sync + 'static {
         version: &str,
     ) -> Result<Option<Release>, HubStoreError>;
     /// Keeps the branch's update reports: per release, the one with the latest `at` wins.
-    /// Reports about versions the hub never published are ignored. Returns how many were
+    /// Reports about versions the hub never published, or with an outcome it does not know,
+    /// are ignored. Returns how many were
     /// about published releases.
     fn record_update_reports(
         &self,
@@ -1298,7 +1299,9 @@ impl HubStore for SqliteHubStore {
         self.write(|w| {
             let mut kept = 0;
             for r in reports {
-                if release_on(&w.conn, &r.version)?.is_none() {
+                // An outcome this hub does not know (a newer edge) is skipped, not stored.
+                if r.outcome == UpdateOutcome::Other || release_on(&w.conn, &r.version)?.is_none()
+                {
                     continue;
                 }
                 w.conn
@@ -1561,6 +1564,12 @@ mod tests {
             .unwrap();
         assert_eq!(kept, 1);
         // An older report of the same release does not replace a newer one.
+        // A newer edge's outcome kind is skipped; the rest of its reports are kept.
+        assert_eq!(
+            s.record_update_reports(&b1, &[report("0.2.0", UpdateOutcome::Other, 99)])
+                .unwrap(),
+            0
+        );
         s.record_update_reports(&b1, &[report("0.2.0", UpdateOutcome::Installed, 5)])
             .unwrap();
         s.record_update_reports(&b2, &[report("0.2.0", UpdateOutcome::Refused, 12)])
