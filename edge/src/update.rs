@@ -1235,6 +1235,7 @@ impl Updater {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| retry(&e))?;
         let fetch = shared::wire::Frame::Fetch {
             version: offer.version.clone(),
+            target: offer.target.clone(),
             offset,
         };
         send.write_all(&fetch.encode())

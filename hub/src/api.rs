@@ -447,7 +447,9 @@ async fn publish_release(
         ApiError::new(
             StatusCode::CONFLICT,
             "release_exists",
-            format!("release {version} was published before; a published release never changes"),
+            format!(
+                "release {version} for {target} was published before; a published release never changes"
+            ),
         )
     };
     let storage = |e: std::io::Error| {
@@ -460,19 +462,19 @@ async fn publish_release(
     };
     // Held until the release is recorded: no other upload of this version meanwhile.
     let mut upload = files
-        .begin(&version)
+        .begin(&version, &target)
         .await
         .map_err(storage)?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "release_exists",
-                format!("release {version} is being published right now"),
+                format!("release {version} for {target} is being published right now"),
             )
         })?;
     let store = hub.store.clone();
-    let v = version.clone();
-    if tokio::task::spawn_blocking(move || store.release(&v))
+    let (v, t) = (version.clone(), target.clone());
+    if tokio::task::spawn_blocking(move || store.release(&v, &t))
         .await
         .map_err(blocking_failed)??
         .is_some()
@@ -526,18 +528,24 @@ async fn publish_release(
     Ok((StatusCode::CREATED, axum::Json(release_json(&release))))
 }
 
-/// `POST /api/releases/{version}/promote`: the release goes to ring `all`.
+/// `POST /api/releases/{version}/promote`: the version, for every target it was published
+/// for, goes to ring `all`.
 async fn promote_release(
     State(hub): State<Hub>,
     Path(version): Path<String>,
 ) -> Result<axum::Json<Json>, ApiError> {
     let store = hub.store.clone();
-    let release = tokio::task::spawn_blocking(move || store.promote_release(&version))
+    let v = version.clone();
+    let releases = tokio::task::spawn_blocking(move || store.promote_release(&v))
         .await
         .map_err(blocking_failed)??;
-    tracing::info!(version = %release.version, "release promoted to every branch");
+    tracing::info!(%version, targets = releases.len(), "release promoted to every branch");
     hub.sync.releases_changed();
-    Ok(axum::Json(release_json(&release)))
+    Ok(axum::Json(json!({
+        "version": version,
+        "ring": Ring::All.as_str(),
+        "targets": releases.iter().map(release_json).collect::<Vec<_>>(),
+    })))
 }
 
 /// `GET /api/releases`: every release, newest first, and every branch's ring, running

@@ -1,8 +1,10 @@
 //! Edge software releases at the hub (auto-update): what a release is, its rollout ring, the
 //! key that signs it, and its artifact on disk.
 //!
-//! Artifacts live in `<data dir>/releases/<version>.artifact`, never in SQLite. Publishing
-//! streams the upload to `<version>.artifact.tmp` while hashing it (blake3) and counting its
+//! Artifacts live in `<data dir>/releases/<target>/<version>.artifact`, never in SQLite (a
+//! hub from before targets had their own directories keeps `<version>.artifact`, still
+//! served). Publishing streams the upload to `<version>.artifact.tmp` while hashing it
+//! (blake3) and counting its
 //! size, fsyncs it, renames it into place and fsyncs the directory; only then does the caller
 //! sign it and record the release in the [`HubStore`](crate::store::HubStore), so a release
 //! the store knows always has its whole artifact on disk. A crash before the record leaves at
@@ -172,13 +174,22 @@ impl ReleaseFiles {
     pub fn open(data_dir: &Path, signer: Arc<dyn ReleaseSigner>) -> io::Result<ReleaseFiles> {
         let dir = data_dir.join(RELEASES_DIR);
         std::fs::create_dir_all(&dir)?;
+        let remove_temps = |dir: &Path| -> io::Result<()> {
+            for entry in std::fs::read_dir(dir)?.flatten() {
+                if entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.ends_with(TEMP_SUFFIX))
+                {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            Ok(())
+        };
+        remove_temps(&dir)?;
         for entry in std::fs::read_dir(&dir)?.flatten() {
-            if entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.ends_with(TEMP_SUFFIX))
-            {
-                let _ = std::fs::remove_file(entry.path());
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_temps(&entry.path())?;
             }
         }
         Ok(ReleaseFiles {
@@ -194,10 +205,18 @@ impl ReleaseFiles {
         &self.dir
     }
 
-    /// Where release `version`'s artifact is (the version must have passed
-    /// [`check_version`]).
-    pub fn artifact_path(&self, version: &str) -> PathBuf {
-        self.dir.join(format!("{version}{ARTIFACT_SUFFIX}"))
+    /// Where release `version`'s artifact for `target` is (both must have passed
+    /// [`check_version`] and [`check_target`]).
+    pub fn artifact_path(&self, version: &str, target: &str) -> PathBuf {
+        let path = self
+            .dir
+            .join(target)
+            .join(format!("{version}{ARTIFACT_SUFFIX}"));
+        let legacy = self.dir.join(format!("{version}{ARTIFACT_SUFFIX}"));
+        if !path.exists() && legacy.exists() {
+            return legacy;
+        }
+        path
     }
 
     /// The ed25519 signature of a release's fields ([`shared::release::signed_message`]).
@@ -207,22 +226,27 @@ impl ReleaseFiles {
         ))
     }
 
-    /// Starts the upload of `version`'s artifact (a checked version), or `None` when another
-    /// upload of that version is under way. Dropping the upload before [`Upload::commit`]
-    /// leaves nothing behind; until it is dropped, no other upload of the version can start,
-    /// so hold it until the release is recorded.
-    pub async fn begin(&self, version: &str) -> io::Result<Option<Upload<'_>>> {
-        if !self.uploading.lock().insert(version.to_owned()) {
+    /// Starts the upload of `version`'s artifact for `target` (both checked), or `None` when
+    /// another upload of that release is under way. Dropping the upload before
+    /// [`Upload::commit`] leaves nothing behind; until it is dropped, no other upload of the
+    /// release can start, so hold it until the release is recorded.
+    pub async fn begin(&self, version: &str, target: &str) -> io::Result<Option<Upload<'_>>> {
+        let key = format!("{target}/{version}");
+        if !self.uploading.lock().insert(key.clone()) {
             return Ok(None);
         }
+        let target_dir = self.dir.join(target);
         let mut upload = Upload {
             files: self,
-            version: version.to_owned(),
-            tmp: self.dir.join(format!("{version}{TEMP_SUFFIX}")),
+            key,
+            path: target_dir.join(format!("{version}{ARTIFACT_SUFFIX}")),
+            tmp: target_dir.join(format!("{version}{TEMP_SUFFIX}")),
             file: None,
             hasher: blake3::Hasher::new(),
             size: 0,
         };
+        // Created before the file: a failure here drops the upload, which clears its key.
+        tokio::fs::create_dir_all(&target_dir).await?;
         upload.file = Some(BufWriter::with_capacity(
             UPLOAD_BUFFER_BYTES,
             tokio::fs::File::create(&upload.tmp).await?,
@@ -241,7 +265,9 @@ impl ReleaseFiles {
 /// temporary file.
 pub struct Upload<'a> {
     files: &'a ReleaseFiles,
-    version: String,
+    /// `<target>/<version>`, in [`ReleaseFiles::uploading`] while this lives.
+    key: String,
+    path: PathBuf,
     tmp: PathBuf,
     file: Option<BufWriter<tokio::fs::File>>,
     hasher: blake3::Hasher,
@@ -286,11 +312,21 @@ impl Upload<'_> {
         file.flush().await?;
         file.sync_all().await?;
         drop(file);
-        tokio::fs::rename(&self.tmp, self.files.artifact_path(&self.version)).await?;
-        let dir = self.files.dir.clone();
-        tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-            .await
-            .map_err(io::Error::other)??;
+        tokio::fs::rename(&self.tmp, &self.path).await?;
+        // The target's directory (the new name in it) and the releases directory (the target
+        // directory's own entry, when this made it).
+        let dirs = [
+            self.path
+                .parent()
+                .map_or_else(|| self.files.dir.clone(), Path::to_path_buf),
+            self.files.dir.clone(),
+        ];
+        tokio::task::spawn_blocking(move || {
+            dirs.iter()
+                .try_for_each(|d| std::fs::File::open(d)?.sync_all())
+        })
+        .await
+        .map_err(io::Error::other)??;
         Ok((self.size, *self.hasher.finalize().as_bytes()))
     }
 }
@@ -300,7 +336,7 @@ impl Drop for Upload<'_> {
         // After a commit the temporary file was renamed away and this finds nothing.
         drop(self.file.take());
         let _ = std::fs::remove_file(&self.tmp);
-        self.files.uploading.lock().remove(&self.version);
+        self.files.uploading.lock().remove(&self.key);
     }
 }
 
@@ -348,42 +384,58 @@ mod tests {
         assert_eq!(Ring::parse("Canary"), None);
     }
 
+    const X86: &str = "x86_64-linux";
+    const ARM: &str = "aarch64-linux";
+
     #[tokio::test]
     async fn an_upload_lands_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let files = files(dir.path());
-        let mut up = files.begin("1.0.0").await.unwrap().unwrap();
-        // One upload per version at a time, until the first is dropped.
-        assert!(files.begin("1.0.0").await.unwrap().is_none());
+        let mut up = files.begin("1.0.0", X86).await.unwrap().unwrap();
+        // One upload per release at a time, until the first is dropped; the same version for
+        // another target is another release.
+        assert!(files.begin("1.0.0", X86).await.unwrap().is_none());
+        let mut arm = files.begin("1.0.0", ARM).await.unwrap().unwrap();
         up.write(b"hello ").await.unwrap();
         up.write(b"world").await.unwrap();
+        arm.write(b"arm bytes").await.unwrap();
         let (size, hash) = up.commit().await.unwrap();
-        assert!(files.begin("1.0.0").await.unwrap().is_none());
+        arm.commit().await.unwrap();
+        assert!(files.begin("1.0.0", X86).await.unwrap().is_none());
         drop(up);
+        drop(arm);
         assert_eq!(size, 11);
         assert_eq!(hash, *blake3::hash(b"hello world").as_bytes());
         assert_eq!(
-            std::fs::read(files.artifact_path("1.0.0")).unwrap(),
+            std::fs::read(files.artifact_path("1.0.0", X86)).unwrap(),
             b"hello world"
         );
-        assert!(!dir.path().join("releases/1.0.0.artifact.tmp").exists());
+        assert_eq!(
+            std::fs::read(files.artifact_path("1.0.0", ARM)).unwrap(),
+            b"arm bytes"
+        );
+        assert!(
+            !dir.path()
+                .join("releases/x86_64-linux/1.0.0.artifact.tmp")
+                .exists()
+        );
 
         // Abandoned, empty or too large: nothing is left behind.
-        let mut up = files.begin("1.0.1").await.unwrap().unwrap();
+        let mut up = files.begin("1.0.1", X86).await.unwrap().unwrap();
         up.write(b"part").await.unwrap();
         drop(up);
-        let mut up = files.begin("1.0.1").await.unwrap().unwrap();
+        let mut up = files.begin("1.0.1", X86).await.unwrap().unwrap();
         assert!(matches!(up.commit().await, Err(UploadError::Empty)));
         drop(up);
         let small = files_limited(dir.path(), 4);
-        let mut up = small.begin("1.0.2").await.unwrap().unwrap();
+        let mut up = small.begin("1.0.2", X86).await.unwrap().unwrap();
         up.write(b"abcd").await.unwrap();
         assert!(matches!(
             up.write(b"e").await,
             Err(UploadError::TooLarge(4))
         ));
         drop(up);
-        let names: Vec<String> = std::fs::read_dir(files.dir())
+        let names: Vec<String> = std::fs::read_dir(files.dir().join(X86))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -395,16 +447,26 @@ mod tests {
     }
 
     #[test]
-    fn stale_temporary_files_are_removed_on_open() {
+    fn stale_temporary_files_are_removed_on_open_and_old_artifacts_still_found() {
         let dir = tempfile::tempdir().unwrap();
         let releases = dir.path().join(RELEASES_DIR);
-        std::fs::create_dir_all(&releases).unwrap();
+        std::fs::create_dir_all(releases.join(X86)).unwrap();
         std::fs::write(releases.join("2.0.0.artifact.tmp"), b"torn").unwrap();
+        std::fs::write(releases.join(X86).join("3.0.0.artifact.tmp"), b"torn").unwrap();
+        // Where a hub from before per-target directories kept its artifacts.
         std::fs::write(releases.join("1.0.0.artifact"), b"kept").unwrap();
         let files = files(dir.path());
         assert!(!releases.join("2.0.0.artifact.tmp").exists());
-        assert!(files.artifact_path("1.0.0").exists());
-        let sig = files.sign("1.0.0", "x86_64-linux", 4, &[0; 32]);
+        assert!(!releases.join(X86).join("3.0.0.artifact.tmp").exists());
+        assert_eq!(
+            std::fs::read(files.artifact_path("1.0.0", X86)).unwrap(),
+            b"kept"
+        );
+        assert_eq!(
+            files.artifact_path("4.0.0", X86),
+            releases.join(X86).join("4.0.0.artifact")
+        );
+        let sig = files.sign("1.0.0", X86, 4, &[0; 32]);
         assert_ne!(sig, [0; 64]);
     }
 }

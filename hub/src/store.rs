@@ -196,31 +196,38 @@ pub trait HubStore: Send + Sync + 'static {
     fn query(&self, body: &serde_json::Value) -> Result<serde_json::Value, rows::QueryError>;
 
     /// Records a published release (its artifact is already durable on disk). A version
-    /// published before is refused with [`HubStoreError::ReleaseExists`] and nothing changes.
+    /// published before for the same target is refused with [`HubStoreError::ReleaseExists`]
+    /// and nothing changes.
     fn add_release(&self, release: &Release) -> Result<(), HubStoreError>;
-    /// One release, if it was published.
-    fn release(&self, version: &str) -> Result<Option<Release>, HubStoreError>;
-    /// Every release, newest version first (semantic version order).
+    /// One release (a version for a target), if it was published.
+    fn release(&self, version: &str, target: &str) -> Result<Option<Release>, HubStoreError>;
+    /// Every release, newest version first (semantic version order), then by target.
     fn releases(&self) -> Result<Vec<Release>, HubStoreError>;
-    /// Moves a release to ring `all` (every branch is offered it) and returns it.
-    fn promote_release(&self, version: &str) -> Result<Release, HubStoreError>;
+    /// Moves a version (for every target it was published for) to ring `all`, so every branch
+    /// is offered it, and returns its releases.
+    fn promote_release(&self, version: &str) -> Result<Vec<Release>, HubStoreError>;
     /// Puts a branch in a rollout ring.
     fn set_ring(&self, branch: &BranchId, ring: Ring) -> Result<(), HubStoreError>;
-    /// The releases offered to a branch that runs version `running`: those of ring `all`, and
-    /// of ring `canary` when the branch is in the canary ring, newer than `running`; newest
-    /// first, at most [`OFFERS_MAX`].
-    fn offers(&self, branch: &BranchId, running: &str) -> Result<Vec<ReleaseOffer>, HubStoreError>;
-    /// Release `version` if it is offered to the branch by the ring rules (whatever version
-    /// the branch runs), else `None`.
+    /// The releases offered to a branch that runs version `running` on `target`: those for
+    /// its target, of ring `all`, and of ring `canary` when the branch is in the canary ring,
+    /// newer than `running`; newest first, at most [`OFFERS_MAX`].
+    fn offers(
+        &self,
+        branch: &BranchId,
+        running: &str,
+        target: &str,
+    ) -> Result<Vec<ReleaseOffer>, HubStoreError>;
+    /// Release `version` for `target` if it is offered to the branch by the ring rules
+    /// (whatever version the branch runs), else `None`.
     fn offered_release(
         &self,
         branch: &BranchId,
         version: &str,
+        target: &str,
     ) -> Result<Option<Release>, HubStoreError>;
     /// Keeps the branch's update reports: per release, the one with the latest `at` wins.
     /// Reports about versions the hub never published, or with an outcome it does not know,
-    /// are ignored. Returns how many were
-    /// about published releases.
+    /// are ignored. Returns how many were kept.
     fn record_update_reports(
         &self,
         branch: &BranchId,
@@ -317,13 +324,14 @@ CREATE TABLE IF NOT EXISTS shared_rows (
     PRIMARY KEY (tbl, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS releases (
-    version TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
     target TEXT NOT NULL,
     size INTEGER NOT NULL,
     hash BLOB NOT NULL,
     signature BLOB NOT NULL,
     ring TEXT NOT NULL,
-    published_at INTEGER NOT NULL
+    published_at INTEGER NOT NULL,
+    PRIMARY KEY (version, target)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS release_outcomes (
     branch TEXT NOT NULL,
@@ -345,6 +353,35 @@ CREATE TABLE IF NOT EXISTS conflicts (
 );
 ";
 
+/// A hub created before releases had one row per target kept one per version: its rows move
+/// to the table keyed by version and target.
+fn migrate_releases(conn: &Connection) -> Result<(), HubStoreError> {
+    let sql: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'releases'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if !sql.is_some_and(|s| s.contains("version TEXT PRIMARY KEY")) {
+        return Ok(());
+    }
+    let ddl = SCHEMA_SQL
+        .split(';')
+        .find(|stmt| stmt.contains("CREATE TABLE IF NOT EXISTS releases ("))
+        .ok_or_else(|| HubStoreError::Storage("the releases table's definition".into()))?;
+    conn.execute_batch(&format!(
+        "BEGIN;
+         ALTER TABLE releases RENAME TO releases_by_version;
+         {ddl};
+         INSERT INTO releases ({RELEASE_COLUMNS}) SELECT {RELEASE_COLUMNS} FROM releases_by_version;
+         DROP TABLE releases_by_version;
+         COMMIT;"
+    ))?;
+    tracing::info!("releases table migrated to one row per version and target");
+    Ok(())
+}
+
 /// The rows head office wrote for every branch are kept under this branch name.
 pub const ALL_BRANCHES: &str = "*";
 
@@ -353,6 +390,7 @@ impl SqliteHubStore {
         let conn = Connection::open(path)?;
         configure(&conn)?;
         conn.execute_batch(SCHEMA_SQL)?;
+        migrate_releases(&conn)?;
         rows::migrate(&conn, &schema)?;
         let hlc: i64 = conn
             .query_row("SELECT value FROM meta WHERE key = 'hlc'", [], |r| r.get(0))
@@ -748,17 +786,37 @@ fn releases_on(conn: &Connection) -> Result<Vec<Release>, HubStoreError> {
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
     // Stored versions were checked on publish; one that does not parse sorts last.
-    out.sort_by_cached_key(|r| std::cmp::Reverse(shared::release::parse_version(&r.version).ok()));
+    out.sort_by_cached_key(|r| {
+        (
+            std::cmp::Reverse(shared::release::parse_version(&r.version).ok()),
+            r.target.clone(),
+        )
+    });
     Ok(out)
 }
 
-fn release_on(conn: &Connection, version: &str) -> Result<Option<Release>, HubStoreError> {
+fn release_on(
+    conn: &Connection,
+    version: &str,
+    target: &str,
+) -> Result<Option<Release>, HubStoreError> {
     conn.prepare_cached(&format!(
-        "SELECT {RELEASE_COLUMNS} FROM releases WHERE version = ?1"
+        "SELECT {RELEASE_COLUMNS} FROM releases WHERE version = ?1 AND target = ?2"
     ))?
-    .query_row([version], release_of)
+    .query_row([version, target], release_of)
     .optional()?
     .transpose()
+}
+
+/// The releases of `version`, one per target it was published for.
+fn version_on(conn: &Connection, version: &str) -> Result<Vec<Release>, HubStoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {RELEASE_COLUMNS} FROM releases WHERE version = ?1 ORDER BY target"
+    ))?
+    .query_map([version], release_of)?
+    .collect::<rusqlite::Result<Vec<_>>>()?
+    .into_iter()
+    .collect()
 }
 
 /// A branch's rollout ring.
@@ -1213,8 +1271,11 @@ impl HubStore for SqliteHubStore {
 
     fn add_release(&self, release: &Release) -> Result<(), HubStoreError> {
         self.write(|w| {
-            if release_on(&w.conn, &release.version)?.is_some() {
-                return Err(HubStoreError::ReleaseExists(release.version.clone()));
+            if release_on(&w.conn, &release.version, &release.target)?.is_some() {
+                return Err(HubStoreError::ReleaseExists(format!(
+                    "{} for {}",
+                    release.version, release.target
+                )));
             }
             w.conn.execute(
                 &format!(
@@ -1235,15 +1296,15 @@ impl HubStore for SqliteHubStore {
         })
     }
 
-    fn release(&self, version: &str) -> Result<Option<Release>, HubStoreError> {
-        release_on(&self.reader.lock(), version)
+    fn release(&self, version: &str, target: &str) -> Result<Option<Release>, HubStoreError> {
+        release_on(&self.reader.lock(), version, target)
     }
 
     fn releases(&self) -> Result<Vec<Release>, HubStoreError> {
         releases_on(&self.reader.lock())
     }
 
-    fn promote_release(&self, version: &str) -> Result<Release, HubStoreError> {
+    fn promote_release(&self, version: &str) -> Result<Vec<Release>, HubStoreError> {
         self.write(|w| {
             let changed = w.conn.execute(
                 "UPDATE releases SET ring = ?2 WHERE version = ?1",
@@ -1252,8 +1313,7 @@ impl HubStore for SqliteHubStore {
             if changed == 0 {
                 return Err(HubStoreError::UnknownRelease(version.to_owned()));
             }
-            release_on(&w.conn, version)?
-                .ok_or_else(|| HubStoreError::UnknownRelease(version.to_owned()))
+            version_on(&w.conn, version)
         })
     }
 
@@ -1270,12 +1330,17 @@ impl HubStore for SqliteHubStore {
         })
     }
 
-    fn offers(&self, branch: &BranchId, running: &str) -> Result<Vec<ReleaseOffer>, HubStoreError> {
+    fn offers(
+        &self,
+        branch: &BranchId,
+        running: &str,
+        target: &str,
+    ) -> Result<Vec<ReleaseOffer>, HubStoreError> {
         let conn = self.reader.lock();
         let ring = ring_on(&conn, branch)?;
         Ok(releases_on(&conn)?
             .iter()
-            .filter(|r| ring.gets(r.ring) && is_newer(&r.version, running))
+            .filter(|r| r.target == target && ring.gets(r.ring) && is_newer(&r.version, running))
             .take(OFFERS_MAX)
             .map(Release::offer)
             .collect())
@@ -1285,10 +1350,11 @@ impl HubStore for SqliteHubStore {
         &self,
         branch: &BranchId,
         version: &str,
+        target: &str,
     ) -> Result<Option<Release>, HubStoreError> {
         let conn = self.reader.lock();
         let ring = ring_on(&conn, branch)?;
-        Ok(release_on(&conn, version)?.filter(|r| ring.gets(r.ring)))
+        Ok(release_on(&conn, version, target)?.filter(|r| ring.gets(r.ring)))
     }
 
     fn record_update_reports(
@@ -1300,7 +1366,7 @@ impl HubStore for SqliteHubStore {
             let mut kept = 0;
             for r in reports {
                 // An outcome this hub does not know (a newer edge) is skipped, not stored.
-                if r.outcome == UpdateOutcome::Other || release_on(&w.conn, &r.version)?.is_none()
+                if r.outcome == UpdateOutcome::Other || version_on(&w.conn, &r.version)?.is_empty()
                 {
                     continue;
                 }
@@ -1387,10 +1453,12 @@ mod tests {
         BranchId::parse(id).unwrap()
     }
 
+    const X86: &str = "x86_64-linux";
+
     fn release(version: &str, ring: Ring) -> Release {
         Release {
             version: version.to_owned(),
-            target: "x86_64-linux".to_owned(),
+            target: X86.to_owned(),
             size: 10,
             hash: *blake3::hash(version.as_bytes()).as_bytes(),
             signature: [7; 64],
@@ -1431,10 +1499,10 @@ mod tests {
         );
         // Every field round-trips.
         assert_eq!(
-            s.release("0.9.0").unwrap(),
+            s.release("0.9.0", X86).unwrap(),
             Some(release("0.9.0", Ring::All))
         );
-        assert_eq!(s.release("9.9.9").unwrap(), None);
+        assert_eq!(s.release("9.9.9", X86).unwrap(), None);
     }
 
     #[test]
@@ -1445,10 +1513,10 @@ mod tests {
         again.size = 99;
         assert!(matches!(
             s.add_release(&again),
-            Err(HubStoreError::ReleaseExists(v)) if v == "1.0.0"
+            Err(HubStoreError::ReleaseExists(v)) if v == "1.0.0 for x86_64-linux"
         ));
         assert_eq!(
-            s.release("1.0.0").unwrap(),
+            s.release("1.0.0", X86).unwrap(),
             Some(release("1.0.0", Ring::Canary)),
             "the first publication stands"
         );
@@ -1464,33 +1532,152 @@ mod tests {
         s.add_release(&release("0.4.0", Ring::Canary)).unwrap();
         s.set_ring(&canary, Ring::Canary).unwrap();
 
-        assert_eq!(versions(&s.offers(&general, "0.1.0").unwrap()), ["0.3.0"]);
         assert_eq!(
-            versions(&s.offers(&canary, "0.1.0").unwrap()),
+            versions(&s.offers(&general, "0.1.0", X86).unwrap()),
+            ["0.3.0"]
+        );
+        assert_eq!(
+            versions(&s.offers(&canary, "0.1.0", X86).unwrap()),
             ["0.4.0", "0.3.0", "0.2.0"]
         );
-        assert_eq!(versions(&s.offers(&canary, "0.3.0").unwrap()), ["0.4.0"]);
-        assert!(s.offers(&canary, "0.4.0").unwrap().is_empty());
-        assert!(s.offers(&general, "1.0.0").unwrap().is_empty());
+        assert_eq!(
+            versions(&s.offers(&canary, "0.3.0", X86).unwrap()),
+            ["0.4.0"]
+        );
+        assert!(s.offers(&canary, "0.4.0", X86).unwrap().is_empty());
+        assert!(s.offers(&general, "1.0.0", X86).unwrap().is_empty());
         // A version that does not parse is older than any release.
         assert_eq!(
-            versions(&s.offers(&general, "unknown").unwrap()),
+            versions(&s.offers(&general, "unknown", X86).unwrap()),
             ["0.3.0", "0.1.0"]
         );
         // The offer carries what the edge verifies.
-        let offer = &s.offers(&general, "0.2.0").unwrap()[0];
+        let offer = &s.offers(&general, "0.2.0", X86).unwrap()[0];
         assert_eq!(offer, &release("0.3.0", Ring::All).offer());
         assert_eq!(offer.signature.len(), 64);
         assert!(matches!(
-            s.offers(&branch("B999"), "0.1.0"),
+            s.offers(&branch("B999"), "0.1.0", X86),
             Err(HubStoreError::UnknownBranch(_))
         ));
 
         // Whether a download is allowed depends on the ring, not the running version.
-        assert!(s.offered_release(&general, "0.1.0").unwrap().is_some());
-        assert!(s.offered_release(&general, "0.2.0").unwrap().is_none());
-        assert!(s.offered_release(&canary, "0.2.0").unwrap().is_some());
-        assert!(s.offered_release(&canary, "7.0.0").unwrap().is_none());
+        assert!(s.offered_release(&general, "0.1.0", X86).unwrap().is_some());
+        assert!(s.offered_release(&general, "0.2.0", X86).unwrap().is_none());
+        assert!(s.offered_release(&canary, "0.2.0", X86).unwrap().is_some());
+        assert!(s.offered_release(&canary, "7.0.0", X86).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_version_is_released_per_target_and_offered_to_its_target_only() {
+        let (_d, s) = store();
+        let b = branch("B001");
+        let arm = |v: &str, ring| Release {
+            target: "aarch64-linux".into(),
+            hash: [3; 32],
+            ..release(v, ring)
+        };
+        s.add_release(&release("0.2.0", Ring::Canary)).unwrap();
+        s.add_release(&arm("0.2.0", Ring::Canary)).unwrap();
+        // Newer arm releases do not crowd the x86 one out of an x86 edge's offers.
+        for minor in 3..(3 + OFFERS_MAX) {
+            s.add_release(&arm(&format!("0.{minor}.0"), Ring::All))
+                .unwrap();
+        }
+        s.set_ring(&b, Ring::Canary).unwrap();
+        let offers = s.offers(&b, "0.1.0", X86).unwrap();
+        assert_eq!(versions(&offers), ["0.2.0"]);
+        assert_eq!(offers[0].target, X86);
+        assert_eq!(
+            s.offers(&b, "0.1.0", "aarch64-linux").unwrap().len(),
+            OFFERS_MAX
+        );
+        assert!(s.offers(&b, "0.1.0", "riscv64-linux").unwrap().is_empty());
+        assert_eq!(
+            s.release("0.2.0", "aarch64-linux").unwrap(),
+            Some(arm("0.2.0", Ring::Canary))
+        );
+        assert!(
+            s.offered_release(&b, "0.2.0", "aarch64-linux")
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            s.offered_release(&b, "0.2.0", "riscv64-linux")
+                .unwrap()
+                .is_none()
+        );
+        // Promotion moves every target of the version.
+        let promoted = s.promote_release("0.2.0").unwrap();
+        assert_eq!(promoted.len(), 2);
+        assert!(promoted.iter().all(|r| r.ring == Ring::All));
+        // The listing: newest version first, then by target.
+        let listed: Vec<(String, String)> = s
+            .releases()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.version, r.target))
+            .filter(|(v, _)| v == "0.2.0")
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("0.2.0".to_owned(), "aarch64-linux".to_owned()),
+                ("0.2.0".to_owned(), X86.to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hub_from_before_targets_keeps_its_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE releases (
+                    version TEXT PRIMARY KEY,
+                    target TEXT NOT NULL,
+                    size INTEGER NOT NULL,
+                    hash BLOB NOT NULL,
+                    signature BLOB NOT NULL,
+                    ring TEXT NOT NULL,
+                    published_at INTEGER NOT NULL
+                ) WITHOUT ROWID;",
+            )
+            .unwrap();
+            let r = release("0.5.0", Ring::Canary);
+            conn.execute(
+                &format!(
+                    "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
+                params![
+                    &r.version,
+                    &r.target,
+                    10i64,
+                    &r.hash[..],
+                    &r.signature[..],
+                    "canary",
+                    r.published_at.0
+                ],
+            )
+            .unwrap();
+        }
+        let s = SqliteHubStore::open(&path, Arc::new(shared::pos::schema())).unwrap();
+        assert_eq!(
+            s.release("0.5.0", X86).unwrap(),
+            Some(release("0.5.0", Ring::Canary))
+        );
+        // And the version can now have a second target.
+        s.add_release(&Release {
+            target: "aarch64-linux".into(),
+            ..release("0.5.0", Ring::Canary)
+        })
+        .unwrap();
+        assert_eq!(s.promote_release("0.5.0").unwrap().len(), 2);
+        drop(s);
+        // Opening again migrates nothing more.
+        let s = SqliteHubStore::open(&path, Arc::new(shared::pos::schema())).unwrap();
+        assert_eq!(s.releases().unwrap().len(), 2);
     }
 
     #[test]
@@ -1500,7 +1687,7 @@ mod tests {
             s.add_release(&release(&format!("0.{minor}.0"), Ring::All))
                 .unwrap();
         }
-        let offers = s.offers(&branch("B001"), "0.0.1").unwrap();
+        let offers = s.offers(&branch("B001"), "0.0.1", X86).unwrap();
         assert_eq!(offers.len(), OFFERS_MAX);
         assert_eq!(offers[0].version, format!("0.{}.0", OFFERS_MAX + 4));
     }
@@ -1510,11 +1697,13 @@ mod tests {
         let (_d, s) = store();
         let general = branch("B001");
         s.add_release(&release("0.2.0", Ring::Canary)).unwrap();
-        assert!(s.offers(&general, "0.1.0").unwrap().is_empty());
+        assert!(s.offers(&general, "0.1.0", X86).unwrap().is_empty());
         let promoted = s.promote_release("0.2.0").unwrap();
-        assert_eq!(promoted.ring, Ring::All);
-        assert_eq!(promoted.hash, release("0.2.0", Ring::All).hash);
-        assert_eq!(versions(&s.offers(&general, "0.1.0").unwrap()), ["0.2.0"]);
+        assert_eq!(promoted, [release("0.2.0", Ring::All)]);
+        assert_eq!(
+            versions(&s.offers(&general, "0.1.0", X86).unwrap()),
+            ["0.2.0"]
+        );
         // Promoting again changes nothing; an unknown release is an error.
         assert_eq!(s.promote_release("0.2.0").unwrap(), promoted);
         assert!(matches!(

@@ -421,7 +421,8 @@ impl SyncServer {
         let mut releases_changed = self.releases_changed.subscribe();
         // The version the edge runs (from its hello), the offers it was last sent, and
         // whether they should be worked out again.
-        let mut running: Option<String> = None;
+        // The edge's software and platform, from its hello.
+        let mut running: Option<(String, String)> = None;
         let mut offered: Vec<ReleaseOffer> = Vec::new();
         let mut offers_due = false;
         loop {
@@ -450,9 +451,9 @@ impl SyncServer {
                 return Ok(());
             }
             // Offers go out after the welcome (flushed above), and again when they change.
-            if offers_due && let Some(software) = &running {
+            if offers_due && let Some((software, target)) = &running {
                 offers_due = false;
-                match self.offers(branch, software).await {
+                match self.offers(branch, software, target).await {
                     Ok(offers) if offers != offered => {
                         let frame = Frame::Releases {
                             offers: offers.clone(),
@@ -474,8 +475,8 @@ impl SyncServer {
                 frame = frames.recv() => match frame {
                     Some(Ok(frame)) => {
                         let hello = matches!(frame, Frame::Hello { .. });
-                        if let Frame::Hello { software, vector, .. } = &frame {
-                            running = Some(software.clone());
+                        if let Frame::Hello { software, target, vector, .. } = &frame {
+                            running = Some((software.clone(), target.clone()));
                             let origin = OriginId::from(branch);
                             let head = vector.iter().find(|p| p.origin == origin).map_or(shared::Seq::ZERO, |p| p.seq);
                             let (store, b, sw) = (self.store.clone(), branch.clone(), software.clone());
@@ -570,9 +571,15 @@ impl SyncServer {
     }
 
     /// The branch's release offers for an edge running `software`.
-    async fn offers(&self, branch: &BranchId, software: &str) -> Result<Vec<ReleaseOffer>, String> {
+    async fn offers(
+        &self,
+        branch: &BranchId,
+        software: &str,
+        target: &str,
+    ) -> Result<Vec<ReleaseOffer>, String> {
         let (store, b, sw) = (self.store.clone(), branch.clone(), software.to_owned());
-        tokio::task::spawn_blocking(move || store.offers(&b, &sw))
+        let t = target.to_owned();
+        tokio::task::spawn_blocking(move || store.offers(&b, &sw, &t))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
@@ -625,8 +632,12 @@ impl SyncServer {
         })
         .await
         .map_err(|_| "no fetch in time".to_owned())?;
-        let (version, offset) = match request {
-            Ok(Frame::Fetch { version, offset }) => (version, offset),
+        let (version, target, offset) = match request {
+            Ok(Frame::Fetch {
+                version,
+                target,
+                offset,
+            }) => (version, target, offset),
             Ok(other) => {
                 return refuse(
                     send,
@@ -639,15 +650,20 @@ impl SyncServer {
         let Some(files) = self.releases.clone() else {
             return refuse(send, "this hub serves no releases").await;
         };
-        let (store, b, v) = (self.store.clone(), branch.clone(), version.clone());
-        let release = tokio::task::spawn_blocking(move || store.offered_release(&b, &v))
+        let (store, b, v, t) = (
+            self.store.clone(),
+            branch.clone(),
+            version.clone(),
+            target.clone(),
+        );
+        let release = tokio::task::spawn_blocking(move || store.offered_release(&b, &v, &t))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let Some(release) = release else {
             return refuse(
                 send,
-                &format!("release {version} is not offered to {branch}"),
+                &format!("release {version} for {target} is not offered to {branch}"),
             )
             .await;
         };
@@ -661,7 +677,7 @@ impl SyncServer {
             )
             .await;
         }
-        let path = files.artifact_path(&version);
+        let path = files.artifact_path(&version, &target);
         let opened = async {
             let mut file = tokio::fs::File::open(&path).await?;
             let len = file.metadata().await?.len();

@@ -160,13 +160,33 @@ impl TestHub {
             .unwrap()
     }
 
+    /// The files under the releases directory, as `<target>/<name>` (or `<name>` at its top).
     fn artifact_files(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.data.join(RELEASES_DIR))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(self.data.join(RELEASES_DIR)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if e.file_type().unwrap().is_dir() {
+                for f in std::fs::read_dir(e.path()).unwrap() {
+                    names.push(format!(
+                        "{name}/{}",
+                        f.unwrap().file_name().into_string().unwrap()
+                    ));
+                }
+            } else {
+                names.push(name);
+            }
+        }
         names.sort();
         names
+    }
+
+    /// Where the hub keeps release `version`'s artifact for this platform.
+    fn artifact_path(&self, version: &str) -> std::path::PathBuf {
+        self.data
+            .join(RELEASES_DIR)
+            .join(this_target())
+            .join(format!("{version}.artifact"))
     }
 }
 
@@ -221,6 +241,7 @@ impl Edge {
         let hello = Frame::Hello {
             protocol: PROTOCOL_VERSION,
             software: software.to_owned(),
+            target: shared::release::this_target(),
             vector: Vec::new(),
         };
         send.write_all(&hello.encode()).await.unwrap();
@@ -263,6 +284,7 @@ impl Edge {
         let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
         let fetch = Frame::Fetch {
             version: version.to_owned(),
+            target: shared::release::this_target(),
             offset,
         };
         send.write_all(&fetch.encode()).await.unwrap();
@@ -367,8 +389,11 @@ async fn publish_roll_out_download_and_report() {
             &ed25519_dalek::Signature::from_bytes(&signature),
         )
         .expect("the release key signed the release");
-    assert_eq!(hub.artifact_files(), ["0.2.0.artifact"]);
-    let on_disk = std::fs::read(hub.data.join(RELEASES_DIR).join("0.2.0.artifact")).unwrap();
+    assert_eq!(
+        hub.artifact_files(),
+        [format!("{}/0.2.0.artifact", this_target())]
+    );
+    let on_disk = std::fs::read(hub.artifact_path("0.2.0")).unwrap();
     assert_eq!(on_disk, bytes);
 
     // The same version again is refused and changes nothing.
@@ -379,9 +404,12 @@ async fn publish_roll_out_download_and_report() {
         (status, body["error"].as_str()),
         (409, Some("release_exists"))
     );
-    let on_disk = std::fs::read(hub.data.join(RELEASES_DIR).join("0.2.0.artifact")).unwrap();
+    let on_disk = std::fs::read(hub.artifact_path("0.2.0")).unwrap();
     assert_eq!(on_disk, bytes);
-    assert_eq!(hub.artifact_files(), ["0.2.0.artifact"]);
+    assert_eq!(
+        hub.artifact_files(),
+        [format!("{}/0.2.0.artifact", this_target())]
+    );
 
     // Rings.
     let (status, body) = hub
@@ -457,7 +485,8 @@ async fn publish_roll_out_download_and_report() {
     // Promotion reaches the live general session; the canary's offers did not change.
     let (status, body) = hub.json("POST", "/api/releases/0.2.0/promote", None).await;
     assert_eq!((status, body["ring"].as_str()), (200, Some("all")));
-    assert_eq!(body["hash"], release["hash"]);
+    assert_eq!(body["targets"][0]["hash"], release["hash"]);
+    assert_eq!(body["targets"].as_array().map(Vec::len), Some(1));
     assert_eq!(offered_versions(b1.next(GUARD).await), ["0.2.0"]);
     assert_eq!(b2.next(QUIET).await, None);
     let (status, body) = hub.json("POST", "/api/releases/9.9.9/promote", None).await;

@@ -588,6 +588,7 @@ impl EdgeSession {
         self.fx.transmit.push_back(Frame::Hello {
             protocol: PROTOCOL_VERSION,
             software: self.software.clone(),
+            target: crate::release::this_target(),
             vector: vec![self.up.head.clone(), self.down.durable.clone()],
         });
     }

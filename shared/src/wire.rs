@@ -9,7 +9,7 @@ use crate::log::{ChainHash, SEGMENT_BYTES_MAX, Segment};
 use crate::release::{OFFERS_MAX, REPORTS_MAX, ReleaseOffer, UpdateReport};
 
 /// The sync protocol's version, exchanged in the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The QUIC application protocol (ALPN) both sides require.
 pub const ALPN: &[u8] = b"outpost-sync/1";
 /// The name the hub's certificate carries and every edge verifies, whatever address it dials.
@@ -61,10 +61,12 @@ pub enum RejectReason {
 /// One sync message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
-    /// Edge → hub, first: the edge's protocol, software and its positions.
+    /// Edge → hub, first: the edge's protocol, software, platform (`<arch>-<os>`, what
+    /// releases it can run) and its positions.
     Hello {
         protocol: u16,
         software: String,
+        target: String,
         vector: Vec<Position>,
     },
     /// Hub → edge: the hub's durable positions (for the edge's own origin: where to resume).
@@ -105,9 +107,11 @@ pub enum Frame {
     Releases {
         offers: Vec<ReleaseOffer>,
     },
-    /// Edge → hub, first on a stream of its own: send release `version` from byte `offset`.
+    /// Edge → hub, first on a stream of its own: send release `version` for `target` from
+    /// byte `offset`.
     Fetch {
         version: String,
+        target: String,
         offset: u64,
     },
     /// Hub → edge, the answer to `Fetch`: the release's bytes from `offset` to `size` follow
@@ -147,9 +151,13 @@ impl Frame {
         };
         match self {
             Frame::Hello {
-                software, vector, ..
+                software,
+                target,
+                vector,
+                ..
             } => {
                 text(software)?;
+                text(target)?;
                 if vector.len() > VECTOR_ORIGINS_MAX {
                     return Err(WireError::Limit("version vector too long"));
                 }
@@ -170,7 +178,13 @@ impl Frame {
                     }
                 }
             }
-            Frame::Fetch { version, .. } | Frame::Artifact { version, .. } => text(version)?,
+            Frame::Fetch {
+                version, target, ..
+            } => {
+                text(version)?;
+                text(target)?;
+            }
+            Frame::Artifact { version, .. } => text(version)?,
             Frame::UpdateReports { reports } => {
                 if reports.len() > REPORTS_MAX {
                     return Err(WireError::Limit("too many update reports"));
@@ -311,6 +325,7 @@ mod tests {
             Frame::Hello {
                 protocol: PROTOCOL_VERSION,
                 software: "0.1.0".into(),
+                target: crate::release::this_target(),
                 vector: vec![Position::genesis(&o)],
             },
             Frame::Ack(Position::genesis(&o)),
@@ -332,6 +347,7 @@ mod tests {
             },
             Frame::Fetch {
                 version: "0.2.0".into(),
+                target: crate::release::this_target(),
                 offset: 77,
             },
             Frame::Artifact {

@@ -198,7 +198,7 @@ proptest! {
         let frames = vec![
             Frame::Segment(segs[0].clone()),
             Frame::Ack(Position::genesis(&origin)),
-            Frame::Welcome { protocol: 1, vector: vec![Position::genesis(&origin)] },
+            Frame::Welcome { protocol: shared::wire::PROTOCOL_VERSION, vector: vec![Position::genesis(&origin)] },
         ];
         for f in &frames {
             let bytes = f.encode();

@@ -323,8 +323,9 @@ fn another_branchs_origin_is_refused() {
     hub.handle_frame(
         0,
         Frame::Hello {
-            protocol: 1,
+            protocol: shared::wire::PROTOCOL_VERSION,
             software: "x".into(),
+            target: "x86_64-linux".into(),
             vector: vec![],
         },
     );

@@ -1034,19 +1034,33 @@ fn release_api_errors() {
     let token = Some(hub.admin_token());
     let publish_url = |query: &str| hub.url(&format!("/api/releases{query}"));
     let artifact_dir = hub.data_dir().join("releases");
+    // The files under the hub's releases directory, as `<target>/<name>` or `<name>`.
     let artifacts = || -> BTreeSet<String> {
-        std::fs::read_dir(&artifact_dir)
-            .map(|d| {
-                d.map(|e| {
-                    e.expect("a dir entry")
-                        .file_name()
-                        .into_string()
-                        .expect("UTF-8")
+        let names = |dir: &std::path::Path| -> Vec<(String, bool)> {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.map(|e| {
+                        let e = e.expect("a dir entry");
+                        let is_dir = e.file_type().expect("a file type").is_dir();
+                        (e.file_name().into_string().expect("UTF-8"), is_dir)
+                    })
+                    .collect()
                 })
-                .collect()
-            })
-            .unwrap_or_default()
+                .unwrap_or_default()
+        };
+        let mut all = BTreeSet::new();
+        for (name, is_dir) in names(&artifact_dir) {
+            if is_dir {
+                for (inner, _) in names(&artifact_dir.join(&name)) {
+                    all.insert(format!("{name}/{inner}"));
+                }
+            } else {
+                all.insert(name);
+            }
+        }
+        all
     };
+    let here = shared::release::this_target();
 
     // Authentication, on every release route.
     for (who, t) in [("no token", None), ("a wrong token", Some("not-the-token"))] {
@@ -1144,12 +1158,12 @@ fn release_api_errors() {
     let listed = http.releases(&hub);
     assert_eq!(listed["releases"], json!([first.clone()]), "{listed}");
     assert_eq!(
-        std::fs::read(artifact_dir.join("1.0.0.artifact")).expect("the artifact"),
+        std::fs::read(artifact_dir.join(&here).join("1.0.0.artifact")).expect("the artifact"),
         b"the first artifact"
     );
     assert_eq!(
         artifacts(),
-        BTreeSet::from(["1.0.0.artifact".to_owned()]),
+        BTreeSet::from([format!("{here}/1.0.0.artifact")]),
         "only the first release's artifact"
     );
 
@@ -1167,8 +1181,40 @@ fn release_api_errors() {
 
     // Nothing changed; the release API still works.
     assert_eq!(http.releases(&hub)["releases"], json!([first]));
+
+    // The same version for another platform is another release; for the same one, again 409.
+    let arm_url = publish_url("?version=1.0.0&ring=canary&target=aarch64-linux");
+    let arm = http
+        .send(
+            Method::POST,
+            &arm_url,
+            token,
+            Body::Bytes(b"arm build".to_vec()),
+        )
+        .expect(201);
+    assert_eq!(arm["target"], "aarch64-linux", "{arm}");
+    assert_ne!(arm["signature"], first["signature"], "{arm}");
+    let again = http.send(Method::POST, &arm_url, token, Body::Bytes(b"x".to_vec()));
+    assert_eq!(again.status, 409, "{}", again.text);
+    assert_eq!(again.code(), "release_exists", "{}", again.text);
+    assert_eq!(
+        artifacts(),
+        BTreeSet::from([
+            format!("{here}/1.0.0.artifact"),
+            "aarch64-linux/1.0.0.artifact".to_owned()
+        ])
+    );
+    // Promotion moves the version on every platform.
     let promoted = http.promote(&hub, "1.0.0").expect(200);
     assert_eq!(promoted["ring"], "all", "{promoted}");
-    assert_eq!(promoted["hash"], first["hash"], "{promoted}");
-    assert_eq!(promoted["signature"], first["signature"], "{promoted}");
+    assert_eq!(promoted["version"], "1.0.0", "{promoted}");
+    let targets = promoted["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 2, "{promoted}");
+    let mine = targets
+        .iter()
+        .find(|t| t["target"] == here.as_str())
+        .expect("this platform's release");
+    assert_eq!(mine["hash"], first["hash"], "{promoted}");
+    assert_eq!(mine["signature"], first["signature"], "{promoted}");
+    assert!(targets.iter().all(|t| t["ring"] == "all"), "{promoted}");
 }
