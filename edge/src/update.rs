@@ -613,7 +613,20 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
         let ended = worker.run(&mut term, &mut int).await?;
         let deadline = matches!(ended, Ended::Deadline);
         let (why, code) = match ended {
-            Ended::Stopped(code) => return Ok(exit_code(code)),
+            Ended::Stopped(code) => {
+                // Stopped on request (a service restart): that start does not count against
+                // a release on trial.
+                if let Ok(Some(mut c)) = releases.current()
+                    && c.version == version
+                    && let Some(t) = c.trial.as_mut()
+                {
+                    t.attempts = t.attempts.saturating_sub(1);
+                    if let Err(e) = releases.set_current(&c) {
+                        tracing::warn!("cannot uncount the stopped start in releases/current: {e}");
+                    }
+                }
+                return Ok(exit_code(code));
+            }
             Ended::Update => {
                 tracing::info!(%version, "keeper: the worker staged an update");
                 starts.remove(&version);

@@ -880,6 +880,55 @@ fn release_not_healthy_in_time_is_rolled_back() {
     assert_serves_and_syncs(&http, &hub, &edge, &[("order_payment", "p0", &p0)], "p1");
 }
 
+/// `releases/current` as text.
+fn current_text(edge: &EdgeProcess) -> String {
+    std::fs::read_to_string(releases_dir(edge).join("current")).unwrap_or_default()
+}
+
+#[test]
+fn a_service_stop_during_a_trial_does_not_count_as_a_failed_start() {
+    let http = Http::new();
+    let hub = HubProcess::start();
+    let mut edge = EdgeProcess::start_synced("B001", &hub, &[]);
+    let before = wait_connected(&http, &hub, &edge);
+    // Passes its self-check, then never becomes healthy until the deadline (120 s).
+    let artifact = script(
+        "if [ \"$1\" = self-check ]; then echo \"outpost-edge 0.3.0\"; exit 0; fi\nread line\nexit 0\n",
+    );
+    http.publish(&hub, "0.3.0", "all", artifact).expect(201);
+    wait_until(
+        "0.3.0 started on trial",
+        || current_text(&edge).contains("\"attempts\":1"),
+        || context(&http, &hub, &edge),
+    );
+    assert!(
+        current_text(&edge).starts_with("0.3.0\ntrial "),
+        "{}",
+        current_text(&edge)
+    );
+    // A service stop (SIGTERM to the keeper): the worker is asked to stop, and that start is
+    // not held against the release.
+    let pid = edge.pid().expect("the keeper's pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let log = releases_dir(&edge);
+    wait_until(
+        "the keeper stopped",
+        || !edge.is_running(),
+        || format!("the keeper still runs; releases in {}", log.display()),
+    );
+    let text = current_text(&edge);
+    assert!(text.starts_with("0.3.0\ntrial "), "{text}");
+    assert!(text.contains("\"attempts\":0"), "{text}");
+    assert!(
+        text.contains(&format!("\"previous\":\"{before}\"")),
+        "{text}"
+    );
+}
+
 #[test]
 fn release_that_cannot_reach_the_hub_is_rolled_back_and_tried_again() {
     let http = Http::new();
