@@ -1543,14 +1543,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = Releases::new(dir.path());
         let at = now_micros();
-        // A newer release's field, outcome kind and report shape: the field is ignored, the
-        // outcome reads as `Other` (the hub skips it), the report that does not fit is dropped.
+        // A newer release's outcome kind and field: skipped, the rest kept.
         let newer = serde_json::json!({
             "refused": {"0.2.5": "bad"},
             "reports": [
                 {"version": "0.2.5", "from": "0.2.0", "outcome": "Refused", "detail": "bad", "at": at},
-                {"version": "0.2.6", "from": "0.2.0", "outcome": "quarantined", "detail": "?", "at": at},
-                {"version": "0.2.7", "from": "0.2.0", "outcome": "refused", "detail": "?", "at": "today"}
+                {"version": "0.2.6", "from": "0.2.0", "outcome": "Quarantined", "detail": "?", "at": at}
             ],
             "channel": "beta"
         });
@@ -1558,18 +1556,8 @@ mod tests {
         fs::write(r.dir().join("state.json"), newer.to_string()).unwrap();
         let state = r.state().unwrap();
         assert_eq!(state.refused.len(), 1);
-        let seen: Vec<(&str, UpdateOutcome)> = state
-            .reports
-            .iter()
-            .map(|r| (r.version.as_str(), r.outcome))
-            .collect();
-        assert_eq!(
-            seen,
-            [
-                ("0.2.5", UpdateOutcome::Refused),
-                ("0.2.6", UpdateOutcome::Other)
-            ]
-        );
+        assert_eq!(state.reports.len(), 1);
+        assert_eq!(state.reports[0].version, "0.2.5");
         // Not JSON at all: read as empty, and left for the next write to replace.
         fs::write(r.dir().join("state.json"), b"\0\0garbage").unwrap();
         assert_eq!(r.state().unwrap(), State::default());

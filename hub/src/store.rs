@@ -226,8 +226,8 @@ pub trait HubStore: Send + Sync + 'static {
         target: &str,
     ) -> Result<Option<Release>, HubStoreError>;
     /// Keeps the branch's update reports: per release, the one with the latest `at` wins.
-    /// Reports about versions the hub never published, or with an outcome it does not know,
-    /// are ignored. Returns how many were kept.
+    /// Reports about versions the hub never published are ignored. Returns how many were
+    /// kept.
     fn record_update_reports(
         &self,
         branch: &BranchId,
@@ -1365,9 +1365,7 @@ impl HubStore for SqliteHubStore {
         self.write(|w| {
             let mut kept = 0;
             for r in reports {
-                // An outcome this hub does not know (a newer edge) is skipped, not stored.
-                if r.outcome == UpdateOutcome::Other || version_on(&w.conn, &r.version)?.is_empty()
-                {
+                if version_on(&w.conn, &r.version)?.is_empty() {
                     continue;
                 }
                 w.conn
@@ -1753,12 +1751,6 @@ mod tests {
             .unwrap();
         assert_eq!(kept, 1);
         // An older report of the same release does not replace a newer one.
-        // A newer edge's outcome kind is skipped; the rest of its reports are kept.
-        assert_eq!(
-            s.record_update_reports(&b1, &[report("0.2.0", UpdateOutcome::Other, 99)])
-                .unwrap(),
-            0
-        );
         s.record_update_reports(&b1, &[report("0.2.0", UpdateOutcome::Installed, 5)])
             .unwrap();
         s.record_update_reports(&b2, &[report("0.2.0", UpdateOutcome::Refused, 12)])

@@ -63,10 +63,8 @@ pub fn signed_message(version: &str, target: &str, size: u64, hash: &[u8; 32]) -
     .into_bytes()
 }
 
-/// How an update attempt ended, as the edge reports it to the hub. On the wire and on disk it
-/// is its text (`installed`, `refused`, `rolled_back`), so that an outcome a later release
-/// adds reads as [`UpdateOutcome::Other`] here instead of failing the whole frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an update attempt ended, as the edge reports it to the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UpdateOutcome {
     /// The new version came up healthy and runs.
     Installed,
@@ -75,8 +73,6 @@ pub enum UpdateOutcome {
     Refused,
     /// It was installed, did not become healthy, and the previous version runs again.
     RolledBack,
-    /// An outcome this build does not know (sent by a newer release); never produced here.
-    Other,
 }
 
 impl UpdateOutcome {
@@ -85,11 +81,9 @@ impl UpdateOutcome {
             UpdateOutcome::Installed => "installed",
             UpdateOutcome::Refused => "refused",
             UpdateOutcome::RolledBack => "rolled_back",
-            UpdateOutcome::Other => "other",
         }
     }
 
-    /// The known outcomes by their text (`other` is not one).
     pub fn parse(s: &str) -> Option<UpdateOutcome> {
         match s {
             "installed" => Some(UpdateOutcome::Installed),
@@ -97,25 +91,6 @@ impl UpdateOutcome {
             "rolled_back" => Some(UpdateOutcome::RolledBack),
             _ => None,
         }
-    }
-}
-
-impl Serialize for UpdateOutcome {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for UpdateOutcome {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
-        Ok(match &*text {
-            // The variant names an earlier build wrote to `state.json`.
-            "Installed" => UpdateOutcome::Installed,
-            "Refused" => UpdateOutcome::Refused,
-            "RolledBack" => UpdateOutcome::RolledBack,
-            other => UpdateOutcome::parse(other).unwrap_or(UpdateOutcome::Other),
-        })
     }
 }
 
@@ -147,54 +122,6 @@ mod tests {
         assert!(!is_newer("banana", "0.1.0"));
         assert!(is_newer("0.1.0", "unknown"));
         assert!(parse_version("1.2").is_err());
-    }
-
-    #[test]
-    fn outcomes_travel_as_text_and_unknown_ones_do_not_fail_a_frame() {
-        let report = |outcome| UpdateReport {
-            version: "0.2.0".into(),
-            from: "0.1.0".into(),
-            outcome,
-            detail: "d".into(),
-            at: 1,
-        };
-        for o in [
-            UpdateOutcome::Installed,
-            UpdateOutcome::Refused,
-            UpdateOutcome::RolledBack,
-        ] {
-            let bytes = postcard::to_stdvec(&report(o)).unwrap();
-            assert_eq!(
-                postcard::from_bytes::<UpdateReport>(&bytes).unwrap(),
-                report(o)
-            );
-            let json = serde_json::to_string(&report(o)).unwrap();
-            assert!(json.contains(&format!("\"{}\"", o.as_str())), "{json}");
-            assert_eq!(UpdateOutcome::parse(o.as_str()), Some(o));
-        }
-        // A later release's outcome: the report still decodes, as `Other`.
-        #[derive(Serialize)]
-        struct Newer<'a> {
-            version: &'a str,
-            from: &'a str,
-            outcome: &'a str,
-            detail: &'a str,
-            at: i64,
-        }
-        let newer = Newer {
-            version: "0.3.0",
-            from: "0.2.0",
-            outcome: "quarantined",
-            detail: "?",
-            at: 2,
-        };
-        let bytes = postcard::to_stdvec(&vec![newer]).unwrap();
-        let decoded: Vec<UpdateReport> = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(decoded[0].outcome, UpdateOutcome::Other);
-        assert_eq!(decoded[0].version, "0.3.0");
-        // The variant names an earlier build wrote still read.
-        let old: UpdateOutcome = serde_json::from_str("\"RolledBack\"").unwrap();
-        assert_eq!(old, UpdateOutcome::RolledBack);
     }
 
     #[test]
