@@ -556,7 +556,8 @@ enum Ended {
     /// The worker ended on its own (or never started).
     Exited(String, Option<i32>),
     /// The release on trial was not healthy within the deadline; the worker was stopped.
-    Deadline,
+    /// `true`: the keeper was also asked to stop meanwhile (it stops after the rollback).
+    Deadline(bool),
 }
 
 async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, String> {
@@ -611,7 +612,8 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
             deadline_after,
         };
         let ended = worker.run(&mut term, &mut int).await?;
-        let deadline = matches!(ended, Ended::Deadline);
+        let deadline = matches!(ended, Ended::Deadline(_));
+        let stop_after = matches!(ended, Ended::Deadline(true));
         let (why, code) = match ended {
             Ended::Stopped(code) => {
                 // Stopped on request (a service restart): that start does not count against
@@ -633,7 +635,7 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
                 continue;
             }
             Ended::Exited(why, code) => (why, code),
-            Ended::Deadline => (
+            Ended::Deadline(_) => (
                 format!("was not healthy within {}s", deadline_after.as_secs()),
                 None,
             ),
@@ -646,6 +648,9 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
         };
         let Some(t) = now else {
             starts.remove(&version);
+            if stop_after {
+                return Ok(ExitCode::SUCCESS);
+            }
             if deadline {
                 // Committed just as the deadline passed: start it again, in service.
                 continue;
@@ -694,6 +699,10 @@ async fn keeper(releases: Releases, args: Vec<OsString>) -> Result<ExitCode, Str
             );
             // A moment before the next try, for whatever made it fail to pass.
             tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        if stop_after {
+            // Rolled back first: the next start runs the previous release.
+            return Ok(ExitCode::SUCCESS);
         }
     }
 }
@@ -814,9 +823,11 @@ impl Worker<'_> {
                 _ = int.recv() => stopping = true,
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     deadline = None;
+                    // A deadline that passes while the worker is stopping on request does not
+                    // judge the release; one that passed first does (below).
                     if committed() {
                         probation = false;
-                    } else {
+                    } else if !stopping {
                         timed_out = true;
                     }
                 }
@@ -842,12 +853,13 @@ impl Worker<'_> {
             }
         };
         let status = status.map_err(|e| format!("waiting for the worker: {e}"))?;
-        Ok(if stopping {
+        Ok(if timed_out {
+            // Not healthy in time, whatever was asked after.
+            Ended::Deadline(stopping)
+        } else if stopping {
             Ended::Stopped(status.code())
         } else if status.code() == Some(i32::from(EXIT_UPDATE)) {
             Ended::Update
-        } else if timed_out {
-            Ended::Deadline
         } else if probation {
             Ended::Exited(
                 format!("exited ({status}) before it was healthy"),
@@ -1246,7 +1258,7 @@ impl Updater {
             tracing::info!(version = %offer.version, offset, "resuming a release download");
         }
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| retry(&e))?;
-        let fetch = shared::wire::Frame::Fetch {
+        let fetch = shared::wire::Frame::FetchFor {
             version: offer.version.clone(),
             target: offer.target.clone(),
             offset,

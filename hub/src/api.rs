@@ -460,7 +460,7 @@ async fn publish_release(
             format!("storing the artifact failed: {e}"),
         )
     };
-    // Held until the release is recorded: no other upload of this version meanwhile.
+    // Held until the release is recorded: no other upload of this version for this target meanwhile.
     let mut upload = files
         .begin(&version, &target)
         .await

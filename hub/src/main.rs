@@ -155,6 +155,12 @@ async fn serve(
             data_dir.join(hub::releases::RELEASES_DIR).display()
         ))
     })?;
+    let known = store
+        .releases()
+        .map_err(|e| Fatal(format!("cannot read the releases: {e}")))?;
+    releases
+        .adopt_legacy(&known)
+        .map_err(|e| Fatal(format!("cannot move old release artifacts: {e}")))?;
     let sync = SyncServer::with_releases(store.clone(), Arc::new(releases));
     let endpoint = SyncServer::bind(&identity, quic)
         .map_err(|e| Fatal(format!("cannot listen on {quic} (UDP): {e}")))?;

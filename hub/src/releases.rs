@@ -111,18 +111,23 @@ pub fn check_version(version: &str) -> Result<(), String> {
     parse_version(version).map(drop)
 }
 
-/// Checks a target name: 1 to [`TARGET_BYTES_MAX`] ASCII letters, digits, `_`, `-` or `.`.
+/// Checks a target name: 1 to [`TARGET_BYTES_MAX`] lowercase ASCII letters, digits, `_`,
+/// `-` or `.`, starting with a letter or digit. It names a directory, so `.`, `..` and names
+/// that differ only in case are impossible.
 pub fn check_target(target: &str) -> Result<(), String> {
-    let ok = !target.is_empty()
-        && target.len() <= TARGET_BYTES_MAX
+    let ok = target.len() <= TARGET_BYTES_MAX
         && target
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && target.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+        });
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "a target is 1 to {TARGET_BYTES_MAX} letters, digits, '_', '-' or '.' (like x86_64-linux)"
+            "a target is 1 to {TARGET_BYTES_MAX} lowercase letters, digits, '_', '-' or '.', starting with a letter or digit (like x86_64-linux)"
         ))
     }
 }
@@ -208,15 +213,29 @@ impl ReleaseFiles {
     /// Where release `version`'s artifact for `target` is (both must have passed
     /// [`check_version`] and [`check_target`]).
     pub fn artifact_path(&self, version: &str, target: &str) -> PathBuf {
-        let path = self
-            .dir
+        self.dir
             .join(target)
-            .join(format!("{version}{ARTIFACT_SUFFIX}"));
-        let legacy = self.dir.join(format!("{version}{ARTIFACT_SUFFIX}"));
-        if !path.exists() && legacy.exists() {
-            return legacy;
+            .join(format!("{version}{ARTIFACT_SUFFIX}"))
+    }
+
+    /// Moves the artifacts of a hub from before per-target directories
+    /// (`releases/<version>.artifact`) to their release's target directory, durably. Called
+    /// at start with the store's releases.
+    pub fn adopt_legacy(&self, releases: &[Release]) -> io::Result<()> {
+        for r in releases {
+            let legacy = self.dir.join(format!("{}{ARTIFACT_SUFFIX}", r.version));
+            let path = self.artifact_path(&r.version, &r.target);
+            if !legacy.exists() || path.exists() {
+                continue;
+            }
+            let dir = self.dir.join(&r.target);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::rename(&legacy, &path)?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::fs::File::open(&self.dir)?.sync_all()?;
+            tracing::info!(version = %r.version, target = %r.target, "release artifact moved to its platform's directory");
         }
-        path
+        Ok(())
     }
 
     /// The ed25519 signature of a release's fields ([`shared::release::signed_message`]).
@@ -368,7 +387,18 @@ mod tests {
         }
         assert!(check_version(&format!("1.2.3-{}", "a".repeat(300))).is_err());
         assert!(check_target("x86_64-linux").is_ok());
-        for bad in ["", "x/y", "a b", &"a".repeat(65)] {
+        assert!(check_target("aarch64-linux").is_ok());
+        for bad in [
+            "",
+            "x/y",
+            "a b",
+            &"a".repeat(65),
+            ".",
+            "..",
+            ".x",
+            "-x",
+            "X86_64-linux",
+        ] {
             assert!(check_target(bad).is_err(), "{bad:?}");
         }
     }
@@ -447,7 +477,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_temporary_files_are_removed_on_open_and_old_artifacts_still_found() {
+    fn stale_temporary_files_are_removed_on_open_and_old_artifacts_adopted() {
         let dir = tempfile::tempdir().unwrap();
         let releases = dir.path().join(RELEASES_DIR);
         std::fs::create_dir_all(releases.join(X86)).unwrap();
@@ -458,10 +488,27 @@ mod tests {
         let files = files(dir.path());
         assert!(!releases.join("2.0.0.artifact.tmp").exists());
         assert!(!releases.join(X86).join("3.0.0.artifact.tmp").exists());
+        let old = Release {
+            version: "1.0.0".into(),
+            target: ARM.into(),
+            size: 4,
+            hash: [0; 32],
+            signature: [0; 64],
+            ring: Ring::All,
+            published_at: Timestamp(0),
+        };
+        files.adopt_legacy(std::slice::from_ref(&old)).unwrap();
         assert_eq!(
-            std::fs::read(files.artifact_path("1.0.0", X86)).unwrap(),
+            std::fs::read(files.artifact_path("1.0.0", ARM)).unwrap(),
             b"kept"
         );
+        assert!(!releases.join("1.0.0.artifact").exists());
+        assert!(
+            !files.artifact_path("1.0.0", X86).exists(),
+            "only its own platform"
+        );
+        // Again: nothing to do.
+        files.adopt_legacy(&[old]).unwrap();
         assert_eq!(
             files.artifact_path("4.0.0", X86),
             releases.join(X86).join("4.0.0.artifact")

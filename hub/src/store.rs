@@ -209,13 +209,14 @@ pub trait HubStore: Send + Sync + 'static {
     /// Puts a branch in a rollout ring.
     fn set_ring(&self, branch: &BranchId, ring: Ring) -> Result<(), HubStoreError>;
     /// The releases offered to a branch that runs version `running` on `target`: those for
-    /// its target, of ring `all`, and of ring `canary` when the branch is in the canary ring,
-    /// newer than `running`; newest first, at most [`OFFERS_MAX`].
+    /// its target (every target when the edge did not name one: protocol 1), of ring `all`,
+    /// and of ring `canary` when the branch is in the canary ring, newer than `running`;
+    /// newest first, at most [`OFFERS_MAX`].
     fn offers(
         &self,
         branch: &BranchId,
         running: &str,
-        target: &str,
+        target: Option<&str>,
     ) -> Result<Vec<ReleaseOffer>, HubStoreError>;
     /// Release `version` for `target` if it is offered to the branch by the ring rules
     /// (whatever version the branch runs), else `None`.
@@ -1334,13 +1335,14 @@ impl HubStore for SqliteHubStore {
         &self,
         branch: &BranchId,
         running: &str,
-        target: &str,
+        target: Option<&str>,
     ) -> Result<Vec<ReleaseOffer>, HubStoreError> {
         let conn = self.reader.lock();
         let ring = ring_on(&conn, branch)?;
         Ok(releases_on(&conn)?
             .iter()
-            .filter(|r| r.target == target && ring.gets(r.ring) && is_newer(&r.version, running))
+            .filter(|r| target.is_none_or(|t| r.target == t))
+            .filter(|r| ring.gets(r.ring) && is_newer(&r.version, running))
             .take(OFFERS_MAX)
             .map(Release::offer)
             .collect())
@@ -1531,30 +1533,30 @@ mod tests {
         s.set_ring(&canary, Ring::Canary).unwrap();
 
         assert_eq!(
-            versions(&s.offers(&general, "0.1.0", X86).unwrap()),
+            versions(&s.offers(&general, "0.1.0", Some(X86)).unwrap()),
             ["0.3.0"]
         );
         assert_eq!(
-            versions(&s.offers(&canary, "0.1.0", X86).unwrap()),
+            versions(&s.offers(&canary, "0.1.0", Some(X86)).unwrap()),
             ["0.4.0", "0.3.0", "0.2.0"]
         );
         assert_eq!(
-            versions(&s.offers(&canary, "0.3.0", X86).unwrap()),
+            versions(&s.offers(&canary, "0.3.0", Some(X86)).unwrap()),
             ["0.4.0"]
         );
-        assert!(s.offers(&canary, "0.4.0", X86).unwrap().is_empty());
-        assert!(s.offers(&general, "1.0.0", X86).unwrap().is_empty());
+        assert!(s.offers(&canary, "0.4.0", Some(X86)).unwrap().is_empty());
+        assert!(s.offers(&general, "1.0.0", Some(X86)).unwrap().is_empty());
         // A version that does not parse is older than any release.
         assert_eq!(
-            versions(&s.offers(&general, "unknown", X86).unwrap()),
+            versions(&s.offers(&general, "unknown", Some(X86)).unwrap()),
             ["0.3.0", "0.1.0"]
         );
         // The offer carries what the edge verifies.
-        let offer = &s.offers(&general, "0.2.0", X86).unwrap()[0];
+        let offer = &s.offers(&general, "0.2.0", Some(X86)).unwrap()[0];
         assert_eq!(offer, &release("0.3.0", Ring::All).offer());
         assert_eq!(offer.signature.len(), 64);
         assert!(matches!(
-            s.offers(&branch("B999"), "0.1.0", X86),
+            s.offers(&branch("B999"), "0.1.0", Some(X86)),
             Err(HubStoreError::UnknownBranch(_))
         ));
 
@@ -1582,14 +1584,22 @@ mod tests {
                 .unwrap();
         }
         s.set_ring(&b, Ring::Canary).unwrap();
-        let offers = s.offers(&b, "0.1.0", X86).unwrap();
+        let offers = s.offers(&b, "0.1.0", Some(X86)).unwrap();
         assert_eq!(versions(&offers), ["0.2.0"]);
         assert_eq!(offers[0].target, X86);
         assert_eq!(
-            s.offers(&b, "0.1.0", "aarch64-linux").unwrap().len(),
+            s.offers(&b, "0.1.0", Some("aarch64-linux")).unwrap().len(),
             OFFERS_MAX
         );
-        assert!(s.offers(&b, "0.1.0", "riscv64-linux").unwrap().is_empty());
+        assert!(
+            s.offers(&b, "0.1.0", Some("riscv64-linux"))
+                .unwrap()
+                .is_empty()
+        );
+        // A protocol 1 edge names no platform: every target's releases, newest first.
+        let all = s.offers(&b, "0.1.0", None).unwrap();
+        assert_eq!(all.len(), OFFERS_MAX);
+        assert!(all.iter().all(|o| o.target == "aarch64-linux"));
         assert_eq!(
             s.release("0.2.0", "aarch64-linux").unwrap(),
             Some(arm("0.2.0", Ring::Canary))
@@ -1685,7 +1695,7 @@ mod tests {
             s.add_release(&release(&format!("0.{minor}.0"), Ring::All))
                 .unwrap();
         }
-        let offers = s.offers(&branch("B001"), "0.0.1", X86).unwrap();
+        let offers = s.offers(&branch("B001"), "0.0.1", Some(X86)).unwrap();
         assert_eq!(offers.len(), OFFERS_MAX);
         assert_eq!(offers[0].version, format!("0.{}.0", OFFERS_MAX + 4));
     }
@@ -1695,11 +1705,11 @@ mod tests {
         let (_d, s) = store();
         let general = branch("B001");
         s.add_release(&release("0.2.0", Ring::Canary)).unwrap();
-        assert!(s.offers(&general, "0.1.0", X86).unwrap().is_empty());
+        assert!(s.offers(&general, "0.1.0", Some(X86)).unwrap().is_empty());
         let promoted = s.promote_release("0.2.0").unwrap();
         assert_eq!(promoted, [release("0.2.0", Ring::All)]);
         assert_eq!(
-            versions(&s.offers(&general, "0.1.0", X86).unwrap()),
+            versions(&s.offers(&general, "0.1.0", Some(X86)).unwrap()),
             ["0.2.0"]
         );
         // Promoting again changes nothing; an unknown release is an error.

@@ -412,17 +412,23 @@ impl SyncServer {
             });
         }
         drop(frames_tx);
+        // The edge's platform, once it names it (a protocol 2 `Platform`): downloads check
+        // against it.
+        let (platform_tx, platform) = tokio::sync::watch::channel::<Option<String>>(None);
         // Every further bidirectional stream is a release download; they end with the session.
-        let _downloads = AbortOnDrop(tokio::spawn(
-            self.clone().serve_downloads(branch.clone(), conn.clone()),
-        ));
+        let _downloads = AbortOnDrop(tokio::spawn(self.clone().serve_downloads(
+            branch.clone(),
+            conn.clone(),
+            platform,
+        )));
         let mut feed_send: Option<quinn::SendStream> = None;
         let feed = self.feed_notify(branch);
         let mut releases_changed = self.releases_changed.subscribe();
-        // The version the edge runs (from its hello), the offers it was last sent, and
-        // whether they should be worked out again.
-        // The edge's software and platform, from its hello.
-        let mut running: Option<(String, String)> = None;
+        // The version the edge runs (from its hello) and its platform (from `Platform`; none
+        // for a protocol 1 edge, which picks its own among all offers), the offers it was
+        // last sent, and whether they should be worked out again.
+        let mut running: Option<(String, Option<String>)> = None;
+        let mut protocol = 0u16;
         let mut offered: Vec<ReleaseOffer> = Vec::new();
         let mut offers_due = false;
         loop {
@@ -453,7 +459,7 @@ impl SyncServer {
             // Offers go out after the welcome (flushed above), and again when they change.
             if offers_due && let Some((software, target)) = &running {
                 offers_due = false;
-                match self.offers(branch, software, target).await {
+                match self.offers(branch, software, target.as_deref()).await {
                     Ok(offers) if offers != offered => {
                         let frame = Frame::Releases {
                             offers: offers.clone(),
@@ -475,8 +481,18 @@ impl SyncServer {
                 frame = frames.recv() => match frame {
                     Some(Ok(frame)) => {
                         let hello = matches!(frame, Frame::Hello { .. });
-                        if let Frame::Hello { software, target, vector, .. } = &frame {
-                            running = Some((software.clone(), target.clone()));
+                        if let Frame::Platform { target } = frame {
+                            // Protocol 2: offers wait for the platform, then follow it.
+                            if let Some((_, platform)) = running.as_mut().filter(|_| protocol >= 2) {
+                                *platform = Some(target.clone());
+                                let _ = platform_tx.send(Some(target));
+                                offers_due = true;
+                            }
+                            continue;
+                        }
+                        if let Frame::Hello { protocol: p, software, vector } = &frame {
+                            protocol = *p;
+                            running = Some((software.clone(), None));
                             let origin = OriginId::from(branch);
                             let head = vector.iter().find(|p| p.origin == origin).map_or(shared::Seq::ZERO, |p| p.seq);
                             let (store, b, sw) = (self.store.clone(), branch.clone(), software.clone());
@@ -509,8 +525,9 @@ impl SyncServer {
                             self.metrics.bytes_received.fetch_add(s.body.len() as u64, Ordering::Relaxed);
                         }
                         session.handle_frame(self.now(), frame);
-                        // A hello the session accepted is welcomed: offers follow.
-                        if hello && !session.is_closed() {
+                        // A hello the session accepted is welcomed: offers follow (for protocol 2,
+                        // once the edge has named its platform).
+                        if hello && !session.is_closed() && protocol < 2 {
                             offers_due = true;
                         }
                     }
@@ -575,11 +592,11 @@ impl SyncServer {
         &self,
         branch: &BranchId,
         software: &str,
-        target: &str,
+        target: Option<&str>,
     ) -> Result<Vec<ReleaseOffer>, String> {
         let (store, b, sw) = (self.store.clone(), branch.clone(), software.to_owned());
-        let t = target.to_owned();
-        tokio::task::spawn_blocking(move || store.offers(&b, &sw, &t))
+        let t = target.map(str::to_owned);
+        tokio::task::spawn_blocking(move || store.offers(&b, &sw, t.as_deref()))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
@@ -588,15 +605,21 @@ impl SyncServer {
     /// Serves the release downloads of a connection: every bidirectional stream the edge
     /// opens after the control stream, each in a task of its own. Ends when the connection
     /// closes; dropping it (the session ended) stops the downloads under way.
-    async fn serve_downloads(self: Arc<Self>, branch: BranchId, conn: quinn::Connection) {
+    async fn serve_downloads(
+        self: Arc<Self>,
+        branch: BranchId,
+        conn: quinn::Connection,
+        platform: tokio::sync::watch::Receiver<Option<String>>,
+    ) {
         let mut downloads = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 stream = conn.accept_bi() => match stream {
                     Ok((send, recv)) => {
                         let (server, branch) = (self.clone(), branch.clone());
+                        let platform = platform.borrow().clone();
                         downloads.spawn(async move {
-                            if let Err(e) = server.serve_download(&branch, send, recv).await {
+                            if let Err(e) = server.serve_download(&branch, platform, send, recv).await {
                                 tracing::info!(%branch, "release download ended: {e}");
                             }
                         });
@@ -614,6 +637,7 @@ impl SyncServer {
     async fn serve_download(
         &self,
         branch: &BranchId,
+        platform: Option<String>,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), String> {
@@ -633,11 +657,38 @@ impl SyncServer {
         .await
         .map_err(|_| "no fetch in time".to_owned())?;
         let (version, target, offset) = match request {
-            Ok(Frame::Fetch {
+            // Protocol 1: no platform named; the version's only target, else the hub's own.
+            Ok(Frame::Fetch { version, offset }) => {
+                let (store, v) = (self.store.clone(), version.clone());
+                let targets: Vec<String> = tokio::task::spawn_blocking(move || store.releases())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .filter(|r| r.version == v)
+                    .map(|r| r.target)
+                    .collect();
+                let target = match targets.as_slice() {
+                    [only] => only.clone(),
+                    _ => shared::release::this_target(),
+                };
+                (version, target, offset)
+            }
+            Ok(Frame::FetchFor {
                 version,
                 target,
                 offset,
-            }) => (version, target, offset),
+            }) => {
+                if platform.as_deref() != Some(target.as_str()) {
+                    let named = platform.as_deref().unwrap_or("no platform yet");
+                    return refuse(
+                        send,
+                        &format!("release {version} for {target} is not for this edge ({named})"),
+                    )
+                    .await;
+                }
+                (version, target, offset)
+            }
             Ok(other) => {
                 return refuse(
                     send,
@@ -671,7 +722,7 @@ impl SyncServer {
             return refuse(
                 send,
                 &format!(
-                    "offset {offset} is past the end of release {version} ({} bytes)",
+                    "offset {offset} is past the end of release {version} for {target} ({} bytes)",
                     release.size
                 ),
             )
@@ -694,10 +745,10 @@ impl SyncServer {
         let mut file = match opened {
             Ok(f) => f,
             Err(e) => {
-                tracing::error!(%branch, path = %path.display(), "release {version}'s artifact is unusable: {e}");
+                tracing::error!(%branch, path = %path.display(), "release {version} for {target}: its artifact is unusable: {e}");
                 return refuse(
                     send,
-                    &format!("release {version}'s artifact is unavailable"),
+                    &format!("release {version} for {target}: its artifact is unavailable"),
                 )
                 .await;
             }

@@ -230,8 +230,18 @@ struct Edge {
 }
 
 impl Edge {
-    /// Connects, says hello as `software`, and reads the welcome.
+    /// Connects, says hello as `software` on this platform, and reads the welcome.
     async fn connect(endpoint: &quinn::Endpoint, hub: SocketAddr, software: &str) -> Edge {
+        Edge::connect_as(endpoint, hub, software, PROTOCOL_VERSION).await
+    }
+
+    /// [`Edge::connect`] speaking `protocol` (1: no `Platform` after the hello).
+    async fn connect_as(
+        endpoint: &quinn::Endpoint,
+        hub: SocketAddr,
+        software: &str,
+        protocol: u16,
+    ) -> Edge {
         let conn = endpoint
             .connect(hub, HUB_SERVER_NAME)
             .unwrap()
@@ -239,12 +249,17 @@ impl Edge {
             .unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
         let hello = Frame::Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol,
             software: software.to_owned(),
-            target: shared::release::this_target(),
             vector: Vec::new(),
         };
         send.write_all(&hello.encode()).await.unwrap();
+        if protocol >= 2 {
+            let platform = Frame::Platform {
+                target: this_target(),
+            };
+            send.write_all(&platform.encode()).await.unwrap();
+        }
         let mut edge = Edge {
             conn,
             send,
@@ -253,7 +268,7 @@ impl Edge {
         };
         let welcome = edge.next(GUARD).await;
         assert!(
-            matches!(welcome, Some(Frame::Welcome { .. })),
+            matches!(welcome, Some(Frame::Welcome { protocol: p, .. }) if p == protocol),
             "{welcome:?}"
         );
         edge
@@ -279,14 +294,19 @@ impl Edge {
         self.send.write_all(&frame.encode()).await.unwrap();
     }
 
-    /// One download: the answer's first frame and the bytes after it.
+    /// One download for this platform: the answer's first frame and the bytes after it.
     async fn fetch(&self, version: &str, offset: u64) -> (Frame, Vec<u8>) {
-        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
-        let fetch = Frame::Fetch {
+        self.request(Frame::FetchFor {
             version: version.to_owned(),
-            target: shared::release::this_target(),
+            target: this_target(),
             offset,
-        };
+        })
+        .await
+    }
+
+    /// One download asked with `fetch` (a `Fetch` or `FetchFor`).
+    async fn request(&self, fetch: Frame) -> (Frame, Vec<u8>) {
+        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
         send.write_all(&fetch.encode()).await.unwrap();
         send.finish().unwrap();
         let all = tokio::time::timeout(GUARD, recv.read_to_end(64 << 20))
@@ -617,4 +637,62 @@ async fn a_ring_change_reaches_a_live_session() {
     assert_eq!(status, 200);
     let mut edge = Edge::connect(&endpoint, hub.quic, "1.1.0").await;
     assert_eq!(edge.next(QUIET).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_1_edge_still_syncs_and_updates() {
+    let hub = TestHub::start().await;
+    let endpoint = hub.enroll("B001");
+    let ours = artifact(300, 5);
+    let (status, _) = hub.publish("version=0.2.0&ring=all", &ours).await;
+    assert_eq!(status, 201);
+    let (status, _) = hub
+        .publish(
+            "version=0.2.0&ring=all&target=aarch64-linux",
+            &artifact(200, 6),
+        )
+        .await;
+    assert_eq!(status, 201);
+
+    // A protocol 2 edge is offered its own platform's build, and may fetch only that.
+    let mut v2 = Edge::connect(&endpoint, hub.quic, "0.1.0").await;
+    let offers = match v2.next(GUARD).await {
+        Some(Frame::Releases { offers }) => offers,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(offers.len(), 1);
+    assert_eq!(offers[0].target, this_target());
+    let (header, _) = v2
+        .request(Frame::FetchFor {
+            version: "0.2.0".into(),
+            target: "aarch64-linux".into(),
+            offset: 0,
+        })
+        .await;
+    assert!(matches!(header, Frame::Close { .. }), "{header:?}");
+    drop(v2);
+
+    // The release before `Platform`: welcomed in its protocol, offered every platform's build
+    // (it picks its own), and its `Fetch` without a target gets the hub's platform's build.
+    let mut v1 = Edge::connect_as(&endpoint, hub.quic, "0.1.0", 1).await;
+    let offers = match v1.next(GUARD).await {
+        Some(Frame::Releases { offers }) => offers,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(offers.len(), 2, "{offers:?}");
+    let (header, body) = v1
+        .request(Frame::Fetch {
+            version: "0.2.0".into(),
+            offset: 0,
+        })
+        .await;
+    assert_eq!(
+        header,
+        Frame::Artifact {
+            version: "0.2.0".into(),
+            size: ours.len() as u64,
+            offset: 0
+        }
+    );
+    assert_eq!(body, ours);
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::ids::{OriginId, Seq};
 use crate::log::{LogEntry, Segment, SegmentError};
 use crate::schema::Schema;
-use crate::wire::{Frame, PROTOCOL_VERSION, Position, RejectReason};
+use crate::wire::{Frame, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, Position, RejectReason};
 
 /// Milliseconds on the caller's clock.
 pub type Millis = u64;
@@ -588,8 +588,10 @@ impl EdgeSession {
         self.fx.transmit.push_back(Frame::Hello {
             protocol: PROTOCOL_VERSION,
             software: self.software.clone(),
-            target: crate::release::this_target(),
             vector: vec![self.up.head.clone(), self.down.durable.clone()],
+        });
+        self.fx.transmit.push_back(Frame::Platform {
+            target: crate::release::this_target(),
         });
     }
 
@@ -758,6 +760,8 @@ pub struct HubSession {
     up: Inbound,
     down: Outbound,
     greeted: bool,
+    /// The protocol spoken: the edge's, from its hello (the welcome answers in it).
+    protocol: u16,
     closed: bool,
     fx: Effects,
 }
@@ -779,6 +783,7 @@ impl HubSession {
             up: Inbound::new(durable),
             down: Outbound::new(feed_acked, feed_head),
             greeted: false,
+            protocol: PROTOCOL_VERSION,
             closed: false,
             fx: Effects::default(),
         }
@@ -814,7 +819,7 @@ impl HubSession {
 
     fn welcome(&mut self) {
         self.fx.transmit.push_back(Frame::Welcome {
-            protocol: PROTOCOL_VERSION,
+            protocol: self.protocol,
             vector: vec![self.up.durable.clone(), self.down.head.clone()],
         });
     }
@@ -828,10 +833,13 @@ impl HubSession {
             Frame::Hello {
                 protocol, vector, ..
             } => {
-                if protocol != PROTOCOL_VERSION {
-                    self.close(&format!("protocol {protocol} is not {PROTOCOL_VERSION}"));
+                if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&protocol) {
+                    self.close(&format!(
+                        "protocol {protocol} is not one of {PROTOCOL_VERSION_MIN} to {PROTOCOL_VERSION}"
+                    ));
                     return;
                 }
+                self.protocol = protocol;
                 if self.greeted {
                     // A repeated hello (the welcome was lost, or the network duplicated it):
                     // its positions may be older than what arrived since, so it is answered,

@@ -10,6 +10,9 @@ use crate::release::{OFFERS_MAX, REPORTS_MAX, ReleaseOffer, UpdateReport};
 
 /// The sync protocol's version, exchanged in the handshake.
 pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol a hub still speaks: protocol 1 edges (no `Platform`, `Fetch` without a
+/// target) keep syncing and can be updated to this one.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// The QUIC application protocol (ALPN) both sides require.
 pub const ALPN: &[u8] = b"outpost-sync/1";
 /// The name the hub's certificate carries and every edge verifies, whatever address it dials.
@@ -61,12 +64,11 @@ pub enum RejectReason {
 /// One sync message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
-    /// Edge → hub, first: the edge's protocol, software, platform (`<arch>-<os>`, what
-    /// releases it can run) and its positions.
+    /// Edge → hub, first: the edge's protocol, software and its positions. (A protocol 2
+    /// edge follows it with [`Frame::Platform`].)
     Hello {
         protocol: u16,
         software: String,
-        target: String,
         vector: Vec<Position>,
     },
     /// Hub → edge: the hub's durable positions (for the edge's own origin: where to resume).
@@ -107,11 +109,10 @@ pub enum Frame {
     Releases {
         offers: Vec<ReleaseOffer>,
     },
-    /// Edge → hub, first on a stream of its own: send release `version` for `target` from
-    /// byte `offset`.
+    /// Edge → hub, first on a stream of its own (protocol 1): send release `version` from
+    /// byte `offset`, for the hub's own platform. Protocol 2 edges send [`Frame::FetchFor`].
     Fetch {
         version: String,
-        target: String,
         offset: u64,
     },
     /// Hub → edge, the answer to `Fetch`: the release's bytes from `offset` to `size` follow
@@ -124,6 +125,21 @@ pub enum Frame {
     /// Edge → hub after the welcome: how its latest update attempts ended.
     UpdateReports {
         reports: Vec<UpdateReport>,
+    },
+    // Protocol 2. Frames are numbered by their place in this enum: a frame's layout never
+    // changes once shipped, and new frames go at the end, so that a hub reads the frames of
+    // every edge older than itself.
+    /// Edge → hub, right after `Hello` (protocol 2 on): the platform the edge runs on
+    /// (`<arch>-<os>`), so that it is offered, and may fetch, only releases it can run.
+    Platform {
+        target: String,
+    },
+    /// Edge → hub, first on a stream of its own (protocol 2 on): send release `version` for
+    /// `target` from byte `offset`.
+    FetchFor {
+        version: String,
+        target: String,
+        offset: u64,
     },
 }
 
@@ -151,13 +167,9 @@ impl Frame {
         };
         match self {
             Frame::Hello {
-                software,
-                target,
-                vector,
-                ..
+                software, vector, ..
             } => {
                 text(software)?;
-                text(target)?;
                 if vector.len() > VECTOR_ORIGINS_MAX {
                     return Err(WireError::Limit("version vector too long"));
                 }
@@ -178,13 +190,14 @@ impl Frame {
                     }
                 }
             }
-            Frame::Fetch {
+            Frame::Fetch { version, .. } | Frame::Artifact { version, .. } => text(version)?,
+            Frame::Platform { target } => text(target)?,
+            Frame::FetchFor {
                 version, target, ..
             } => {
                 text(version)?;
                 text(target)?;
             }
-            Frame::Artifact { version, .. } => text(version)?,
             Frame::UpdateReports { reports } => {
                 if reports.len() > REPORTS_MAX {
                     return Err(WireError::Limit("too many update reports"));
@@ -318,6 +331,56 @@ mod tests {
     }
     use super::*;
 
+    /// Bytes a protocol 1 edge (the release before `Platform`) sends, captured from that
+    /// release's build. A hub must read them as long as it accepts protocol 1.
+    #[test]
+    fn frames_of_protocol_1_edges_still_decode() {
+        let o = OriginId::parse("B001").unwrap();
+        let golden = [
+            (
+                "012f000000000105302e312e30010442303031006574080f461a8b6368f4737d37550806dec4a3ff294769765458341a422e1d15",
+                Frame::Hello {
+                    protocol: 1,
+                    software: "0.1.0".into(),
+                    vector: vec![Position::genesis(&o)],
+                },
+            ),
+            (
+                "01080000000905302e322e304d",
+                Frame::Fetch {
+                    version: "0.2.0".into(),
+                    offset: 77,
+                },
+            ),
+            (
+                "01120000000b0105302e322e3005302e312e300201640a",
+                Frame::UpdateReports {
+                    reports: vec![UpdateReport {
+                        version: "0.2.0".into(),
+                        from: "0.1.0".into(),
+                        outcome: crate::release::UpdateOutcome::RolledBack,
+                        detail: "d".into(),
+                        at: 5,
+                    }],
+                },
+            ),
+            (
+                "010400000007030112",
+                Frame::Status {
+                    unsynced: 3,
+                    oldest_unsynced_payment: Some(9),
+                },
+            ),
+        ];
+        for (bytes, frame) in golden {
+            let bytes = hex::decode(bytes).unwrap();
+            let (decoded, used) = Frame::decode(&bytes).unwrap().unwrap();
+            assert_eq!(used, bytes.len());
+            assert_eq!(decoded, frame);
+            assert_eq!(frame.encode(), bytes, "the layout of {frame:?} changed");
+        }
+    }
+
     #[test]
     fn frames_round_trip_and_arrive_in_pieces() {
         let o = OriginId::parse("B001").unwrap();
@@ -325,8 +388,10 @@ mod tests {
             Frame::Hello {
                 protocol: PROTOCOL_VERSION,
                 software: "0.1.0".into(),
-                target: crate::release::this_target(),
                 vector: vec![Position::genesis(&o)],
+            },
+            Frame::Platform {
+                target: crate::release::this_target(),
             },
             Frame::Ack(Position::genesis(&o)),
             Frame::Close {
@@ -346,6 +411,10 @@ mod tests {
                 }],
             },
             Frame::Fetch {
+                version: "0.2.0".into(),
+                offset: 77,
+            },
+            Frame::FetchFor {
                 version: "0.2.0".into(),
                 target: crate::release::this_target(),
                 offset: 77,

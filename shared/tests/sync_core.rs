@@ -325,7 +325,6 @@ fn another_branchs_origin_is_refused() {
         Frame::Hello {
             protocol: shared::wire::PROTOCOL_VERSION,
             software: "x".into(),
-            target: "x86_64-linux".into(),
             vector: vec![],
         },
     );

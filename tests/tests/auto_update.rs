@@ -705,7 +705,11 @@ fn tampered_artifact_is_refused() {
     let size = artifact.len() as u64;
     http.publish(&hub, "0.2.0", "all", artifact).expect(201);
     // Alter 4 KiB in the middle of the artifact on the hub's disk, same length.
-    let path = hub.data_dir().join("releases").join("0.2.0.artifact");
+    let path = hub
+        .data_dir()
+        .join("releases")
+        .join(shared::release::this_target())
+        .join("0.2.0.artifact");
     {
         let mut f = std::fs::OpenOptions::new()
             .read(true)

@@ -561,7 +561,6 @@ fn backlog_report_reaches_head_office() {
         let hello = Frame::Hello {
             protocol: PROTOCOL_VERSION,
             software: "0.1.0".into(),
-            target: shared::release::this_target(),
             vector: vec![Position::genesis(&origin)],
         };
         send.write_all(&hello.encode()).await.unwrap();
