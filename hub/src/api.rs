@@ -213,6 +213,7 @@ async fn branches(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiError> 
                 "materialised_seq": b.materialised_seq.0,
                 "chain_head": b.chain_head.to_hex(),
                 "edge_version": b.edge_version,
+                "edge_target": b.edge_target,
                 "unsynced_estimate": b.edge_head_seq.0.saturating_sub(b.synced_seq.0),
                 // As the edge last reported it (it ages while the edge is unreachable).
                 "unsynced_reported": report.map(|r| r.unsynced),
@@ -577,6 +578,7 @@ async fn list_releases(State(hub): State<Hub>) -> Result<axum::Json<Json>, ApiEr
                 "branch": b.branch.as_str(),
                 "ring": b.ring,
                 "installed": b.edge_version,
+                "target": b.edge_target,
                 "connected": hub.sync.is_connected(&b.branch),
                 "last_outcome": outcomes.first().cloned(),
                 "outcomes": outcomes,

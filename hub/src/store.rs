@@ -95,6 +95,8 @@ pub struct BranchInfo {
     pub chain_head: ChainHash,
     pub last_seen: Option<Timestamp>,
     pub edge_version: Option<String>,
+    /// The platform the edge named (protocol 2 on); none for an older edge.
+    pub edge_target: Option<String>,
     pub feed_seq: Seq,
     pub feed_acked_seq: Seq,
     /// The edge's last sealed seq as it told in its last hello.
@@ -180,6 +182,9 @@ pub trait HubStore: Send + Sync + 'static {
         edge_head: Seq,
         now: Timestamp,
     ) -> Result<(), HubStoreError>;
+    /// Records the platform the branch's edge named after its hello (a hello clears it: an
+    /// edge that does not name one is an older one).
+    fn record_platform(&self, branch: &BranchId, target: &str) -> Result<(), HubStoreError>;
     /// Upserts a head-office row (the given columns replace, the others keep their value),
     /// for every branch or for one, and appends it to the feed of each branch it reaches.
     fn put_hub_row(
@@ -295,6 +300,7 @@ CREATE TABLE IF NOT EXISTS branches (
     feed_acked_hash BLOB NOT NULL,
     last_seen INTEGER,
     edge_version TEXT,
+    edge_target TEXT,
     edge_head_seq INTEGER NOT NULL DEFAULT 0,
     materialised_seq INTEGER NOT NULL DEFAULT 0
 );
@@ -383,6 +389,17 @@ fn migrate_releases(conn: &Connection) -> Result<(), HubStoreError> {
     Ok(())
 }
 
+/// A hub from before edges named their platform has no `branches.edge_target`.
+fn migrate_branches(conn: &Connection) -> Result<(), HubStoreError> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('branches') WHERE name = 'edge_target'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE branches ADD COLUMN edge_target TEXT")?;
+    }
+    Ok(())
+}
+
 /// The rows head office wrote for every branch are kept under this branch name.
 pub const ALL_BRANCHES: &str = "*";
 
@@ -392,6 +409,7 @@ impl SqliteHubStore {
         configure(&conn)?;
         conn.execute_batch(SCHEMA_SQL)?;
         migrate_releases(&conn)?;
+        migrate_branches(&conn)?;
         rows::migrate(&conn, &schema)?;
         let hlc: i64 = conn
             .query_row("SELECT value FROM meta WHERE key = 'hlc'", [], |r| r.get(0))
@@ -1039,9 +1057,18 @@ impl HubStore for SqliteHubStore {
         self.write(|w| {
             w.conn
                 .prepare_cached(
-                    "UPDATE branches SET edge_version = ?2, edge_head_seq = ?3, last_seen = ?4 WHERE branch = ?1",
+                    "UPDATE branches SET edge_version = ?2, edge_head_seq = ?3, last_seen = ?4, edge_target = NULL WHERE branch = ?1",
                 )?
                 .execute(params![branch.as_str(), software, edge_head.0 as i64, now.0])?;
+            Ok(())
+        })
+    }
+
+    fn record_platform(&self, branch: &BranchId, target: &str) -> Result<(), HubStoreError> {
+        self.write(|w| {
+            w.conn
+                .prepare_cached("UPDATE branches SET edge_target = ?2 WHERE branch = ?1")?
+                .execute(params![branch.as_str(), target])?;
             Ok(())
         })
     }
@@ -1182,7 +1209,7 @@ impl HubStore for SqliteHubStore {
     fn branches(&self) -> Result<Vec<BranchInfo>, HubStoreError> {
         let conn = self.reader.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT branch, revoked, ring, synced_seq, chain_head, last_seen, edge_version, feed_seq, feed_acked_seq, edge_head_seq, materialised_seq FROM branches ORDER BY branch",
+            "SELECT branch, revoked, ring, synced_seq, chain_head, last_seen, edge_version, feed_seq, feed_acked_seq, edge_head_seq, materialised_seq, edge_target FROM branches ORDER BY branch",
         )?;
         let rows = stmt
             .query_map([], |r| {
@@ -1198,6 +1225,7 @@ impl HubStore for SqliteHubStore {
                     r.get::<_, i64>(8)?,
                     r.get::<_, i64>(9)?,
                     r.get::<_, i64>(10)?,
+                    r.get::<_, Option<String>>(11)?,
                 ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -1212,6 +1240,7 @@ impl HubStore for SqliteHubStore {
                     chain_head: hash32(r.4)?,
                     last_seen: r.5.map(Timestamp),
                     edge_version: r.6,
+                    edge_target: r.11,
                     feed_seq: Seq(r.7 as u64),
                     feed_acked_seq: Seq(r.8 as u64),
                     edge_head_seq: Seq(r.9 as u64),
@@ -1686,6 +1715,30 @@ mod tests {
         // Opening again migrates nothing more.
         let s = SqliteHubStore::open(&path, Arc::new(shared::pos::schema())).unwrap();
         assert_eq!(s.releases().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_hub_from_before_platforms_gains_the_column_and_records_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let schema = Arc::new(shared::pos::schema());
+        {
+            let s = SqliteHubStore::open(&path, schema.clone()).unwrap();
+            s.enroll(&branch("B001"), [1; 32]).unwrap();
+        }
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("ALTER TABLE branches DROP COLUMN edge_target")
+            .unwrap();
+        let s = SqliteHubStore::open(&path, schema).unwrap();
+        let b = branch("B001");
+        let target_of = |s: &SqliteHubStore| s.branches().unwrap()[0].edge_target.clone();
+        assert_eq!(target_of(&s), None);
+        s.record_platform(&b, X86).unwrap();
+        assert_eq!(target_of(&s).as_deref(), Some(X86));
+        // A hello clears it until the edge names it again.
+        s.record_hello(&b, "0.1.0", Seq(0), Timestamp(1)).unwrap();
+        assert_eq!(target_of(&s), None);
     }
 
     #[test]

@@ -485,8 +485,14 @@ impl SyncServer {
                             // Protocol 2: offers wait for the platform, then follow it.
                             if let Some((_, platform)) = running.as_mut().filter(|_| protocol >= 2) {
                                 *platform = Some(target.clone());
-                                let _ = platform_tx.send(Some(target));
+                                let _ = platform_tx.send(Some(target.clone()));
                                 offers_due = true;
+                                let (store, b) = (self.store.clone(), branch.clone());
+                                match tokio::task::spawn_blocking(move || store.record_platform(&b, &target)).await {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(e)) => tracing::warn!(%branch, "cannot record the edge's platform: {e}"),
+                                    Err(e) => tracing::warn!(%branch, "cannot record the edge's platform: {e}"),
+                                }
                             }
                             continue;
                         }

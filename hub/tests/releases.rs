@@ -572,6 +572,7 @@ async fn publish_roll_out_download_and_report() {
                 "branch": "B001",
                 "ring": "all",
                 "installed": "0.1.0",
+                "target": this_target(),
                 "connected": true,
                 "last_outcome": outcome,
                 "outcomes": [outcome],
@@ -580,6 +581,7 @@ async fn publish_roll_out_download_and_report() {
                 "branch": "B002",
                 "ring": "canary",
                 "installed": "0.1.0",
+                "target": this_target(),
                 "connected": true,
                 "last_outcome": null,
                 "outcomes": [],
@@ -670,6 +672,9 @@ async fn a_protocol_1_edge_still_syncs_and_updates() {
         })
         .await;
     assert!(matches!(header, Frame::Close { .. }), "{header:?}");
+    let platform = |branches: &Json| branches.as_array().unwrap()[0]["edge_target"].clone();
+    let (_, branches) = hub.json("GET", "/api/branches", None).await;
+    assert_eq!(platform(&branches), json!(this_target()), "{branches}");
     drop(v2);
 
     // The release before `Platform`: welcomed in its protocol, offered every platform's build
@@ -695,4 +700,7 @@ async fn a_protocol_1_edge_still_syncs_and_updates() {
         }
     );
     assert_eq!(body, ours);
+    // An older edge names no platform: the hub shows none rather than the last one's.
+    let (_, branches) = hub.json("GET", "/api/branches", None).await;
+    assert_eq!(platform(&branches), Json::Null, "{branches}");
 }
