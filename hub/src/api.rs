@@ -69,6 +69,7 @@ impl From<HubStoreError> for ApiError {
             HubStoreError::Field(f) => (StatusCode::BAD_REQUEST, f.code()),
             HubStoreError::ReleaseExists(_) => (StatusCode::CONFLICT, "release_exists"),
             HubStoreError::UnknownRelease(_) => (StatusCode::NOT_FOUND, "unknown_release"),
+            HubStoreError::RingMismatch(..) => (StatusCode::CONFLICT, "ring_mismatch"),
             HubStoreError::NotNext { .. } | HubStoreError::Storage(_) => {
                 tracing::error!("storage: {e}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage")
@@ -473,14 +474,21 @@ async fn publish_release(
                 format!("release {version} for {target} is being published right now"),
             )
         })?;
+    // Checked before the upload (and again when recorded): a refused publish stores nothing.
     let store = hub.store.clone();
-    let (v, t) = (version.clone(), target.clone());
-    if tokio::task::spawn_blocking(move || store.release(&v, &t))
+    let same_version = tokio::task::spawn_blocking(move || store.releases())
         .await
         .map_err(blocking_failed)??
-        .is_some()
-    {
+        .into_iter()
+        .filter(|r| r.version == version)
+        .collect::<Vec<_>>();
+    if same_version.iter().any(|r| r.target == target) {
         return Err(exists());
+    }
+    if let Some(other) = same_version.first()
+        && other.ring != ring
+    {
+        return Err(HubStoreError::RingMismatch(version, other.ring.as_str()).into());
     }
     let upload_failed = |e: UploadError| match e {
         UploadError::TooLarge(_) => too_large(),

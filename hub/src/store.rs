@@ -48,6 +48,8 @@ pub enum HubStoreError {
     ReleaseExists(String),
     #[error("there is no release {0}")]
     UnknownRelease(String),
+    #[error("release {0} is in ring {1} on its other platforms; publish it to ring {1}")]
+    RingMismatch(String, &'static str),
 }
 
 impl From<rusqlite::Error> for HubStoreError {
@@ -201,7 +203,8 @@ pub trait HubStore: Send + Sync + 'static {
     fn query(&self, body: &serde_json::Value) -> Result<serde_json::Value, rows::QueryError>;
 
     /// Records a published release (its artifact is already durable on disk). A version
-    /// published before for the same target is refused with [`HubStoreError::ReleaseExists`]
+    /// published before for the same target is refused with [`HubStoreError::ReleaseExists`],
+    /// one whose other platforms are in another ring with [`HubStoreError::RingMismatch`],
     /// and nothing changes.
     fn add_release(&self, release: &Release) -> Result<(), HubStoreError>;
     /// One release (a version for a target), if it was published.
@@ -1307,6 +1310,15 @@ impl HubStore for SqliteHubStore {
                     release.version, release.target
                 )));
             }
+            // A version is in one ring on every platform: promotion moves it as a whole.
+            if let Some(other) = version_on(&w.conn, &release.version)?.first()
+                && other.ring != release.ring
+            {
+                return Err(HubStoreError::RingMismatch(
+                    release.version.clone(),
+                    other.ring.as_str(),
+                ));
+            }
             w.conn.execute(
                 &format!(
                     "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
@@ -1647,6 +1659,17 @@ mod tests {
         let promoted = s.promote_release("0.2.0").unwrap();
         assert_eq!(promoted.len(), 2);
         assert!(promoted.iter().all(|r| r.ring == Ring::All));
+        // A third platform joins the version's ring, not another.
+        let riscv = |ring| Release {
+            target: "riscv64-linux".into(),
+            ..release("0.2.0", ring)
+        };
+        assert!(matches!(
+            s.add_release(&riscv(Ring::Canary)),
+            Err(HubStoreError::RingMismatch(v, "all")) if v == "0.2.0"
+        ));
+        assert_eq!(s.release("0.2.0", "riscv64-linux").unwrap(), None);
+        s.add_release(&riscv(Ring::All)).unwrap();
         // The listing: newest version first, then by target.
         let listed: Vec<(String, String)> = s
             .releases()
@@ -1659,6 +1682,7 @@ mod tests {
             listed,
             [
                 ("0.2.0".to_owned(), "aarch64-linux".to_owned()),
+                ("0.2.0".to_owned(), "riscv64-linux".to_owned()),
                 ("0.2.0".to_owned(), X86.to_owned())
             ]
         );

@@ -1270,4 +1270,21 @@ fn release_api_errors() {
     assert_eq!(mine["hash"], first["hash"], "{promoted}");
     assert_eq!(mine["signature"], first["signature"], "{promoted}");
     assert!(targets.iter().all(|t| t["ring"] == "all"), "{promoted}");
+    // A third platform's build joins the version's ring, or is refused before its upload.
+    let riscv = http.send(
+        Method::POST,
+        &publish_url("?version=1.0.0&ring=canary&target=riscv64-linux"),
+        token,
+        Body::Bytes(b"riscv build".to_vec()),
+    );
+    assert_eq!(riscv.status, 409, "{}", riscv.text);
+    assert_eq!(riscv.code(), "ring_mismatch", "{}", riscv.text);
+    assert!(
+        riscv.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ring all")),
+        "{}",
+        riscv.text
+    );
+    assert_eq!(artifacts().len(), 2, "nothing stored for the refused build");
 }
