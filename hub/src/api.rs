@@ -475,13 +475,10 @@ async fn publish_release(
             )
         })?;
     // Checked before the upload (and again when recorded): a refused publish stores nothing.
-    let store = hub.store.clone();
-    let same_version = tokio::task::spawn_blocking(move || store.releases())
+    let (store, v) = (hub.store.clone(), version.clone());
+    let same_version = tokio::task::spawn_blocking(move || store.version_releases(&v))
         .await
-        .map_err(blocking_failed)??
-        .into_iter()
-        .filter(|r| r.version == version)
-        .collect::<Vec<_>>();
+        .map_err(blocking_failed)??;
     if same_version.iter().any(|r| r.target == target) {
         return Err(exists());
     }

@@ -211,6 +211,8 @@ pub trait HubStore: Send + Sync + 'static {
     fn release(&self, version: &str, target: &str) -> Result<Option<Release>, HubStoreError>;
     /// Every release, newest version first (semantic version order), then by target.
     fn releases(&self) -> Result<Vec<Release>, HubStoreError>;
+    /// The releases of `version`, one per target it was published for, by target.
+    fn version_releases(&self, version: &str) -> Result<Vec<Release>, HubStoreError>;
     /// Moves a version (for every target it was published for) to ring `all`, so every branch
     /// is offered it, and returns its releases.
     fn promote_release(&self, version: &str) -> Result<Vec<Release>, HubStoreError>;
@@ -1344,6 +1346,10 @@ impl HubStore for SqliteHubStore {
 
     fn releases(&self) -> Result<Vec<Release>, HubStoreError> {
         releases_on(&self.reader.lock())
+    }
+
+    fn version_releases(&self, version: &str) -> Result<Vec<Release>, HubStoreError> {
+        version_on(&self.reader.lock(), version)
     }
 
     fn promote_release(&self, version: &str) -> Result<Vec<Release>, HubStoreError> {

@@ -666,16 +666,12 @@ impl SyncServer {
             // Protocol 1: no platform named; the version's only target, else the hub's own.
             Ok(Frame::Fetch { version, offset }) => {
                 let (store, v) = (self.store.clone(), version.clone());
-                let targets: Vec<String> = tokio::task::spawn_blocking(move || store.releases())
+                let targets = tokio::task::spawn_blocking(move || store.version_releases(&v))
                     .await
                     .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .filter(|r| r.version == v)
-                    .map(|r| r.target)
-                    .collect();
+                    .map_err(|e| e.to_string())?;
                 let target = match targets.as_slice() {
-                    [only] => only.clone(),
+                    [only] => only.target.clone(),
                     _ => shared::release::this_target(),
                 };
                 (version, target, offset)
