@@ -3,7 +3,8 @@
 //! tills each open an order with 3 lines (one batch), move a line, take the payment and close
 //! the order: 4 durable writes per cycle with the `pos` rules. Prints writes/s, group size and
 //! how busy the writer was.
-//! Run: `cargo run --release -p edge --example till_probe [TILLS] [SECONDS]`.
+//! Run: `cargo run --release -p edge --example till_probe [TILLS] [SECONDS] [v7|till]`
+//! (row ids: time-ordered UUIDv7, the default, or per-till sequences).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,10 +25,25 @@ fn fields(pairs: &[(&str, Value)]) -> Fields {
         .collect()
 }
 
+/// How the tills name their rows.
+#[derive(Clone, Copy)]
+enum Ids {
+    /// UUIDv7, as the server names rows and as terminals should: time-ordered.
+    V7,
+    /// `o<till>-<n>`: each till's rows in a key range of its own, scattered across the
+    /// B-trees (64 insertion points), the layout's worst realistic case.
+    PerTill,
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let tills: usize = args.next().map_or(64, |a| a.parse().expect("TILLS"));
     let seconds: u64 = args.next().map_or(8, |a| a.parse().expect("SECONDS"));
+    let ids = match args.next().as_deref() {
+        None | Some("v7") => Ids::V7,
+        Some("till") => Ids::PerTill,
+        Some(other) => panic!("IDS is v7 or till, not {other}"),
+    };
     let dir = tempfile::tempdir().expect("a temp dir");
     let store = Store::open(StoreConfig::new(
         dir.path().join("b.db"),
@@ -51,7 +67,10 @@ fn main() {
                     let mut n = 0u64;
                     while Instant::now() < deadline {
                         n += 1;
-                        let order = format!("o{t}-{n}");
+                        let order = match ids {
+                            Ids::V7 => uuid::Uuid::now_v7().to_string(),
+                            Ids::PerTill => format!("o{t}-{n}"),
+                        };
                         let mut ops = vec![Op::Insert {
                             table: "order_header".into(),
                             id: Some(order.clone()),

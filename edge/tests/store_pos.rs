@@ -665,3 +665,114 @@ fn a_deleted_id_comes_back_with_its_versions_continued() {
         .unwrap_err();
     assert_eq!(e.error.code(), "version_conflict");
 }
+
+/// The tables' SQL as SQLite keeps it, by name.
+fn table_sql(db: &std::path::Path) -> Vec<(String, String)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name LIKE 't\\_%' ESCAPE '\\' ORDER BY name")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+#[test]
+fn new_tables_are_rowid_tables_and_the_older_layout_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("edge.db");
+    let store = open(dir.path());
+    store
+        .commit_blocking(Txn::new(
+            "test",
+            vec![
+                insert("order_header", "o1", &[("table_id", text("T1"))]),
+                insert(
+                    "order_line",
+                    "l1",
+                    &[
+                        ("order_id", text("o1")),
+                        ("quantity", Value::Int(2)),
+                        ("unit_price", Value::Int(700)),
+                    ],
+                ),
+            ],
+        ))
+        .unwrap();
+    store.close();
+    drop(store);
+    let tables = table_sql(&db);
+    assert_eq!(tables.len(), shared::pos::schema().tables().len());
+    for (name, sql) in &tables {
+        assert!(!sql.contains("WITHOUT ROWID"), "{name}: {sql}");
+    }
+
+    // Rebuild every table the way earlier versions created them (`WITHOUT ROWID`), with
+    // their rows and indexes, as an edge upgraded in the field has them.
+    {
+        let mut conn = rusqlite::Connection::open(&db).unwrap();
+        let tx = conn.transaction().unwrap();
+        for (name, sql) in &tables {
+            let indexes: Vec<String> = tx
+                .prepare("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL")
+                .unwrap()
+                .query_map([name], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let old = sql.replacen(&format!("\"{name}\""), "\"old_layout\"", 1);
+            tx.execute_batch(&format!(
+                "{old} WITHOUT ROWID; INSERT INTO old_layout SELECT * FROM \"{name}\"; DROP TABLE \"{name}\"; ALTER TABLE old_layout RENAME TO \"{name}\";"
+            ))
+            .unwrap();
+            for i in indexes {
+                tx.execute_batch(&i).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    assert!(
+        table_sql(&db)
+            .iter()
+            .all(|(_, sql)| sql.ends_with("WITHOUT ROWID"))
+    );
+
+    // The older layout serves reads, the rules, CAS and queries, and survives a reopen.
+    let store = open(dir.path());
+    let o = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(o.get("total_amount"), &Value::Int(1400));
+    store
+        .commit_blocking(txn(insert(
+            "order_payment",
+            "p1",
+            &[("order_id", text("o1")), ("amount", Value::Int(1400))],
+        )))
+        .unwrap();
+    let stale = store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            o.version,
+            &[("status", text("closed"))],
+        )))
+        .unwrap_err();
+    assert_eq!(stale.error.code(), "version_conflict");
+    let o = store.get("order_header", "o1").unwrap().unwrap();
+    store
+        .commit_blocking(txn(update(
+            "order_header",
+            "o1",
+            o.version,
+            &[("status", text("closed"))],
+        )))
+        .unwrap();
+    store.close();
+    drop(store);
+    let store = open(dir.path());
+    let o = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(o.get("status"), &text("closed"));
+    assert_eq!(o.get("paid_amount"), &Value::Int(1400));
+    assert_eq!(store.scan("order_status_log").unwrap().len(), 2);
+    assert_eq!(store.scan("order_line").unwrap().len(), 1);
+}

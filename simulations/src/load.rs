@@ -22,6 +22,17 @@ pub struct LoadConfig {
     pub seconds: u64,
     /// Target writes per second across all clients; `None` runs flat out.
     pub rate: Option<f64>,
+    pub ids: Ids,
+}
+
+/// How the tills name the rows they create (an order's lines and payment are named after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ids {
+    /// Time-ordered UUIDv7, as the edge names rows itself and as terminals should.
+    V7,
+    /// `c<till>-o<cycle>`: each till's orders in a key range of their own, so a group's rows
+    /// land on a different page per till in every B-tree keyed or indexed by id.
+    Till,
 }
 
 #[derive(Debug, Default)]
@@ -101,6 +112,7 @@ async fn till(
     base: String,
     token: String,
     n: usize,
+    ids: Ids,
     pace: Option<Duration>,
     stop: Arc<AtomicBool>,
 ) -> (u64, Vec<u64>, u64) {
@@ -114,7 +126,10 @@ async fn till(
     let auth = format!("Bearer {token}");
     while !stop.load(Ordering::Relaxed) {
         cycle += 1;
-        let order = format!("c{n}-o{cycle}");
+        let order = match ids {
+            Ids::V7 => uuid::Uuid::now_v7().to_string(),
+            Ids::Till => format!("c{n}-o{cycle}"),
+        };
         let mut call = async |method: reqwest::Method, path: String, body: Json| -> Option<Json> {
             if let Some(t) = ticker.as_mut() {
                 t.tick().await;
@@ -268,6 +283,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, String> {
                 base.clone(),
                 token.clone(),
                 n,
+                config.ids,
                 pace,
                 stop.clone(),
             ))

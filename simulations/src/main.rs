@@ -108,8 +108,17 @@ enum Command {
         /// Pace the clients to this many writes per second in total.
         #[arg(long)]
         rate: Option<f64>,
+        /// How the tills name their rows: `v7` (time-ordered UUIDv7, as terminals should) or
+        /// `till` (a sequence per till: rows scattered across the store's B-trees).
+        #[arg(long, default_value = "v7")]
+        ids: simulations::load::Ids,
     },
 }
+
+/// The allocator `outpost-edge` ships with, so that edges this binary runs in its own process
+/// (`load` without `--url`, `demo`) cost what they cost in the field.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -331,6 +340,7 @@ fn main() -> ExitCode {
             subscribers,
             seconds,
             rate,
+            ids,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
@@ -346,6 +356,7 @@ fn main() -> ExitCode {
                 subscribers,
                 seconds,
                 rate,
+                ids,
             };
             match runtime.block_on(simulations::load::run(config)) {
                 Ok(report) => {
