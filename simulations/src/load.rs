@@ -113,12 +113,14 @@ async fn till(
     token: String,
     n: usize,
     ids: Ids,
-    pace: Option<Duration>,
+    // (first request after, then one every): paced tills start staggered across one period,
+    // as terminals do, rather than in lockstep bursts that every group commit would absorb.
+    pace: Option<(Duration, Duration)>,
     stop: Arc<AtomicBool>,
 ) -> (u64, Vec<u64>, u64) {
     let (mut writes, mut lat, mut errors) = (0u64, Vec::new(), 0u64);
-    let mut ticker = pace.map(|p| {
-        let mut t = tokio::time::interval(p);
+    let mut ticker = pace.map(|(offset, period)| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t
     });
@@ -275,9 +277,10 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, String> {
     let started = Instant::now();
     let tills: Vec<_> = (0..config.clients)
         .map(|n| {
-            let pace = config
-                .rate
-                .map(|r| Duration::from_secs_f64(config.clients as f64 / r));
+            let pace = config.rate.map(|r| {
+                let period = Duration::from_secs_f64(config.clients as f64 / r);
+                (period * n as u32 / config.clients as u32, period)
+            });
             tokio::spawn(till(
                 http.clone(),
                 base.clone(),
