@@ -107,6 +107,10 @@ pub struct FeedMetrics {
     pub resyncs: AtomicU64,
     pub snapshots: AtomicU64,
     pub catch_ups: AtomicU64,
+    /// From the start of a commit's group to its fan-out: the commit itself, handing it
+    /// over, and the wait for the fan-out task.
+    pub lag_us_sum: AtomicU64,
+    pub lag_us: [AtomicU64; 8],
 }
 
 struct Inner {
@@ -361,6 +365,10 @@ impl Feed {
     fn fan_out(&self, commit: &Commit) {
         let m = &self.inner.metrics;
         m.commits.fetch_add(1, Relaxed);
+        let lag = commit.started.elapsed().as_micros() as u64;
+        m.lag_us_sum.fetch_add(lag, Relaxed);
+        m.lag_us[crate::store::metrics::bucket(&crate::store::metrics::COMMIT_US_BUCKETS, lag)]
+            .fetch_add(1, Relaxed);
         let mut enc = Encoded::new(&self.inner.store, commit);
         let version = commit.version.0;
         let mut conns = self.inner.conns.lock();

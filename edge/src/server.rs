@@ -186,6 +186,13 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         &m.commit_us,
         Some(m.commit_us_sum.load(Relaxed)),
     );
+    out.histogram(
+        "outpost_commit_write_us",
+        "The group's COMMIT statement alone (WAL frame writes and the fsync), in microseconds.",
+        &metrics::COMMIT_US_BUCKETS,
+        &m.commit_write_us,
+        Some(m.commit_write_us_sum.load(Relaxed)),
+    );
     out.gauge(
         "outpost_commit_version",
         "Last committed version.",
@@ -348,6 +355,13 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         "outpost_feed_snapshots_total",
         "Subscriptions started with a snapshot.",
         fm.snapshots.load(Relaxed),
+    );
+    out.histogram(
+        "outpost_feed_lag_us",
+        "From the start of a commit's group to its fan-out to terminal queues, in microseconds.",
+        &metrics::COMMIT_US_BUCKETS,
+        &fm.lag_us,
+        Some(fm.lag_us_sum.load(Relaxed)),
     );
     out.counter(
         "outpost_feed_catch_ups_total",

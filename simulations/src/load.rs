@@ -44,6 +44,19 @@ pub struct LoadReport {
     pub frames: u64,
     pub errors: u64,
     pub encodes_per_commit: Option<f64>,
+    /// The edge's own account of the run, from its `/metrics` before and after.
+    pub edge: Option<EdgeStages>,
+}
+
+/// Where a commit's time went on the edge during the run: means over the run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EdgeStages {
+    pub group_size: f64,
+    pub group_commit_ms: f64,
+    /// The COMMIT statement alone: WAL frame writes and the fsync.
+    pub commit_write_ms: f64,
+    /// From the start of a commit's group to its fan-out to terminal queues.
+    pub feed_lag_ms: Option<f64>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -80,6 +93,17 @@ impl fmt::Display for LoadReport {
         )?;
         if let Some(e) = self.encodes_per_commit {
             writeln!(f, "feed encodes/commit  {e:.2}")?;
+        }
+        if let Some(s) = self.edge {
+            write!(
+                f,
+                "edge, means          groups of {:.1}, group commit {:.2} ms (COMMIT with its fsync {:.2} ms)",
+                s.group_size, s.group_commit_ms, s.commit_write_ms
+            )?;
+            if let Some(lag) = s.feed_lag_ms {
+                write!(f, ", commit to feed fan-out {lag:.2} ms")?;
+            }
+            writeln!(f)?;
         }
         write!(f, "errors               {}", self.errors)
     }
@@ -235,19 +259,56 @@ async fn subscriber(ws_url: String, stop: Arc<AtomicBool>) -> Result<(u64, Vec<u
     Ok((frames, lat))
 }
 
-async fn metric(http: &reqwest::Client, base: &str, name: &str) -> Option<f64> {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+/// The edge's unlabelled metric values (counters, histogram sums and counts).
+async fn metrics(http: &reqwest::Client, base: &str) -> std::collections::HashMap<String, f64> {
+    let Ok(r) = http.get(format!("{base}/metrics")).send().await else {
+        return Default::default();
+    };
+    let text = r.text().await.unwrap_or_default();
     text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// What the edge counted between two `/metrics` readings.
+struct Counted {
+    before: std::collections::HashMap<String, f64>,
+    after: std::collections::HashMap<String, f64>,
+}
+
+impl Counted {
+    fn delta(&self, name: &str) -> Option<f64> {
+        Some(self.after.get(name)? - self.before.get(name)?)
+    }
+
+    fn ratio(&self, num: &str, den: &str) -> Option<f64> {
+        let d = self.delta(den)?;
+        (d > 0.0).then(|| self.delta(num).map(|n| n / d)).flatten()
+    }
+
+    fn stages(&self) -> Option<EdgeStages> {
+        Some(EdgeStages {
+            group_size: self.ratio(
+                "outpost_commit_requests_total",
+                "outpost_commit_groups_total",
+            )?,
+            group_commit_ms: self.ratio(
+                "outpost_commit_latency_us_sum",
+                "outpost_commit_latency_us_count",
+            )? / 1000.0,
+            commit_write_ms: self.ratio(
+                "outpost_commit_write_us_sum",
+                "outpost_commit_write_us_count",
+            )? / 1000.0,
+            feed_lag_ms: self
+                .ratio("outpost_feed_lag_us_sum", "outpost_feed_lag_us_count")
+                .map(|us| us / 1000.0),
+        })
+    }
 }
 
 pub async fn run(config: LoadConfig) -> Result<LoadReport, String> {
@@ -270,10 +331,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, String> {
             ))
         })
         .collect();
-    let (commits0, encodes0) = (
-        metric(&http, &base, "outpost_feed_commits_total").await,
-        metric(&http, &base, "outpost_feed_encodes_total").await,
-    );
+    let before = metrics(&http, &base).await;
     let started = Instant::now();
     let tills: Vec<_> = (0..config.clients)
         .map(|n| {
@@ -309,14 +367,12 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, String> {
     }
     report.request_us.sort_unstable();
     report.delivery_us.sort_unstable();
-    let (commits1, encodes1) = (
-        metric(&http, &base, "outpost_feed_commits_total").await,
-        metric(&http, &base, "outpost_feed_encodes_total").await,
-    );
-    if let (Some(c0), Some(c1), Some(e0), Some(e1)) = (commits0, commits1, encodes0, encodes1)
-        && c1 > c0
-    {
-        report.encodes_per_commit = Some((e1 - e0) / (c1 - c0));
-    }
+    let counted = Counted {
+        before,
+        after: metrics(&http, &base).await,
+    };
+    report.encodes_per_commit =
+        counted.ratio("outpost_feed_encodes_total", "outpost_feed_commits_total");
+    report.edge = counted.stages();
     Ok(report)
 }

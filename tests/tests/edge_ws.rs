@@ -870,6 +870,22 @@ async fn snapshot_then_gap_free_deltas_reproduce_the_edge_under_concurrent_write
         assert_eq!(l["all"].version, last);
         assert_matches_edge(&l["all"], &staff.admin, &ORDER_TABLES, everything).await;
     }
+    // Where the time goes: every fanned-out commit has its lag from group start, and every
+    // group that wrote its COMMIT statement's time, at most one per group.
+    let admin = &staff.admin;
+    let fanned = admin.metric("outpost_feed_commits_total").await;
+    assert!(
+        fanned >= (WRITERS * ORDERS) as u64,
+        "{fanned} commits fanned out"
+    );
+    assert_eq!(admin.metric("outpost_feed_lag_us_count").await, fanned);
+    let groups = admin.metric("outpost_commit_groups_total").await;
+    let commit_writes = admin.metric("outpost_commit_write_us_count").await;
+    assert!(
+        commit_writes > 0 && commit_writes <= groups,
+        "{commit_writes} COMMIT timings for {groups} groups"
+    );
+    assert!(admin.metric("outpost_commit_write_us_sum").await > 0);
     eprintln!(
         "feed under concurrent writers: {frames} frames, {} + {} deltas, {} rows, {conflicts} compare-and-set conflicts",
         subs["all"].deltas,

@@ -1,4 +1,5 @@
-//! Counters the store keeps for `/metrics`: commit groups, their sizes, and commit latency.
+//! Counters the store keeps for `/metrics`: commit groups, their sizes, commit latency, and
+//! the part of it spent in the COMMIT statement (WAL writes and fsync).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -16,6 +17,14 @@ pub struct StoreMetrics {
     pub commit_us_sum: AtomicU64,
     pub group_size: [AtomicU64; 8],
     pub commit_us: [AtomicU64; 8],
+    /// The COMMIT statement alone: writing the group's WAL frames and the fsync.
+    pub commit_write_us_sum: AtomicU64,
+    pub commit_write_us: [AtomicU64; 8],
+}
+
+/// The bucket of `v` among inclusive upper bounds (the last bucket takes the rest).
+pub fn bucket(bounds: &[u64; 8], v: u64) -> usize {
+    bounds.iter().position(|b| v <= *b).unwrap_or(7)
 }
 
 impl StoreMetrics {
@@ -25,8 +34,13 @@ impl StoreMetrics {
         self.rows.fetch_add(rows as u64, Relaxed);
         let us = took.as_micros() as u64;
         self.commit_us_sum.fetch_add(us, Relaxed);
-        let bucket = |bounds: &[u64; 8], v: u64| bounds.iter().position(|b| v <= *b).unwrap_or(7);
         self.group_size[bucket(&GROUP_SIZE_BUCKETS, requests as u64)].fetch_add(1, Relaxed);
         self.commit_us[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn record_commit_write(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.commit_write_us_sum.fetch_add(us, Relaxed);
+        self.commit_write_us[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
     }
 }

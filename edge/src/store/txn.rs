@@ -97,4 +97,6 @@ pub struct Change {
 pub struct Commit {
     pub version: Version,
     pub changes: Vec<Change>,
+    /// When the writer started the group that committed it (for the feed's lag metric).
+    pub started: std::time::Instant,
 }

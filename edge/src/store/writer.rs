@@ -380,6 +380,9 @@ impl Writer {
             return;
         }
         let elapsed = started.elapsed();
+        for c in commits.iter_mut() {
+            c.started = started;
+        }
         self.shared.metrics.record_group(
             group.len(),
             commits.iter().map(|c| c.changes.len()).sum(),
@@ -453,7 +456,9 @@ impl Writer {
             sql::set_meta(&self.conn, "version", self.status.version.0 as i64)?;
         }
         // Nothing changed (every request failed or was a no-op): COMMIT writes nothing.
+        let commit = Instant::now();
         self.conn.execute_batch("COMMIT")?;
+        self.shared.metrics.record_commit_write(commit.elapsed());
         Ok(())
     }
 
@@ -602,6 +607,7 @@ impl Writer {
         let commit = Commit {
             version: scratch.version,
             changes: scratch.changes,
+            started: Instant::now(),
         };
         Ok((
             Committed {
@@ -1126,7 +1132,11 @@ impl Writer {
             Vec::new()
         } else {
             self.status.version = version;
-            vec![Commit { version, changes }]
+            vec![Commit {
+                version,
+                changes,
+                started: Instant::now(),
+            }]
         };
         self.publish(&commits);
         self.hand_over(Delivery {
