@@ -181,17 +181,24 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
     );
     out.histogram(
         "outpost_commit_latency_us",
-        "Group commit latency including the fsync, in microseconds.",
+        "Group commit latency (applying the group and its COMMIT; the fsync runs beside the next group), in microseconds.",
         &metrics::COMMIT_US_BUCKETS,
         &m.commit_us,
         Some(m.commit_us_sum.load(Relaxed)),
     );
     out.histogram(
         "outpost_commit_write_us",
-        "The group's COMMIT statement alone (WAL frame writes and the fsync), in microseconds.",
+        "The COMMIT statement alone (writing the WAL frames; the fsync is apart), in microseconds.",
         &metrics::COMMIT_US_BUCKETS,
         &m.commit_write_us,
         Some(m.commit_write_us_sum.load(Relaxed)),
+    );
+    out.histogram(
+        "outpost_wal_fsync_us",
+        "WAL fsyncs making commits durable (one may cover several groups), in microseconds.",
+        &metrics::COMMIT_US_BUCKETS,
+        &m.fsync_us,
+        Some(m.fsync_us_sum.load(Relaxed)),
     );
     out.gauge(
         "outpost_commit_version",

@@ -52,9 +52,13 @@ pub struct LoadReport {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EdgeStages {
     pub group_size: f64,
+    /// Applying a group and its COMMIT statement (the fsync runs beside the next group).
     pub group_commit_ms: f64,
-    /// The COMMIT statement alone: WAL frame writes and the fsync.
+    /// The COMMIT statement alone: writing the WAL frames.
     pub commit_write_ms: f64,
+    /// One WAL fsync, and how many groups each covered.
+    pub fsync_ms: f64,
+    pub groups_per_fsync: f64,
     /// From the start of a commit's group to its fan-out to terminal queues.
     pub feed_lag_ms: Option<f64>,
 }
@@ -97,8 +101,8 @@ impl fmt::Display for LoadReport {
         if let Some(s) = self.edge {
             write!(
                 f,
-                "edge, means          groups of {:.1}, group commit {:.2} ms (COMMIT with its fsync {:.2} ms)",
-                s.group_size, s.group_commit_ms, s.commit_write_ms
+                "edge, means          groups of {:.1}, group {:.2} ms (its COMMIT {:.2} ms), fsync {:.2} ms ({:.1} groups each)",
+                s.group_size, s.group_commit_ms, s.commit_write_ms, s.fsync_ms, s.groups_per_fsync
             )?;
             if let Some(lag) = s.feed_lag_ms {
                 write!(f, ", commit to feed fan-out {lag:.2} ms")?;
@@ -304,6 +308,10 @@ impl Counted {
                 "outpost_commit_write_us_sum",
                 "outpost_commit_write_us_count",
             )? / 1000.0,
+            fsync_ms: self.ratio("outpost_wal_fsync_us_sum", "outpost_wal_fsync_us_count")?
+                / 1000.0,
+            groups_per_fsync: self
+                .ratio("outpost_commit_groups_total", "outpost_wal_fsync_us_count")?,
             feed_lag_ms: self
                 .ratio("outpost_feed_lag_us_sum", "outpost_feed_lag_us_count")
                 .map(|us| us / 1000.0),

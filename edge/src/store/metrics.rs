@@ -1,5 +1,5 @@
 //! Counters the store keeps for `/metrics`: commit groups, their sizes, commit latency, and
-//! the part of it spent in the COMMIT statement (WAL writes and fsync).
+//! the parts of it spent in the COMMIT statement (WAL writes) and in the WAL fsync.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -17,9 +17,12 @@ pub struct StoreMetrics {
     pub commit_us_sum: AtomicU64,
     pub group_size: [AtomicU64; 8],
     pub commit_us: [AtomicU64; 8],
-    /// The COMMIT statement alone: writing the group's WAL frames and the fsync.
+    /// The COMMIT statement alone: writing the group's WAL frames (the fsync is apart).
     pub commit_write_us_sum: AtomicU64,
     pub commit_write_us: [AtomicU64; 8],
+    /// The WAL fsyncs that make commits durable (one may cover several groups).
+    pub fsync_us_sum: AtomicU64,
+    pub fsync_us: [AtomicU64; 8],
 }
 
 /// The bucket of `v` among inclusive upper bounds (the last bucket takes the rest).
@@ -36,6 +39,12 @@ impl StoreMetrics {
         self.commit_us_sum.fetch_add(us, Relaxed);
         self.group_size[bucket(&GROUP_SIZE_BUCKETS, requests as u64)].fetch_add(1, Relaxed);
         self.commit_us[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn record_fsync(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.fsync_us_sum.fetch_add(us, Relaxed);
+        self.fsync_us[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
     }
 
     pub(crate) fn record_commit_write(&self, took: Duration) {

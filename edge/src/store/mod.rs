@@ -6,6 +6,7 @@
 //! (async) or [`Store::commit_blocking`]; both return only after the group's fsync.
 
 mod chunk;
+mod durable;
 mod error;
 mod hot;
 pub mod metrics;
@@ -28,6 +29,7 @@ use shared::log::{ChainHash, LogEntry, Segment, verify_chain};
 use shared::{BranchId, OriginId, Row, Schema, Seq, Timestamp, Version};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+pub use durable::SyncGate;
 pub use error::{OpenError, StoreError, TxnError};
 pub use hot::HotTier;
 pub use metrics::StoreMetrics;
@@ -79,6 +81,8 @@ pub struct StoreConfig {
     /// How often the housekeeping thread checkpoints the WAL and ticks the writer.
     pub housekeeping_ms: u64,
     pub clock: Clock,
+    /// Test hook: holds the WAL fsyncs of commits until the test opens it.
+    pub sync_gate: Option<Arc<SyncGate>>,
 }
 
 impl StoreConfig {
@@ -94,6 +98,7 @@ impl StoreConfig {
             retention_ms: 7 * 24 * 3600 * 1000,
             housekeeping_ms: 50,
             clock: system_clock(),
+            sync_gate: None,
         }
     }
 }
@@ -106,6 +111,8 @@ pub(crate) struct Shared {
     pub metrics: StoreMetrics,
     /// Groups handed to the answering thread and not yet answered.
     pub deliveries_pending: std::sync::atomic::AtomicUsize,
+    /// Which commits are durable; every read waits at its barrier (see `durable`).
+    pub durability: durable::Durability,
 }
 
 /// A small pool of read-only connections.
@@ -200,6 +207,10 @@ impl Store {
         let sql: Arc<Vec<TableSql>> = Arc::new(schema.tables().iter().map(TableSql::new).collect());
         let version = Version(sql::get_meta::<i64>(&conn, "version")?.unwrap_or(0) as u64);
         let hot = load_hot(&conn, &schema, &sql, version)?;
+        // From here on the writer's COMMIT only writes the WAL; `durable` fsyncs it beside
+        // the writer, before anything committed is answered or read.
+        let durability = durable::Durability::open(&config.path, config.sync_gate.clone())?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         let (commits, _) = broadcast::channel(COMMIT_FEED_CAPACITY);
         let shared = Arc::new(Shared {
             hot: RwLock::new(hot),
@@ -209,6 +220,7 @@ impl Store {
             commits,
             metrics: StoreMetrics::default(),
             deliveries_pending: std::sync::atomic::AtomicUsize::new(0),
+            durability,
         });
         /// Groups committed but not yet answered; beyond it the writer waits.
         const DELIVERIES_MAX: usize = 64;
@@ -399,13 +411,22 @@ impl Store {
         self.inner.shared.commits.subscribe()
     }
 
+    /// Returns what was just read once every commit it may include is durable: the writer
+    /// publishes a commit before its fsync, and readers wait here instead (see `durable`).
+    fn durable<T>(&self, read: T) -> T {
+        self.inner.shared.durability.barrier();
+        read
+    }
+
     /// The last committed version visible to readers.
     pub fn version(&self) -> Version {
-        self.inner.shared.hot.read().version()
+        let v = self.inner.shared.hot.read().version();
+        self.durable(v)
     }
 
     pub fn log_status(&self) -> LogStatus {
-        self.inner.shared.status.lock().clone()
+        let status = self.inner.shared.status.lock().clone();
+        self.durable(status)
     }
 
     pub fn metrics(&self) -> &StoreMetrics {
@@ -423,11 +444,10 @@ impl Store {
         let ti = self.table_index(table)?;
         {
             let hot = self.inner.shared.hot.read();
-            if let Some(r) = hot.get(ti, id) {
-                return Ok(Some(r.clone()));
-            }
-            if hot.is_complete(ti) {
-                return Ok(None);
+            let found = hot.get(ti, id).cloned();
+            if found.is_some() || hot.is_complete(ti) {
+                drop(hot);
+                return Ok(self.durable(found));
             }
         }
         self.with_reader(|conn| {
@@ -458,7 +478,7 @@ impl Store {
             None => (0..self.schema().tables().len()).collect(),
         };
         let hot = self.inner.shared.hot.read();
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             version: hot.version(),
             tables: indexes
                 .into_iter()
@@ -469,7 +489,9 @@ impl Store {
                     (self.schema().tables()[i].name.clone(), rows)
                 })
                 .collect(),
-        })
+        };
+        drop(hot);
+        Ok(self.durable(snapshot))
     }
 
     /// Runs a read query (see [`query`]) on a pooled read connection.
@@ -488,7 +510,8 @@ impl Store {
 
     /// Runs `f` with a read-only connection from the pool.
     pub fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
-        self.inner.readers.with(f)
+        let read = self.inner.readers.with(f);
+        self.durable(read)
     }
 
     /// Entries of the origin log after `after`, at most `limit` (≤ [`LOG_PAGE_MAX`]).

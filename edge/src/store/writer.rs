@@ -67,6 +67,8 @@ const DELIVER_INLINE_MAX: usize = 4;
 pub(crate) struct Delivery {
     answers: Vec<(Reply<Answer>, Answer)>,
     commits: Vec<Commit>,
+    /// The durability ticket of the group's COMMIT: nothing is delivered before it is durable.
+    ticket: u64,
 }
 
 impl Delivery {
@@ -83,11 +85,19 @@ impl Delivery {
     }
 }
 
-/// Answers groups in commit order until the writer hangs up.
+/// Makes groups durable and answers them, in commit order, until the writer hangs up: one
+/// fsync covers every group waiting here, while the writer already applies the next ones.
 pub(crate) fn answer(rx: crossbeam_channel::Receiver<Delivery>, shared: Arc<Shared>) {
-    for d in rx {
-        d.deliver(&shared);
-        shared.deliveries_pending.fetch_sub(1, Ordering::AcqRel);
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        batch.extend(rx.try_iter());
+        let upto = batch.iter().map(|d| d.ticket).max().unwrap_or(0);
+        shared.durability.sync(upto, &shared.metrics);
+        for d in batch.drain(..) {
+            d.deliver(&shared);
+            shared.deliveries_pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -312,7 +322,7 @@ impl Writer {
         f: impl FnOnce(&mut Self) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        match f(self).and_then(|()| Ok(self.conn.execute_batch("COMMIT")?)) {
+        match f(self).and_then(|()| Ok(self.commit_durably().map(drop)?)) {
             Ok(()) => {
                 *self.shared.status.lock() = self.status.clone();
                 Ok(())
@@ -323,6 +333,28 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// COMMIT (the frames reach the WAL, not yet the disk), with a durability ticket taken
+    /// first; returns the ticket. A failed COMMIT is synced anyway: a reader may be waiting
+    /// for its ticket, and there is nothing new to flush.
+    fn commit_statement(&mut self) -> rusqlite::Result<u64> {
+        let ticket = self.shared.durability.ticket();
+        let started = Instant::now();
+        let done = self.conn.execute_batch("COMMIT");
+        self.shared.metrics.record_commit_write(started.elapsed());
+        if done.is_err() {
+            self.shared.durability.sync(ticket, &self.shared.metrics);
+        }
+        done.map(|()| ticket)
+    }
+
+    /// COMMIT and wait for the fsync, for the rare transactions outside group commit
+    /// (seals, acks, the hub's feed), whose effects are published as soon as they return.
+    fn commit_durably(&mut self) -> rusqlite::Result<u64> {
+        let ticket = self.commit_statement()?;
+        self.shared.durability.sync(ticket, &self.shared.metrics);
+        Ok(ticket)
     }
 
     /// Reloads the log state from the database after a failed transaction. If even that
@@ -344,7 +376,7 @@ impl Writer {
         let started = Instant::now();
         let mut outcomes: Vec<Result<Committed, TxnError>> = Vec::with_capacity(group.len());
         let commits = &mut Vec::new();
-        let mut result = Ok(());
+        let mut result = Ok(0);
         for careful in [false, true] {
             outcomes.clear();
             commits.clear();
@@ -357,9 +389,9 @@ impl Writer {
                 _ => break,
             }
         }
-        let error = match result {
-            Ok(()) => None,
-            Err(GroupError::Store(e)) => Some(e),
+        let (ticket, error) = match result {
+            Ok(ticket) => (ticket, None),
+            Err(GroupError::Store(e)) => (0, Some(e)),
             Err(GroupError::NeedsSavepoints) => {
                 unreachable!("with savepoints every request fails alone")
             }
@@ -397,6 +429,7 @@ impl Writer {
         let delivery = Delivery {
             answers,
             commits: std::mem::take(commits),
+            ticket,
         };
         self.hand_over(delivery);
     }
@@ -408,6 +441,9 @@ impl Writer {
         // Only when the answering thread has nothing left, so the feed stays in commit order.
         let idle = self.shared.deliveries_pending.load(Ordering::Acquire) == 0;
         if delivery.answers.len() <= DELIVER_INLINE_MAX && idle {
+            self.shared
+                .durability
+                .sync(delivery.ticket, &self.shared.metrics);
             delivery.deliver(&self.shared);
             return;
         }
@@ -416,7 +452,11 @@ impl Writer {
             .fetch_add(1, Ordering::AcqRel);
         if let Err(undelivered) = self.deliveries.send(delivery) {
             // The answering thread is gone (only while stopping): answer here.
-            undelivered.into_inner().deliver(&self.shared);
+            let undelivered = undelivered.into_inner();
+            self.shared
+                .durability
+                .sync(undelivered.ticket, &self.shared.metrics);
+            undelivered.deliver(&self.shared);
             self.shared
                 .deliveries_pending
                 .fetch_sub(1, Ordering::AcqRel);
@@ -431,7 +471,7 @@ impl Writer {
         careful: bool,
         outcomes: &mut Vec<Result<Committed, TxnError>>,
         commits: &mut Vec<Commit>,
-    ) -> Result<(), GroupError> {
+    ) -> Result<u64, GroupError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         for (txn, _) in group {
             match self.apply_request(txn, now, careful) {
@@ -456,10 +496,7 @@ impl Writer {
             sql::set_meta(&self.conn, "version", self.status.version.0 as i64)?;
         }
         // Nothing changed (every request failed or was a no-op): COMMIT writes nothing.
-        let commit = Instant::now();
-        self.conn.execute_batch("COMMIT")?;
-        self.shared.metrics.record_commit_write(commit.elapsed());
-        Ok(())
+        Ok(self.commit_statement()?)
     }
 
     /// Makes a group's commits visible: the hot tier in place, then the log status.
@@ -1095,7 +1132,7 @@ impl Writer {
         let branch = self.origin.as_str().to_owned();
         let mut changes = Vec::new();
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let applied = (|| -> Result<(), StoreError> {
+        let applied = (|| -> Result<u64, StoreError> {
             for entry in &entries {
                 if entry.scope.as_ref().is_some_and(|b| b.as_str() != branch) {
                     continue; // meant for another branch
@@ -1120,13 +1157,15 @@ impl Writer {
             if !changes.is_empty() {
                 sql::set_meta(&self.conn, "version", version.0 as i64)?;
             }
-            self.conn.execute_batch("COMMIT")?;
-            Ok(())
+            Ok(self.commit_durably()?)
         })();
-        if let Err(e) = applied {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(e);
-        }
+        let ticket = match applied {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
         self.status.feed = position;
         let commits = if changes.is_empty() {
             Vec::new()
@@ -1142,6 +1181,7 @@ impl Writer {
         self.hand_over(Delivery {
             answers: Vec::new(),
             commits,
+            ticket,
         });
         Ok(())
     }
