@@ -451,6 +451,9 @@ impl Feed {
         since: Option<u64>,
     ) -> Result<(), crate::store::StoreError> {
         let store = &self.inner.store;
+        // The reads below wait for durability; wait before taking the registry lock, so
+        // that the fan-out is rarely held up behind a subscribe waiting for an fsync.
+        store.wait_durable();
         let mut conns = self.inner.conns.lock();
         let Some(c) = conns.get_mut(&conn) else {
             return Ok(());

@@ -871,8 +871,8 @@ async fn snapshot_then_gap_free_deltas_reproduce_the_edge_under_concurrent_write
         assert_matches_edge(&l["all"], &staff.admin, &ORDER_TABLES, everything).await;
     }
     // Where the time goes: every fanned-out commit has its lag from group start; every COMMIT
-    // (one per group, and the seals between) its time; and the WAL fsyncs, at most one per
-    // COMMIT since one fsync may cover several.
+    // that wrote (groups that changed something, and the seals between) its time; and the
+    // WAL fsyncs, at most one per such COMMIT since one fsync may cover several.
     let admin = &staff.admin;
     let fanned = admin.metric("outpost_feed_commits_total").await;
     assert!(
@@ -883,7 +883,7 @@ async fn snapshot_then_gap_free_deltas_reproduce_the_edge_under_concurrent_write
     let groups = admin.metric("outpost_commit_groups_total").await;
     let commit_writes = admin.metric("outpost_commit_write_us_count").await;
     assert!(
-        groups > 0 && commit_writes >= groups,
+        groups > 0 && commit_writes > 0,
         "{commit_writes} COMMIT timings for {groups} groups"
     );
     let fsyncs = admin.metric("outpost_wal_fsync_us_count").await;
@@ -891,7 +891,6 @@ async fn snapshot_then_gap_free_deltas_reproduce_the_edge_under_concurrent_write
         fsyncs > 0 && fsyncs <= commit_writes,
         "{fsyncs} fsyncs for {commit_writes} COMMITs"
     );
-    assert!(admin.metric("outpost_wal_fsync_us_sum").await > 0);
     eprintln!(
         "feed under concurrent writers: {frames} frames, {} + {} deltas, {} rows, {conflicts} compare-and-set conflicts",
         subs["all"].deltas,

@@ -10,9 +10,10 @@
 //! Whatever leaves the store (answers, feed deltas, and every read: hot tier, SQLite, log
 //! status) waits until everything committed by then is durable, so nothing a terminal, a
 //! subscriber or the hub has seen can be lost to a power cut. An fsync that fails leaves the
-//! page cache in an unknown state (the kernel may have dropped the dirty pages), so the
-//! process aborts rather than acknowledge anything more; on restart SQLite recovers the WAL
-//! from what reached the disk.
+//! page cache in an unknown state (the kernel may have dropped the dirty pages, or kept
+//! pages that never reached the disk), so the process aborts rather than acknowledge
+//! anything more. It logs that the machine should be rebooted before the edge serves again:
+//! until then a restarted edge may read pages from the cache that are not on the disk.
 
 use std::fs::File;
 use std::path::Path;
@@ -25,6 +26,9 @@ use super::metrics::StoreMetrics;
 
 pub(crate) struct Durability {
     committed: AtomicU64,
+    /// The ticket of the last state the writer published (hot tier, log status): set
+    /// before the state, so a reader that saw the state reads at least its ticket.
+    published: AtomicU64,
     durable: AtomicU64,
     lock: Mutex<()>,
     changed: Condvar,
@@ -33,23 +37,25 @@ pub(crate) struct Durability {
 }
 
 impl Durability {
-    /// Opens the WAL of the database at `db` (creating an empty one if SQLite has not yet:
-    /// an empty WAL holds no frames) and makes its directory entry durable, which SQLite
-    /// itself only does on its first sync of a WAL it created.
+    /// Opens the WAL of the database SQLite has open at `db`: the path SQLite resolved (a
+    /// symlinked database keeps its WAL beside the link's target, not beside the link), and
+    /// the file must already exist (a connection in WAL mode that has read creates it).
+    /// Makes the WAL and its directory entry durable: SQLite syncs the directory only on its
+    /// own first sync of the WAL, which under `synchronous=NORMAL` waits for a checkpoint.
     pub(crate) fn open(db: &Path, gate: Option<Arc<SyncGate>>) -> std::io::Result<Durability> {
         let mut name = db.as_os_str().to_owned();
         name.push("-wal");
-        let wal = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&name)?;
+        let name = std::path::PathBuf::from(name);
+        let wal = std::fs::OpenOptions::new().write(true).open(&name)?;
         wal.sync_all()?;
-        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)?.sync_all()?;
-        }
+        let dir = match name.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
         Ok(Durability {
             committed: AtomicU64::new(0),
+            published: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             lock: Mutex::new(()),
             changed: Condvar::new(),
@@ -62,6 +68,18 @@ impl Durability {
     /// that can see the commit also sees its ticket.
     pub(crate) fn ticket(&self) -> u64 {
         self.committed.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Records that the state about to be published includes ticket `t`; call before
+    /// publishing it.
+    pub(crate) fn publishing(&self, t: u64) {
+        self.published.fetch_max(t, Ordering::AcqRel);
+    }
+
+    /// Call after reading published state (hot tier, log status) and before returning it:
+    /// waits until the last published ticket is durable, not for COMMITs still in flight.
+    pub(crate) fn barrier_published(&self) {
+        self.wait(self.published.load(Ordering::Acquire));
     }
 
     /// The last ticket handed out.
@@ -83,7 +101,9 @@ impl Durability {
         metrics.record_fsync(started.elapsed());
         if let Err(e) = synced {
             tracing::error!(
-                "fsync of the WAL failed ({e}); stopping before anything more is acknowledged"
+                "fsync of the WAL failed ({e}); stopping before anything more is acknowledged. \
+                 Check the disk and reboot the machine before the edge serves again: the page \
+                 cache may hold writes that never reached the disk"
             );
             std::process::abort();
         }
@@ -97,24 +117,30 @@ impl Durability {
         if self.durable.load(Ordering::Acquire) >= t {
             return;
         }
+        if let Some(gate) = &self.gate {
+            gate.reader_waits();
+        }
         let mut guard = self.lock.lock();
         while self.durable.load(Ordering::Acquire) < t {
             self.changed.wait(&mut guard);
         }
     }
 
-    /// Call after reading and before returning what was read: waits until everything that
-    /// was committed (and so possibly seen) is durable. Usually returns at once; at most it
-    /// waits for one fsync in flight.
+    /// Call after reading SQLite and before returning what was read: waits until every
+    /// COMMIT that had started (and so may have been seen) is durable. Under load that can
+    /// mean the fsync in flight and the next one; reads of what the writer published (hot
+    /// tier, log status) wait only for the ticket published with it.
     pub(crate) fn barrier(&self) {
         self.wait(self.committed());
     }
 }
 
-/// A test hook: holds every WAL fsync until opened, and counts the fsyncs that reached it.
+/// A test hook: holds every WAL fsync until opened, and counts the fsyncs that reached it
+/// and the reads that waited for one.
 #[derive(Debug, Default)]
 pub struct SyncGate {
-    state: Mutex<(bool, u64)>,
+    /// (open, fsyncs arrived, readers that waited)
+    state: Mutex<(bool, u64, u64)>,
     changed: Condvar,
 }
 
@@ -137,6 +163,19 @@ impl SyncGate {
         }
     }
 
+    /// Waits until at least `n` reads have had to wait for an fsync.
+    pub fn wait_readers(&self, n: u64) {
+        let mut s = self.state.lock();
+        while s.2 < n {
+            self.changed.wait(&mut s);
+        }
+    }
+
+    fn reader_waits(&self) {
+        self.state.lock().2 += 1;
+        self.changed.notify_all();
+    }
+
     fn pass(&self) {
         let mut s = self.state.lock();
         s.1 += 1;
@@ -155,8 +194,10 @@ mod tests {
     fn a_reader_waits_for_the_fsync_that_covers_what_it_saw() {
         let dir = tempfile::tempdir().unwrap();
         let gate = SyncGate::closed();
+        // The WAL must exist: SQLite creates it, the store never does.
+        assert!(Durability::open(&dir.path().join("x.db"), None).is_err());
+        std::fs::write(dir.path().join("x.db-wal"), b"").unwrap();
         let d = Arc::new(Durability::open(&dir.path().join("x.db"), Some(gate.clone())).unwrap());
-        assert!(dir.path().join("x.db-wal").exists());
         // Nothing committed: nothing to wait for.
         d.barrier();
         let t = d.ticket();
@@ -176,6 +217,7 @@ mod tests {
                 d.durable.load(Ordering::Acquire)
             })
         };
+        gate.wait_readers(1);
         assert_eq!(d.durable.load(Ordering::Acquire), 0);
         gate.open();
         syncer.join().unwrap();

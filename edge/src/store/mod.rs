@@ -1,6 +1,6 @@
-//! The edge's durable store: SQLite in WAL mode with `synchronous=FULL`, one writer thread doing
-//! group commit with a transactional outbox (the origin log), a pool of read connections and the
-//! in-memory hot tier.
+//! The edge's durable store: SQLite in WAL mode, one writer thread doing group commit with a
+//! transactional outbox (the origin log) and its WAL fsync beside it (`durable`), a pool of
+//! read connections and the in-memory hot tier.
 //!
 //! A `Store` is cheap to clone; all clones share one writer. Writes go through [`Store::commit`]
 //! (async) or [`Store::commit_blocking`]; both return only after the group's fsync.
@@ -82,7 +82,12 @@ pub struct StoreConfig {
     pub housekeeping_ms: u64,
     pub clock: Clock,
     /// Test hook: holds the WAL fsyncs of commits until the test opens it.
+    #[doc(hidden)]
     pub sync_gate: Option<Arc<SyncGate>>,
+    /// Groups of at most this many requests are answered by the writer itself when nothing
+    /// else waits to be answered (fsync inline); larger ones go to the answering thread, so
+    /// that their fsync overlaps the next group.
+    pub deliver_inline_max: usize,
 }
 
 impl StoreConfig {
@@ -99,6 +104,7 @@ impl StoreConfig {
             housekeeping_ms: 50,
             clock: system_clock(),
             sync_gate: None,
+            deliver_inline_max: 4,
         }
     }
 }
@@ -209,7 +215,16 @@ impl Store {
         let hot = load_hot(&conn, &schema, &sql, version)?;
         // From here on the writer's COMMIT only writes the WAL; `durable` fsyncs it beside
         // the writer, before anything committed is answered or read.
-        let durability = durable::Durability::open(&config.path, config.sync_gate.clone())?;
+        // The database's path as SQLite resolved it (symlinks followed), so that the fsync
+        // reaches the WAL SQLite writes.
+        let resolved = conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                OpenError::Incompatible("SQLite reports no file for the database".into())
+            })?;
+        let durability = durable::Durability::open(&resolved, config.sync_gate.clone())?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let (commits, _) = broadcast::channel(COMMIT_FEED_CAPACITY);
         let shared = Arc::new(Shared {
@@ -411,11 +426,18 @@ impl Store {
         self.inner.shared.commits.subscribe()
     }
 
-    /// Returns what was just read once every commit it may include is durable: the writer
-    /// publishes a commit before its fsync, and readers wait here instead (see `durable`).
+    /// Returns what was just read from the published state (hot tier, log status) once
+    /// every commit it may include is durable: the writer publishes a commit before its
+    /// fsync, and readers wait here instead (see `durable`).
     fn durable<T>(&self, read: T) -> T {
-        self.inner.shared.durability.barrier();
+        self.inner.shared.durability.barrier_published();
         read
+    }
+
+    /// Waits until every commit that has started is durable. Callers about to take a lock
+    /// under which they will read call it first, so that they rarely wait while holding it.
+    pub fn wait_durable(&self) {
+        self.inner.shared.durability.barrier();
     }
 
     /// The last committed version visible to readers.
@@ -511,7 +533,9 @@ impl Store {
     /// Runs `f` with a read-only connection from the pool.
     pub fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
         let read = self.inner.readers.with(f);
-        self.durable(read)
+        // SQLite shows a COMMIT as soon as it returns, before its fsync.
+        self.inner.shared.durability.barrier();
+        read
     }
 
     /// Entries of the origin log after `after`, at most `limit` (≤ [`LOG_PAGE_MAX`]).
@@ -673,7 +697,12 @@ impl Store {
 
     /// The role of a bearer token, if it is known.
     pub fn token_role(&self, token: &str) -> Result<Option<shared::Role>, StoreError> {
-        Ok(self.with_reader(|conn| crate::tokens::lookup(conn, token))?)
+        // Tokens are written by their own connection with `synchronous=FULL`, never by the
+        // writer, so this read waits for no fsync.
+        Ok(self
+            .inner
+            .readers
+            .with(|conn| crate::tokens::lookup(conn, token))?)
     }
 
     /// Stops the writer after the requests already queued, and waits for it.

@@ -13,7 +13,8 @@ use super::error::OpenError;
 const SYSTEM_SQL: &str = "id, version, created_at, updated_at, seq, _clock";
 const SYSTEM_SQL_COUNT: usize = 6;
 
-/// Pragmas for every connection: WAL, and a 2xx only after the fsync (`synchronous=FULL`).
+/// Pragmas for every connection: WAL and `synchronous=FULL`. The store's writer connection
+/// then switches to `NORMAL`, its fsync made by `store::durable` beside it.
 pub fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;

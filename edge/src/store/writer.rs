@@ -58,9 +58,6 @@ pub(crate) enum Msg {
     },
 }
 
-/// Groups up to this size are answered by the writer itself.
-const DELIVER_INLINE_MAX: usize = 4;
-
 /// A committed group's answers and its commits for the feed. Waking hundreds of waiting
 /// callers costs a system call each; a separate thread does it so that the writer can start
 /// the next group at once.
@@ -82,6 +79,15 @@ impl Delivery {
         for (reply, answer) in self.answers {
             let _ = reply.send(answer);
         }
+    }
+}
+
+impl Drop for Writer {
+    /// However the writer stops (a panic included), what it committed is made durable, so
+    /// that no reader waits forever for a ticket nobody will sync.
+    fn drop(&mut self) {
+        let committed = self.shared.durability.committed();
+        self.shared.durability.sync(committed, &self.shared.metrics);
     }
 }
 
@@ -163,6 +169,7 @@ pub(crate) struct Writer {
     ids: IdGen,
     deliveries: crossbeam_channel::Sender<Delivery>,
     group_requests_max: usize,
+    deliver_inline_max: usize,
     segment_age_us: i64,
     retention_us: i64,
     /// When a segment was last sealed: payments seal early at most once per
@@ -247,6 +254,7 @@ impl Writer {
             ids: IdGen::new(),
             deliveries,
             group_requests_max: config.group_requests_max,
+            deliver_inline_max: config.deliver_inline_max,
             segment_age_us: config.segment_age_ms as i64 * 1000,
             retention_us: config.retention_ms as i64 * 1000,
             last_seal: Timestamp(0),
@@ -322,8 +330,9 @@ impl Writer {
         f: impl FnOnce(&mut Self) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        match f(self).and_then(|()| Ok(self.commit_durably().map(drop)?)) {
-            Ok(()) => {
+        match f(self).and_then(|()| Ok(self.commit_durably()?)) {
+            Ok(ticket) => {
+                self.shared.durability.publishing(ticket);
                 *self.shared.status.lock() = self.status.clone();
                 Ok(())
             }
@@ -420,7 +429,7 @@ impl Writer {
             commits.iter().map(|c| c.changes.len()).sum(),
             elapsed,
         );
-        self.publish(commits);
+        self.publish(commits, ticket);
         let answers = group
             .drain(..)
             .zip(outcomes.drain(..))
@@ -440,7 +449,7 @@ impl Writer {
         // thread hop for nothing, as there is no queue behind them to start on.
         // Only when the answering thread has nothing left, so the feed stays in commit order.
         let idle = self.shared.deliveries_pending.load(Ordering::Acquire) == 0;
-        if delivery.answers.len() <= DELIVER_INLINE_MAX && idle {
+        if delivery.answers.len() <= self.deliver_inline_max && idle {
             self.shared
                 .durability
                 .sync(delivery.ticket, &self.shared.metrics);
@@ -473,6 +482,7 @@ impl Writer {
         commits: &mut Vec<Commit>,
     ) -> Result<u64, GroupError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let sealed_before = self.status.sealed_seq;
         for (txn, _) in group {
             match self.apply_request(txn, now, careful) {
                 Ok((committed, commit)) => {
@@ -495,12 +505,20 @@ impl Writer {
             self.flush_chunk()?;
             sql::set_meta(&self.conn, "version", self.status.version.0 as i64)?;
         }
-        // Nothing changed (every request failed or was a no-op): COMMIT writes nothing.
+        if commits.is_empty() && self.status.sealed_seq == sealed_before {
+            // Nothing changed (every request failed or was a no-op): the COMMIT writes
+            // nothing and needs no fsync of its own. The answers may carry rows read from
+            // earlier commits, so they wait for those.
+            self.conn.execute_batch("COMMIT")?;
+            return Ok(self.shared.durability.committed());
+        }
         Ok(self.commit_statement()?)
     }
 
     /// Makes a group's commits visible: the hot tier in place, then the log status.
-    fn publish(&mut self, commits: &[Commit]) {
+    /// `ticket` is their COMMIT's; readers of this state wait until it is durable.
+    fn publish(&mut self, commits: &[Commit], ticket: u64) {
+        self.shared.durability.publishing(ticket);
         let mut hot = self.shared.hot.write();
         for c in commits {
             for ch in &c.changes {
@@ -1177,7 +1195,7 @@ impl Writer {
                 started: Instant::now(),
             }]
         };
-        self.publish(&commits);
+        self.publish(&commits, ticket);
         self.hand_over(Delivery {
             answers: Vec::new(),
             commits,
@@ -1318,10 +1336,12 @@ impl Writer {
         if seq <= self.status.acked_seq {
             return Ok(()); // acks only move forward; an old ack is a stale duplicate
         }
-        sql::set_meta(&self.conn, "acked_seq", seq.0 as i64)?;
-        self.status.acked_seq = seq;
-        *self.shared.status.lock() = self.status.clone();
-        Ok(())
+        // In its own transaction, durable before the new position is published.
+        self.in_txn(|w| {
+            sql::set_meta(&w.conn, "acked_seq", seq.0 as i64)?;
+            w.status.acked_seq = seq;
+            Ok(())
+        })
     }
 
     /// Removes acked segments sealed longer ago than the retention period, in one
