@@ -71,7 +71,7 @@ fn main() {
         n as f64 / el,
         groups,
         n as f64 / groups as f64,
-        m.commit_us_sum.load(Relaxed) as f64 / groups as f64,
-        m.commit_us_sum.load(Relaxed) as f64 / 1e4 / el
+        m.commit.sum() as f64 / groups as f64,
+        m.commit.sum() as f64 / 1e4 / el
     );
 }

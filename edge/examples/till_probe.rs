@@ -162,7 +162,7 @@ fn main() {
         "{tills} tills: {:.0} writes/s, groups {groups}, avg group {:.1}, commit us avg {:.0}, writer busy {:.0}%",
         writes as f64 / el,
         m.requests.load(Relaxed) as f64 / groups as f64,
-        m.commit_us_sum.load(Relaxed) as f64 / groups as f64,
-        m.commit_us_sum.load(Relaxed) as f64 / 1e4 / el
+        m.commit.sum() as f64 / groups as f64,
+        m.commit.sum() as f64 / 1e4 / el
     );
 }

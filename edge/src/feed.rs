@@ -109,8 +109,7 @@ pub struct FeedMetrics {
     pub catch_ups: AtomicU64,
     /// From the start of a commit's group to its fan-out: the commit itself, handing it
     /// over, and the wait for the fan-out task.
-    pub lag_us_sum: AtomicU64,
-    pub lag_us: [AtomicU64; 8],
+    pub lag: crate::store::metrics::LatencyHistogram,
 }
 
 struct Inner {
@@ -365,10 +364,7 @@ impl Feed {
     fn fan_out(&self, commit: &Commit) {
         let m = &self.inner.metrics;
         m.commits.fetch_add(1, Relaxed);
-        let lag = commit.started.elapsed().as_micros() as u64;
-        m.lag_us_sum.fetch_add(lag, Relaxed);
-        m.lag_us[crate::store::metrics::bucket(&crate::store::metrics::COMMIT_US_BUCKETS, lag)]
-            .fetch_add(1, Relaxed);
+        m.lag.record(commit.started.elapsed());
         let mut enc = Encoded::new(&self.inner.store, commit);
         let version = commit.version.0;
         let mut conns = self.inner.conns.lock();

@@ -183,22 +183,22 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         "outpost_commit_latency_us",
         "Group commit latency (applying the group and its COMMIT; the fsync runs beside the next group), in microseconds.",
         &metrics::COMMIT_US_BUCKETS,
-        &m.commit_us,
-        Some(m.commit_us_sum.load(Relaxed)),
+        &m.commit.buckets,
+        Some(m.commit.sum()),
     );
     out.histogram(
         "outpost_commit_write_us",
         "The COMMIT statement alone (writing the WAL frames; the fsync is apart), in microseconds.",
         &metrics::COMMIT_US_BUCKETS,
-        &m.commit_write_us,
-        Some(m.commit_write_us_sum.load(Relaxed)),
+        &m.commit_write.buckets,
+        Some(m.commit_write.sum()),
     );
     out.histogram(
         "outpost_wal_fsync_us",
         "WAL fsyncs making commits durable (one may cover several groups), in microseconds.",
         &metrics::COMMIT_US_BUCKETS,
-        &m.fsync_us,
-        Some(m.fsync_us_sum.load(Relaxed)),
+        &m.fsync.buckets,
+        Some(m.fsync.sum()),
     );
     out.gauge(
         "outpost_commit_version",
@@ -367,8 +367,8 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         "outpost_feed_lag_us",
         "From the start of a commit's group to its fan-out to terminal queues, in microseconds.",
         &metrics::COMMIT_US_BUCKETS,
-        &fm.lag_us,
-        Some(fm.lag_us_sum.load(Relaxed)),
+        &fm.lag.buckets,
+        Some(fm.lag.sum()),
     );
     out.counter(
         "outpost_feed_catch_ups_total",

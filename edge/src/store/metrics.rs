@@ -14,15 +14,13 @@ pub struct StoreMetrics {
     pub groups: AtomicU64,
     pub requests: AtomicU64,
     pub rows: AtomicU64,
-    pub commit_us_sum: AtomicU64,
     pub group_size: [AtomicU64; 8],
-    pub commit_us: [AtomicU64; 8],
+    /// A group: applying it and its COMMIT statement.
+    pub commit: LatencyHistogram,
     /// The COMMIT statement alone: writing the group's WAL frames (the fsync is apart).
-    pub commit_write_us_sum: AtomicU64,
-    pub commit_write_us: [AtomicU64; 8],
+    pub commit_write: LatencyHistogram,
     /// The WAL fsyncs that make commits durable (one may cover several groups).
-    pub fsync_us_sum: AtomicU64,
-    pub fsync_us: [AtomicU64; 8],
+    pub fsync: LatencyHistogram,
 }
 
 /// The bucket of `v` among inclusive upper bounds (the last bucket takes the rest).
@@ -30,26 +28,35 @@ pub fn bucket(bounds: &[u64; 8], v: u64) -> usize {
     bounds.iter().position(|b| v <= *b).unwrap_or(7)
 }
 
+/// Durations in microseconds, by [`COMMIT_US_BUCKETS`], with their sum.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    pub buckets: [AtomicU64; 8],
+    pub sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.sum_us.fetch_add(us, Relaxed);
+        self.buckets[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.sum_us.load(Relaxed)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+}
+
 impl StoreMetrics {
     pub(crate) fn record_group(&self, requests: usize, rows: usize, took: Duration) {
         self.groups.fetch_add(1, Relaxed);
         self.requests.fetch_add(requests as u64, Relaxed);
         self.rows.fetch_add(rows as u64, Relaxed);
-        let us = took.as_micros() as u64;
-        self.commit_us_sum.fetch_add(us, Relaxed);
         self.group_size[bucket(&GROUP_SIZE_BUCKETS, requests as u64)].fetch_add(1, Relaxed);
-        self.commit_us[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
-    }
-
-    pub(crate) fn record_fsync(&self, took: Duration) {
-        let us = took.as_micros() as u64;
-        self.fsync_us_sum.fetch_add(us, Relaxed);
-        self.fsync_us[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
-    }
-
-    pub(crate) fn record_commit_write(&self, took: Duration) {
-        let us = took.as_micros() as u64;
-        self.commit_write_us_sum.fetch_add(us, Relaxed);
-        self.commit_write_us[bucket(&COMMIT_US_BUCKETS, us)].fetch_add(1, Relaxed);
+        self.commit.record(took);
     }
 }

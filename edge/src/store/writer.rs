@@ -351,7 +351,7 @@ impl Writer {
         let ticket = self.shared.durability.ticket();
         let started = Instant::now();
         let done = self.conn.execute_batch("COMMIT");
-        self.shared.metrics.record_commit_write(started.elapsed());
+        self.shared.metrics.commit_write.record(started.elapsed());
         if done.is_err() {
             self.shared.durability.sync(ticket, &self.shared.metrics);
         }
