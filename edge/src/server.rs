@@ -200,6 +200,13 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         &m.fsync.buckets,
         Some(m.fsync.sum()),
     );
+    out.histogram(
+        "outpost_commit_answered_us",
+        "From the start of a group to its callers' answers being sent (after its fsync), in microseconds.",
+        &metrics::COMMIT_US_BUCKETS,
+        &m.answered.buckets,
+        Some(m.answered.sum()),
+    );
     out.gauge(
         "outpost_commit_version",
         "Last committed version.",

@@ -21,6 +21,9 @@ pub struct StoreMetrics {
     pub commit_write: LatencyHistogram,
     /// The WAL fsyncs that make commits durable (one may cover several groups).
     pub fsync: LatencyHistogram,
+    /// From the start of a group to its answers being sent: the group, the wait for its
+    /// fsync, and the hand-over to the answering thread.
+    pub answered: LatencyHistogram,
 }
 
 /// The bucket of `v` among inclusive upper bounds (the last bucket takes the rest).

@@ -66,6 +66,8 @@ pub(crate) struct Delivery {
     commits: Vec<Commit>,
     /// The durability ticket of the group's COMMIT: nothing is delivered before it is durable.
     ticket: u64,
+    /// When the group started.
+    started: Instant,
 }
 
 impl Delivery {
@@ -76,9 +78,13 @@ impl Delivery {
             // A send error only means nobody listens right now.
             let _ = shared.commits.send(Arc::new(c));
         }
+        if self.answers.is_empty() {
+            return;
+        }
         for (reply, answer) in self.answers {
             let _ = reply.send(answer);
         }
+        shared.metrics.answered.record(self.started.elapsed());
     }
 }
 
@@ -439,6 +445,7 @@ impl Writer {
             answers,
             commits: std::mem::take(commits),
             ticket,
+            started,
         };
         self.hand_over(delivery);
     }
@@ -1053,9 +1060,20 @@ impl Writer {
         let Some(rules) = self.rules.clone() else {
             return Ok(());
         };
-        let Some(current) = read_row(&self.conn, &self.schema, &self.sql, rules.order, order_id)?
-        else {
-            return Ok(()); // deleted in this request
+        // The request's own last change to the order is its current row (a batch that opens
+        // an order and adds its lines, say); otherwise it is read.
+        let written = s
+            .changes
+            .iter()
+            .rev()
+            .find(|c| c.table == rules.order && c.row.id == order_id);
+        let current = match written {
+            Some(c) if c.op == EntryOp::Delete => return Ok(()), // deleted in this request
+            Some(c) => Row::clone(&c.row),
+            None => match read_row(&self.conn, &self.schema, &self.sql, rules.order, order_id)? {
+                Some(row) => row,
+                None => return Ok(()),
+            },
         };
         let mut set = Fields::new();
         for (col, delta) in [("total_amount", total), ("paid_amount", paid)] {
@@ -1200,6 +1218,7 @@ impl Writer {
             answers: Vec::new(),
             commits,
             ticket,
+            started: Instant::now(),
         });
         Ok(())
     }
