@@ -646,6 +646,11 @@ fn a_deleted_id_comes_back_with_its_versions_continued() {
             version: 1,
         }))
         .unwrap();
+    // The tombstone is found after a restart too (the writer learns at open which tables
+    // have tombstones and looks only in those).
+    store.close();
+    drop(store);
+    let store = open(dir.path());
     let again = store
         .commit_blocking(txn(insert(
             "table_lock",
@@ -664,6 +669,38 @@ fn a_deleted_id_comes_back_with_its_versions_continued() {
         )))
         .unwrap_err();
     assert_eq!(e.error.code(), "version_conflict");
+    // A delete rolled back with its batch leaves no tombstone: the id keeps its versions.
+    store
+        .commit_blocking(txn(insert(
+            "table_lock",
+            "T5",
+            &[("locked_by", text("cy"))],
+        )))
+        .unwrap();
+    let e = store
+        .commit_blocking(Txn::new(
+            "t",
+            vec![
+                Op::Delete {
+                    table: "table_lock".into(),
+                    id: "T5".into(),
+                    version: 1,
+                },
+                insert("table_lock", "T6", &[("locked_by", Value::Int(7))]),
+            ],
+        ))
+        .unwrap_err();
+    assert_eq!(e.op_index, Some(1));
+    let t5 = store.get("table_lock", "T5").unwrap().expect("T5 kept");
+    assert_eq!(t5.version, 1);
+    let e = store
+        .commit_blocking(txn(insert(
+            "table_lock",
+            "T5",
+            &[("locked_by", text("dee"))],
+        )))
+        .unwrap_err();
+    assert_eq!(e.error.code(), "id_conflict");
 }
 
 /// The tables' SQL as SQLite keeps it, by name.

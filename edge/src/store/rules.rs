@@ -11,8 +11,11 @@ use shared::pos::{CANCELLED, LINE_STATUSES, ORDER_STATUSES, status_known, transi
 use shared::{Fields, Row, Schema, Value};
 
 use super::error::StoreError;
-use super::sql::TableSql;
-use super::writer::{Scratch, Writer, read_row};
+use super::writer::{Scratch, Writer};
+
+/// An order by id as the current request sees it (its own writes included); `None` when
+/// there is no such order.
+pub(crate) type Orders<'a> = &'a dyn Fn(&str) -> Result<Option<Arc<Row>>, StoreError>;
 
 /// Largest money amount accepted in a pos money column, in minor units (10^11 = one billion
 /// major units), so that quantity × price and the sums of an order stay far inside i64.
@@ -147,15 +150,9 @@ impl PosRules {
         ti == self.order
     }
 
-    fn order_of(
-        &self,
-        conn: &Connection,
-        schema: &Schema,
-        sql: &[TableSql],
-        fields: &impl Columns,
-    ) -> Result<Row, StoreError> {
+    fn order_of(&self, orders: Orders<'_>, fields: &impl Columns) -> Result<Arc<Row>, StoreError> {
         let order_id = text(fields, "order_id").unwrap_or_default();
-        read_row(conn, schema, sql, self.order, order_id)?.ok_or_else(|| StoreError::UnknownOrder {
+        orders(order_id)?.ok_or_else(|| StoreError::UnknownOrder {
             order_id: order_id.chars().take(128).collect(),
         })
     }
@@ -171,9 +168,7 @@ impl PosRules {
 
     pub(crate) fn before_insert(
         &self,
-        conn: &Connection,
-        schema: &Schema,
-        sql: &[TableSql],
+        orders: Orders<'_>,
         ti: usize,
         row: &mut Row,
     ) -> Result<(), StoreError> {
@@ -187,7 +182,7 @@ impl PosRules {
             row.set("paid_amount", Value::Int(0));
         } else if ti == self.line {
             check_status(&LINE_STATUSES, row)?;
-            let order = self.order_of(conn, schema, sql, row)?;
+            let order = self.order_of(orders, row)?;
             Self::require_open(&order)?;
             if row.get("status").is_null() {
                 row.set("status", Value::Text("queued".into()));
@@ -195,7 +190,7 @@ impl PosRules {
         } else if ti == self.payment {
             // A payment is accepted on any existing order, closed or cancelled included:
             // money a till has taken (or refunded) must always be recordable.
-            self.order_of(conn, schema, sql, row)?;
+            self.order_of(orders, row)?;
             if row.get("amount").is_null() {
                 return Err(FieldError::InvalidValue {
                     column: "amount".into(),
@@ -209,9 +204,7 @@ impl PosRules {
 
     pub(crate) fn before_update(
         &self,
-        conn: &Connection,
-        schema: &Schema,
-        sql: &[TableSql],
+        orders: Orders<'_>,
         ti: usize,
         current: &Row,
         set: &Fields,
@@ -244,9 +237,9 @@ impl PosRules {
             }
         } else if ti == self.line {
             check_status(&LINE_STATUSES, set)?;
-            Self::require_open(&self.order_of(conn, schema, sql, current)?)?;
+            Self::require_open(&*self.order_of(orders, current)?)?;
             if set.contains_key("order_id") {
-                Self::require_open(&self.order_of(conn, schema, sql, set)?)?;
+                Self::require_open(&*self.order_of(orders, set)?)?;
             }
             if let Some(to) = text(set, "status") {
                 let from = current.get("status").as_str().unwrap_or("queued");
@@ -264,8 +257,7 @@ impl PosRules {
     pub(crate) fn before_delete(
         &self,
         conn: &Connection,
-        schema: &Schema,
-        sql: &[TableSql],
+        orders: Orders<'_>,
         ti: usize,
         current: &Row,
     ) -> Result<(), StoreError> {
@@ -279,7 +271,7 @@ impl PosRules {
                 });
             }
         } else if ti == self.line {
-            Self::require_open(&self.order_of(conn, schema, sql, current)?)?;
+            Self::require_open(&*self.order_of(orders, current)?)?;
         }
         Ok(())
     }

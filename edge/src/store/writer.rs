@@ -181,6 +181,10 @@ pub(crate) struct Writer {
     /// When a segment was last sealed: payments seal early at most once per
     /// `PRIORITY_SEAL_GAP_US`, so a busy till does not cut the log into one-entry segments.
     last_seal: Timestamp,
+    /// By table: whether it may have a tombstone. An insert into a table without any skips
+    /// the tombstone lookup. Set before a tombstone is written and never cleared (a
+    /// tombstone rolled back only costs lookups).
+    tombstoned: Vec<bool>,
 }
 
 /// The shortest gap between two early (payment) seals; a payment waits at most this plus a
@@ -246,7 +250,19 @@ impl Writer {
         let origin = OriginId::from(&config.branch);
         let (status, open, hlc) = load_log_state(&conn, &origin, &schema)?;
         *shared.status.lock() = status.clone();
+        let mut tombstoned = vec![false; schema.tables().len()];
+        {
+            let mut stmt = conn.prepare("SELECT DISTINCT tbl FROM _tombstones")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let name: String = r.get(0)?;
+                if let Some(ti) = schema.table_index(&name) {
+                    tombstoned[ti] = true;
+                }
+            }
+        }
         Ok(Writer {
+            tombstoned,
             rules: PosRules::for_schema(&schema),
             conn,
             schema,
@@ -696,7 +712,8 @@ impl Writer {
             PreparedOp::Insert { id, values, .. } => {
                 let mut row = self.new_row(ti, id.clone(), values.clone(), s.now);
                 if let Some(rules) = &self.rules {
-                    rules.before_insert(&self.conn, &self.schema, &self.sql, ti, &mut row)?;
+                    let orders = |id: &str| self.order_row(rules.order, id, s);
+                    rules.before_insert(&orders, ti, &mut row)?;
                 }
                 self.insert_row(ti, row, s)
             }
@@ -718,14 +735,16 @@ impl Writer {
                     }
                 }
                 if let Some(rules) = &self.rules {
-                    rules.before_update(&self.conn, &self.schema, &self.sql, ti, &fresh, &set)?;
+                    let orders = |id: &str| self.order_row(rules.order, id, s);
+                    rules.before_update(&orders, ti, &fresh, &set)?;
                 }
                 self.update_row(ti, current, set, s)
             }
             PreparedOp::Delete { id, version, .. } => {
                 let current = self.current_at(ti, id, *version)?;
                 if let Some(rules) = &self.rules {
-                    rules.before_delete(&self.conn, &self.schema, &self.sql, ti, &current)?;
+                    let orders = |id: &str| self.order_row(rules.order, id, s);
+                    rules.before_delete(&self.conn, &orders, ti, &current)?;
                 }
                 self.delete_row(ti, current, s)
             }
@@ -828,6 +847,38 @@ impl Writer {
         Ok((Some(Stamp { clock, hlc }), Some(reg.encode())))
     }
 
+    /// The version of the tombstone a deleted row left under `id`, if any.
+    fn tombstone(&self, ti: usize, id: &str) -> Result<Option<i64>, StoreError> {
+        if !self.tombstoned[ti] {
+            return Ok(None);
+        }
+        let version = self
+            .conn
+            .prepare_cached("SELECT version FROM _tombstones WHERE tbl = ?1 AND id = ?2")?
+            .query_row(params![&self.schema.tables()[ti].name, id], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        Ok(version)
+    }
+
+    /// Records a deleted row's tombstone (its id and last version).
+    fn write_tombstone(&mut self, ti: usize, tombstone: &Row) -> Result<(), StoreError> {
+        self.tombstoned[ti] = true;
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO _tombstones (tbl, id, version) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                &self.schema.tables()[ti].name,
+                &tombstone.id,
+                tombstone.version as i64
+            ])?;
+        Ok(())
+    }
+
     pub(crate) fn insert_row(
         &mut self,
         ti: usize,
@@ -840,16 +891,7 @@ impl Writer {
         if !is_log {
             // An id used before continues its versions after its tombstone, so a client still
             // holding the old row cannot compare-and-set the new one.
-            let tombstone: Option<i64> = self
-                .conn
-                .prepare_cached("SELECT version FROM _tombstones WHERE tbl = ?1 AND id = ?2")?
-                .query_row(params![&t.name, &row.id], |r| r.get(0))
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })?;
-            if let Some(v) = tombstone {
+            if let Some(v) = self.tombstone(ti, &row.id)? {
                 row.version = v as u64 + 1;
             }
         }
@@ -971,15 +1013,7 @@ impl Writer {
         let mut tombstone = current.clone();
         tombstone.version += 1;
         tombstone.updated_at = s.now;
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO _tombstones (tbl, id, version) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![
-                &self.schema.tables()[ti].name,
-                &tombstone.id,
-                tombstone.version as i64
-            ])?;
+        self.write_tombstone(ti, &tombstone)?;
         let tombstone = Arc::new(tombstone);
         self.append(ti, EntryOp::Delete, tombstone.clone(), None, Vec::new(), s)?;
         if let Some(rules) = self.rules.clone() {
@@ -1050,6 +1084,27 @@ impl Writer {
         Ok(())
     }
 
+    /// An order as the request sees it: the request's own last change to it (a batch that
+    /// opens an order and adds its lines, say), else the row in SQLite. `None` when there is
+    /// no such order, or the request deleted it.
+    fn order_row(
+        &self,
+        order: usize,
+        id: &str,
+        s: &Scratch<'_>,
+    ) -> Result<Option<Arc<Row>>, StoreError> {
+        let written = s
+            .changes
+            .iter()
+            .rev()
+            .find(|c| c.table == order && c.row.id == id);
+        Ok(match written {
+            Some(c) if c.op == EntryOp::Delete => None,
+            Some(c) => Some(c.row.clone()),
+            None => read_row(&self.conn, &self.schema, &self.sql, order, id)?.map(Arc::new),
+        })
+    }
+
     /// Applies the request's net change to an order's derived totals, in one update.
     fn flush_order(
         &mut self,
@@ -1060,21 +1115,10 @@ impl Writer {
         let Some(rules) = self.rules.clone() else {
             return Ok(());
         };
-        // The request's own last change to the order is its current row (a batch that opens
-        // an order and adds its lines, say); otherwise it is read.
-        let written = s
-            .changes
-            .iter()
-            .rev()
-            .find(|c| c.table == rules.order && c.row.id == order_id);
-        let current = match written {
-            Some(c) if c.op == EntryOp::Delete => return Ok(()), // deleted in this request
-            Some(c) => Row::clone(&c.row),
-            None => match read_row(&self.conn, &self.schema, &self.sql, rules.order, order_id)? {
-                Some(row) => row,
-                None => return Ok(()),
-            },
+        let Some(current) = self.order_row(rules.order, order_id, s)? else {
+            return Ok(()); // deleted in this request
         };
+        let current = Arc::unwrap_or_clone(current);
         let mut set = Fields::new();
         for (col, delta) in [("total_amount", total), ("paid_amount", paid)] {
             if delta != 0 {
@@ -1242,11 +1286,7 @@ impl Writer {
             let mut tombstone = current;
             tombstone.version += 1;
             tombstone.updated_at = now;
-            self.conn
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO _tombstones (tbl, id, version) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![&t.name, &tombstone.id, tombstone.version as i64])?;
+            self.write_tombstone(ti, &tombstone)?;
             return Ok(Some(Change {
                 table: ti,
                 op: EntryOp::Delete,
@@ -1317,15 +1357,7 @@ impl Writer {
                 }))
             }
             None => {
-                let tombstone: Option<i64> = self
-                    .conn
-                    .prepare_cached("SELECT version FROM _tombstones WHERE tbl = ?1 AND id = ?2")?
-                    .query_row(params![&t.name, &row.id], |r| r.get(0))
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?;
+                let tombstone = self.tombstone(ti, &row.id)?;
                 row.version = tombstone.map_or(1, |v| v as u64 + 1);
                 self.conn
                     .prepare_cached(&self.sql[ti].insert)?
