@@ -163,6 +163,11 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         m.groups.load(Relaxed),
     );
     out.counter(
+        "outpost_commit_reruns_total",
+        "Groups rolled back and re-run with a savepoint per request, after a request failed part-way.",
+        m.reruns.load(Relaxed),
+    );
+    out.counter(
         "outpost_commit_requests_total",
         "Transactions committed or refused in groups.",
         m.requests.load(Relaxed),

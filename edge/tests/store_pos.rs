@@ -360,6 +360,112 @@ fn group_neighbours_are_isolated_from_a_failure() {
     store.verify_log().unwrap();
 }
 
+/// An order deleted and inserted again in one batch starts from zero: the totals its deleted
+/// lines left pending die with it.
+#[test]
+fn an_order_inserted_again_in_its_batch_starts_from_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    store
+        .commit_blocking(txn(insert(
+            "order_line",
+            "l1",
+            &[
+                ("order_id", text("o1")),
+                ("quantity", Value::Int(1)),
+                ("unit_price", Value::Int(500)),
+            ],
+        )))
+        .unwrap();
+    let order = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(order.get("total_amount"), &Value::Int(500));
+    store
+        .commit_blocking(Txn::new(
+            "t",
+            vec![
+                Op::Delete {
+                    table: "order_line".into(),
+                    id: "l1".into(),
+                    version: 1,
+                },
+                Op::Delete {
+                    table: "order_header".into(),
+                    id: "o1".into(),
+                    version: order.version,
+                },
+                insert("order_header", "o1", &[]),
+            ],
+        ))
+        .unwrap();
+    let again = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(again.get("total_amount"), &Value::Int(0));
+    assert_eq!(again.get("paid_amount"), &Value::Int(0));
+}
+
+/// Batches that fail part-way (their first payment written, the second refused) run without
+/// savepoints until one fails; the group is re-run with savepoints and every good batch lands,
+/// every bad one changes nothing.
+#[test]
+fn batches_failing_part_way_change_nothing_and_neighbours_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit_blocking(txn(insert("order_header", "o1", &[])))
+        .unwrap();
+    let payment = |id: String, order: &str| {
+        insert(
+            "order_payment",
+            &id,
+            &[("order_id", text(order)), ("amount", Value::Int(1))],
+        )
+    };
+    let handles: Vec<_> = (0..60)
+        .map(|i| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let second = if i % 3 == 0 { "missing" } else { "o1" };
+                let r = store.commit_blocking(Txn::new(
+                    "t",
+                    vec![
+                        payment(format!("p{i}a"), "o1"),
+                        payment(format!("p{i}b"), second),
+                    ],
+                ));
+                (i, r.map(|_| ()).map_err(|e| e.op_index))
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, r) = h.join().unwrap();
+        if i % 3 == 0 {
+            assert_eq!(r, Err(Some(1)), "request {i} fails at its second payment");
+            assert!(
+                store
+                    .get("order_payment", &format!("p{i}a"))
+                    .unwrap()
+                    .is_none()
+            );
+        } else {
+            assert_eq!(r, Ok(()), "request {i}");
+        }
+    }
+    assert!(
+        store
+            .metrics()
+            .reruns
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(store.scan("order_payment").unwrap().len(), 80);
+    let order = store.get("order_header", "o1").unwrap().unwrap();
+    assert_eq!(order.get("paid_amount"), &Value::Int(80));
+    store.seal_blocking().unwrap();
+    store.verify_log().unwrap();
+}
+
 /// The seed system's lost update: a cashier adds a payment while a waiter adds a line to the
 /// same order, concurrently, many times. Both always land and the totals are right.
 #[test]
@@ -669,7 +775,7 @@ fn a_deleted_id_comes_back_with_its_versions_continued() {
         )))
         .unwrap_err();
     assert_eq!(e.error.code(), "version_conflict");
-    // A delete rolled back with its batch leaves no tombstone: the id keeps its versions.
+    // A delete rolled back with its batch leaves the row in place, at its version.
     store
         .commit_blocking(txn(insert(
             "table_lock",

@@ -12,6 +12,8 @@ pub const COMMIT_US_BUCKETS: [u64; 8] = [100, 250, 500, 1_000, 2_500, 10_000, 50
 #[derive(Debug, Default)]
 pub struct StoreMetrics {
     pub groups: AtomicU64,
+    /// Groups rolled back and re-run with savepoints after a request failed part-way.
+    pub reruns: AtomicU64,
     pub requests: AtomicU64,
     pub rows: AtomicU64,
     pub group_size: [AtomicU64; 8],

@@ -323,6 +323,10 @@ impl PosRules {
             && let Some(o) = row.get("order_id").as_str()
         {
             s.add_to_order(o, -line_amount(row), 0);
+        } else if ti == self.order {
+            // Totals its deleted lines left pending die with it: an order inserted again
+            // under the same id in this request starts from zero.
+            s.forget_order(&row.id);
         }
         Ok(())
     }
