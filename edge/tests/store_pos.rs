@@ -370,15 +370,7 @@ fn an_order_inserted_again_in_its_batch_starts_from_zero() {
         .commit_blocking(txn(insert("order_header", "o1", &[])))
         .unwrap();
     store
-        .commit_blocking(txn(insert(
-            "order_line",
-            "l1",
-            &[
-                ("order_id", text("o1")),
-                ("quantity", Value::Int(1)),
-                ("unit_price", Value::Int(500)),
-            ],
-        )))
+        .commit_blocking(txn(line("l1", "o1", 1, 500)))
         .unwrap();
     let order = store.get("order_header", "o1").unwrap().unwrap();
     assert_eq!(order.get("total_amount"), &Value::Int(500));

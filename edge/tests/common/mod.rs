@@ -38,6 +38,19 @@ pub fn insert(table: &str, id: &str, pairs: &[(&str, Value)]) -> Op {
     }
 }
 
+/// An order line of `quantity` at `unit_price` (minor units).
+pub fn line(id: &str, order: &str, quantity: i64, unit_price: i64) -> Op {
+    insert(
+        "order_line",
+        id,
+        &[
+            ("order_id", text(order)),
+            ("quantity", Value::Int(quantity)),
+            ("unit_price", Value::Int(unit_price)),
+        ],
+    )
+}
+
 pub fn update(table: &str, id: &str, version: u64, pairs: &[(&str, Value)]) -> Op {
     Op::Update {
         table: table.into(),
