@@ -300,24 +300,52 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let started = std::time::Instant::now();
-            let mut failed = Vec::new();
-            let mut faults = simulations::sim::FaultCounts::default();
             let count = range.end - range.start;
-            for s in range {
-                let mut config = simulations::sim::SimConfig::new(s);
-                if let Some(n) = edges {
-                    config.edges = n;
+            // Seeds are independent: one worker per core takes the next seed until none is
+            // left. Each prints its seed before running it, so a seed that hangs or panics is
+            // named; failures are reported in seed order at the end.
+            let next = std::sync::atomic::AtomicU64::new(range.start);
+            let workers = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(count as usize);
+            let (mut failed, faults) = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..workers)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let mut failed = Vec::new();
+                            let mut faults = simulations::sim::FaultCounts::default();
+                            loop {
+                                let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if s >= range.end {
+                                    break (failed, faults);
+                                }
+                                let mut config = simulations::sim::SimConfig::new(s);
+                                if let Some(n) = edges {
+                                    config.edges = n;
+                                }
+                                println!("seed {s}");
+                                let outcome = simulations::sim::run_seed(config);
+                                faults.add(&outcome.faults);
+                                if count == 1 || outcome.failure.is_some() {
+                                    println!("{outcome}");
+                                }
+                                if outcome.failure.is_some() {
+                                    failed.push(s);
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                let mut failed = Vec::new();
+                let mut faults = simulations::sim::FaultCounts::default();
+                for h in handles {
+                    let (f, c) = h.join().expect("a simulation worker panicked");
+                    failed.extend(f);
+                    faults.add(&c);
                 }
-                println!("seed {s}");
-                let outcome = simulations::sim::run_seed(config);
-                faults.add(&outcome.faults);
-                if count == 1 || outcome.failure.is_some() {
-                    println!("{outcome}");
-                }
-                if outcome.failure.is_some() {
-                    failed.push(s);
-                }
-            }
+                (failed, faults)
+            });
+            failed.sort_unstable();
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "{count} seeds in {secs:.1} s ({:.0} seeds/s); faults fired: {faults:?}",
