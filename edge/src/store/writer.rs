@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crdts::VClock;
-use rusqlite::{Connection, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use shared::log::{
     ChainHash, ENTRY_BYTES_MAX, EntryOp, LogEntry, LogEntryRef, SEGMENT_BYTES_TARGET,
     SEGMENT_ENTRIES_TARGET, Segment, TXN_BYTES_MAX, TXN_ENTRIES_MAX, chain_hash, segment_body,
@@ -887,16 +887,11 @@ impl Writer {
         if !self.tombstoned[ti] {
             return Ok(None);
         }
-        let version = self
+        Ok(self
             .conn
             .prepare_cached("SELECT version FROM _tombstones WHERE tbl = ?1 AND id = ?2")?
             .query_row(params![&self.schema.tables()[ti].name, id], |r| r.get(0))
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
-        Ok(version)
+            .optional()?)
     }
 
     /// Records a deleted row's tombstone (its id and last version).
