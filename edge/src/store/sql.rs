@@ -2,6 +2,8 @@
 //! origin log (`_log`), sealed segments (`_segments`), settings (`_meta`) and terminal tokens
 //! (`_tokens`). Builds the statements once per table and converts rows to and from SQL values.
 
+use std::collections::HashMap;
+
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::schema::{ColumnType, Schema, Table};
@@ -95,6 +97,50 @@ impl TableSql {
             select_all: format!("SELECT {all_cols} FROM {name}"),
             select_clock: format!("SELECT _clock FROM {name} WHERE id = ?1"),
         }
+    }
+}
+
+/// `UPDATE` statements that set the system columns and only the user columns an update
+/// changed, built once per (table, changed columns) and kept. SQLite re-writes an index
+/// whenever one of its columns is in the `SET` list, changed or not, so the full-row `update`
+/// would move every index entry of the row (an order's `status`, `shift_id` and `table_id`
+/// when only its totals changed).
+#[derive(Debug, Default)]
+pub struct PartialUpdates {
+    built: HashMap<(usize, u64), (String, usize)>,
+}
+
+impl PartialUpdates {
+    /// The statement for the `changed` columns of table `ti` (`t`), and how many of
+    /// `row_params` it binds: its parameters keep `row_params`' positions, cut after the last
+    /// one it uses. `None` when a changed column is not in the table or past the 64th (the
+    /// caller then uses the full `update`).
+    pub fn get(&mut self, t: &Table, ti: usize, changed: &[String]) -> Option<(&str, usize)> {
+        let mut mask = 0u64;
+        for c in changed {
+            let i = u32::try_from(t.column_index(c)?).ok()?;
+            mask |= 1u64.checked_shl(i)?;
+        }
+        let (sql, params) = self.built.entry((ti, mask)).or_insert_with(|| {
+            let mut sets = vec!["version = ?2, updated_at = ?4, _clock = ?6".to_owned()];
+            let mut params = SYSTEM_SQL_COUNT;
+            for (i, c) in t
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask >> i & 1 == 1)
+            {
+                params = SYSTEM_SQL_COUNT + i + 1;
+                sets.push(format!("{} = ?{params}", quote(&c.name)));
+            }
+            let sql = format!(
+                "UPDATE {} SET {} WHERE id = ?1",
+                table_name(&t.name),
+                sets.join(", ")
+            );
+            (sql, params)
+        });
+        Some((sql, *params))
     }
 }
 
@@ -296,4 +342,53 @@ pub fn set_meta(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> ru
     conn.prepare_cached("INSERT INTO _meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
         .execute(params![key, value])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_update_sets_only_the_changed_columns_and_binds_up_to_the_last() {
+        let schema = shared::pos::schema();
+        let t = schema.table("order_header").expect("order_header");
+        let ti = schema.table_index("order_header").expect("order_header");
+        let total = t.column_index("total_amount").expect("total_amount");
+        let changed = ["total_amount".to_owned()];
+        let mut updates = PartialUpdates::default();
+        let (sql, params) = updates.get(t, ti, &changed).expect("a statement");
+        assert_eq!(
+            sql,
+            format!(
+                "UPDATE \"t_order_header\" SET version = ?2, updated_at = ?4, _clock = ?6, \
+                 \"total_amount\" = ?{} WHERE id = ?1",
+                SYSTEM_SQL_COUNT + total + 1
+            )
+        );
+        assert_eq!(params, SYSTEM_SQL_COUNT + total + 1);
+        for indexed in ["status", "shift_id", "table_id"] {
+            assert!(!sql.contains(indexed), "{indexed} is set: {sql}");
+        }
+
+        // Only the system columns: six parameters.
+        let (sql, params) = updates.get(t, ti, &[]).expect("a statement");
+        assert_eq!(
+            sql,
+            "UPDATE \"t_order_header\" SET version = ?2, updated_at = ?4, _clock = ?6 WHERE id = ?1"
+        );
+        assert_eq!(params, SYSTEM_SQL_COUNT);
+
+        // The same columns in another order are the same statement, built once.
+        let two = ["status".to_owned(), "total_amount".to_owned()];
+        let two_reversed = ["total_amount".to_owned(), "status".to_owned()];
+        let first = updates.get(t, ti, &two).expect("a statement").0.to_owned();
+        assert_eq!(
+            updates.get(t, ti, &two_reversed).expect("a statement").0,
+            first
+        );
+        assert_eq!(updates.built.len(), 3);
+
+        // A name the table does not have gets no statement (the caller writes the whole row).
+        assert!(updates.get(t, ti, &["nope".to_owned()]).is_none());
+    }
 }

@@ -186,6 +186,8 @@ pub(crate) struct Writer {
     /// the tombstone lookup. Set before a tombstone is written and never cleared (a
     /// tombstone rolled back only costs lookups).
     tombstoned: Vec<bool>,
+    /// Updates that set only the columns they change.
+    partial_updates: sql::PartialUpdates,
     /// Groups started so far.
     groups: u64,
     /// Multi-operation requests run inside savepoints until this group (see `commit_group`).
@@ -269,6 +271,7 @@ impl Writer {
         };
         Ok(Writer {
             tombstoned,
+            partial_updates: sql::PartialUpdates::default(),
             groups: 0,
             batch_savepoints_until: 0,
             rules: PosRules::for_schema(&schema),
@@ -1002,14 +1005,7 @@ impl Writer {
             row.set(&k, v);
         }
         let (stamp, clock_bytes) = self.stamp_shared(ti, &row, s.now)?;
-        let t = &self.schema.tables()[ti];
-        self.conn
-            .prepare_cached(&self.sql[ti].update)?
-            .execute(params_from_iter(sql::row_params(
-                t,
-                &row,
-                clock_bytes.as_deref(),
-            )))?;
+        self.write_row_update(ti, &row, clock_bytes.as_deref(), &changed)?;
         s.wrote = true;
         let row = Arc::new(row);
         let before = Arc::new(current);
@@ -1024,6 +1020,30 @@ impl Writer {
             applied: Applied::Updated,
             row,
         })
+    }
+
+    /// Stores an updated row: its version, `updated_at`, `_clock` and the `changed` columns
+    /// (every other column of `row` must equal the stored one).
+    fn write_row_update(
+        &mut self,
+        ti: usize,
+        row: &Row,
+        clock: Option<&[u8]>,
+        changed: &[String],
+    ) -> rusqlite::Result<()> {
+        let t = &self.schema.tables()[ti];
+        let params = sql::row_params(t, row, clock);
+        match self.partial_updates.get(t, ti, changed) {
+            Some((update, n)) => self
+                .conn
+                .prepare_cached(update)?
+                .execute(params_from_iter(params.take(n)))?,
+            None => self
+                .conn
+                .prepare_cached(&self.sql[ti].update)?
+                .execute(params_from_iter(params))?,
+        };
+        Ok(())
     }
 
     fn delete_row(
@@ -1371,13 +1391,7 @@ impl Writer {
                 }
                 row.version = current.version + 1;
                 row.created_at = current.created_at;
-                self.conn
-                    .prepare_cached(&self.sql[ti].update)?
-                    .execute(params_from_iter(sql::row_params(
-                        t,
-                        &row,
-                        clock_bytes.as_deref(),
-                    )))?;
+                self.write_row_update(ti, &row, clock_bytes.as_deref(), &changed)?;
                 Ok(Some(Change {
                     table: ti,
                     op: EntryOp::Update,
