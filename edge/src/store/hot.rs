@@ -8,45 +8,90 @@ use std::sync::Arc;
 
 use shared::{HotRule, Row, Schema, Value, Version};
 
-#[derive(Debug, Default)]
-struct HotTable {
-    rows: HashMap<String, Arc<Row>>,
-    /// column -> value -> ids, for indexed columns and hot-parent references.
-    indexes: HashMap<String, HashMap<Value, BTreeSet<String>>>,
+/// The tier's maps hash with foldhash (seeded per process), not SipHash: the writer updates
+/// them for every change it commits.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A secondary index of a hot table: one column's values and the ids of the rows holding them.
+#[derive(Debug)]
+struct HotIndex {
+    column: String,
+    /// Where the column sits in the table's rows.
+    position: usize,
+    ids: Map<Value, BTreeSet<String>>,
 }
 
-impl HotTable {
-    fn index_add(&mut self, row: &Row) {
-        for (col, idx) in &mut self.indexes {
-            idx.entry(row.get(col).clone())
-                .or_default()
-                .insert(row.id.clone());
+impl HotIndex {
+    fn value<'r>(&self, row: &'r Row) -> &'r Value {
+        match row.columns.get(self.position) {
+            Some(c) if *c == self.column => &row.values[self.position],
+            _ => row.get(&self.column),
         }
     }
 
-    fn index_remove(&mut self, row: &Row) {
-        for (col, idx) in &mut self.indexes {
-            let v = row.get(col);
-            if let Some(ids) = idx.get_mut(v) {
-                ids.remove(&row.id);
-                if ids.is_empty() {
-                    idx.remove(v);
-                }
+    fn add(&mut self, value: &Value, id: &str) {
+        match self.ids.get_mut(value) {
+            Some(ids) => {
+                ids.insert(id.to_owned());
+            }
+            None => {
+                self.ids
+                    .insert(value.clone(), BTreeSet::from([id.to_owned()]));
             }
         }
     }
 
-    fn put(&mut self, row: Arc<Row>) {
-        if let Some(old) = self.rows.remove(&row.id) {
-            self.index_remove(&old);
+    fn remove(&mut self, value: &Value, id: &str) {
+        if let Some(ids) = self.ids.get_mut(value) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.ids.remove(value);
+            }
         }
-        self.index_add(&row);
-        self.rows.insert(row.id.clone(), row);
+    }
+}
+
+#[derive(Debug, Default)]
+struct HotTable {
+    rows: Map<String, Arc<Row>>,
+    /// For indexed columns and hot-parent references.
+    indexes: Vec<HotIndex>,
+}
+
+impl HotTable {
+    fn index(&self, column: &str) -> Option<&HotIndex> {
+        self.indexes.iter().find(|i| i.column == column)
+    }
+
+    /// Puts a row, replacing the one with its id; an index is touched only where the row's
+    /// value changed (an order's payment leaves its `status` and `table_id` entries alone).
+    fn put(&mut self, row: Arc<Row>) {
+        match self.rows.get_mut(&row.id) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, row);
+                let new = &*slot;
+                for idx in &mut self.indexes {
+                    let (before, after) = (idx.value(&old), idx.value(new));
+                    if before != after {
+                        idx.remove(before, &old.id);
+                        idx.add(after, &new.id);
+                    }
+                }
+            }
+            None => {
+                for idx in &mut self.indexes {
+                    idx.add(idx.value(&row), &row.id);
+                }
+                self.rows.insert(row.id.clone(), row);
+            }
+        }
     }
 
     fn evict(&mut self, id: &str) -> Option<Arc<Row>> {
         let old = self.rows.remove(id)?;
-        self.index_remove(&old);
+        for idx in &mut self.indexes {
+            idx.remove(idx.value(&old), &old.id);
+        }
         Some(old)
     }
 }
@@ -77,16 +122,30 @@ impl HotTier {
         let mut parent = vec![None; n];
         let mut tables: Vec<HotTable> = (0..n).map(|_| HotTable::default()).collect();
         for (i, t) in schema.tables().iter().enumerate() {
-            for c in t.columns.iter().filter(|c| c.indexed) {
-                tables[i].indexes.insert(c.name.clone(), HashMap::new());
-            }
+            let mut columns: Vec<&str> = t
+                .columns
+                .iter()
+                .filter(|c| c.indexed)
+                .map(|c| c.name.as_str())
+                .collect();
             if let HotRule::WithParent { column, table } = &t.hot {
                 // Schema::new checked that the parent exists.
                 let p = schema.table_index(table).expect("hot parent exists");
                 children[p].push((i, column.clone()));
                 parent[i] = Some(p);
-                tables[i].indexes.insert(column.clone(), HashMap::new());
+                if !columns.contains(&column.as_str()) {
+                    columns.push(column);
+                }
             }
+            tables[i].indexes = columns
+                .into_iter()
+                .map(|c| HotIndex {
+                    column: c.to_owned(),
+                    // Schema::new checked that indexed and parent columns exist.
+                    position: t.column_index(c).expect("indexed column exists"),
+                    ids: Map::default(),
+                })
+                .collect();
         }
         HotTier {
             version,
@@ -139,9 +198,10 @@ impl HotTier {
     /// has no index.
     pub fn lookup(&self, table: usize, column: &str, value: &Value) -> Option<Vec<&Arc<Row>>> {
         let t = &self.tables[table];
-        let idx = t.indexes.get(column)?;
+        let idx = t.index(column)?;
         Some(
-            idx.get(value)
+            idx.ids
+                .get(value)
                 .into_iter()
                 .flatten()
                 .filter_map(|id| t.rows.get(id))
@@ -191,9 +251,8 @@ impl HotTier {
         let key = Value::Text(id.to_owned());
         for (child, column) in self.children[table].clone() {
             let ids: Vec<String> = self.tables[child]
-                .indexes
-                .get(&column)
-                .and_then(|idx| idx.get(&key))
+                .index(&column)
+                .and_then(|idx| idx.ids.get(&key))
                 .map(|ids| ids.iter().cloned().collect())
                 .unwrap_or_default();
             for cid in ids {
@@ -274,5 +333,91 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn an_update_moves_only_the_index_entries_whose_value_changed() {
+        let s = pos::schema();
+        let (o, l) = (
+            s.table_index("order_header").unwrap(),
+            s.table_index("order_line").unwrap(),
+        );
+        let mut h = HotTier::new(&s, Version(0));
+        let put = |h: &mut HotTier, table, row: &Arc<Row>| {
+            h.apply(HotChange {
+                table,
+                deleted: false,
+                row,
+            })
+        };
+        let ids = |h: &HotTier, column: &str, value: &str| -> Vec<String> {
+            let mut ids: Vec<String> = h
+                .lookup(l, column, &Value::Text(value.into()))
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        put(&mut h, o, &row(&s, o, "o1", &[("status", "open")]));
+        for id in ["l1", "l2"] {
+            let line = row(&s, l, id, &[("order_id", "o1"), ("station_id", "grill")]);
+            put(&mut h, l, &line);
+        }
+        assert_eq!(ids(&h, "station_id", "grill"), ["l1", "l2"]);
+
+        // l1 moves to the bar: one entry moves, the order's entry stays.
+        let moved = row(
+            &s,
+            l,
+            "l1",
+            &[
+                ("order_id", "o1"),
+                ("station_id", "bar"),
+                ("status", "preparing"),
+            ],
+        );
+        put(&mut h, l, &moved);
+        assert_eq!(ids(&h, "station_id", "grill"), ["l2"]);
+        assert_eq!(ids(&h, "station_id", "bar"), ["l1"]);
+        assert_eq!(ids(&h, "status", "preparing"), ["l1"]);
+        assert_eq!(ids(&h, "order_id", "o1"), ["l1", "l2"]);
+        assert_eq!(
+            h.get(l, "l1").unwrap().get("status"),
+            &Value::Text("preparing".into())
+        );
+
+        // A change to a column without an index leaves every lookup as it was.
+        let named = row(
+            &s,
+            l,
+            "l1",
+            &[
+                ("order_id", "o1"),
+                ("station_id", "bar"),
+                ("status", "preparing"),
+                ("name", "Soup"),
+            ],
+        );
+        put(&mut h, l, &named);
+        assert_eq!(ids(&h, "station_id", "bar"), ["l1"]);
+        assert_eq!(ids(&h, "order_id", "o1"), ["l1", "l2"]);
+        assert_eq!(
+            h.get(l, "l1").unwrap().get("name"),
+            &Value::Text("Soup".into())
+        );
+        assert_eq!(h.len(), 3);
+
+        // Closing the order evicts both lines from every index.
+        put(&mut h, o, &row(&s, o, "o1", &[("status", "closed")]));
+        assert!(h.is_empty());
+        for (column, value) in [
+            ("station_id", "bar"),
+            ("station_id", "grill"),
+            ("order_id", "o1"),
+        ] {
+            assert!(ids(&h, column, value).is_empty(), "{column} = {value}");
+        }
     }
 }
