@@ -168,6 +168,21 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         m.reruns.load(Relaxed),
     );
     out.counter(
+        "outpost_wal_restarts_total",
+        "Checkpoints the writer ran between groups so that the WAL starts over from its beginning.",
+        m.wal_restarts.load(Relaxed),
+    );
+    out.counter(
+        "outpost_wal_truncates_total",
+        "WAL truncations by the housekeeper, each blocking the writer (the WAL could not start over).",
+        m.wal_truncates.load(Relaxed),
+    );
+    out.gauge(
+        "outpost_wal_frames",
+        "Frames in the WAL at the last housekeeping checkpoint.",
+        m.wal_frames.load(Relaxed),
+    );
+    out.counter(
         "outpost_commit_requests_total",
         "Transactions committed or refused in groups.",
         m.requests.load(Relaxed),

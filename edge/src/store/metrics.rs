@@ -26,6 +26,12 @@ pub struct StoreMetrics {
     /// From the start of a group to its answers being sent: the group, the wait for its
     /// fsync, and the hand-over to the answering thread.
     pub answered: LatencyHistogram,
+    /// Frames in the WAL at the housekeeper's last checkpoint (a gauge).
+    pub wal_frames: AtomicU64,
+    /// Checkpoints the writer ran between groups so that the WAL starts over.
+    pub wal_restarts: AtomicU64,
+    /// WAL truncations by the housekeeper (each blocks the writer while it runs).
+    pub wal_truncates: AtomicU64,
 }
 
 /// The bucket of `v` among inclusive upper bounds (the last bucket takes the rest).

@@ -57,6 +57,8 @@ pub fn system_clock() -> Clock {
 pub const QUEUE_REQUESTS_MAX: usize = 8192;
 /// Most requests in one group commit.
 pub const GROUP_REQUESTS_MAX: usize = 1024;
+/// WAL frames past which the writer starts the WAL over: 32 MiB with 4 KiB pages.
+pub const WAL_RESTART_FRAMES: u64 = 8_192;
 /// Most rows a log page returns.
 pub const LOG_PAGE_MAX: usize = 1000;
 /// Most commits buffered for feed subscribers before a slow one is told it lagged.
@@ -80,6 +82,9 @@ pub struct StoreConfig {
     pub retention_ms: u64,
     /// How often the housekeeping thread checkpoints the WAL and ticks the writer.
     pub housekeeping_ms: u64,
+    /// WAL frames (pages) past which the writer starts the WAL over between groups; the
+    /// housekeeper truncates a WAL four times as long.
+    pub wal_restart_frames: u64,
     pub clock: Clock,
     /// Test hook: holds the WAL fsyncs of commits until the test opens it.
     #[doc(hidden)]
@@ -102,6 +107,7 @@ impl StoreConfig {
             segment_age_ms: 1000,
             retention_ms: 7 * 24 * 3600 * 1000,
             housekeeping_ms: 50,
+            wal_restart_frames: WAL_RESTART_FRAMES,
             clock: system_clock(),
             sync_gate: None,
             deliver_inline_max: 4,
@@ -268,9 +274,13 @@ impl Store {
             let tx = tx.clone();
             let stopping = stopping.clone();
             let every = Duration::from_millis(config.housekeeping_ms.max(1));
+            let shared = shared.clone();
+            let truncate_frames = config.wal_restart_frames.saturating_mul(4);
             std::thread::Builder::new()
                 .name("store-housekeeping".into())
-                .spawn(move || housekeep(conn, tx, stopping, every))?
+                .spawn(move || {
+                    housekeep(conn, tx, stopping, every, truncate_frames, &shared.metrics)
+                })?
         };
         Ok(Store {
             inner: Arc::new(Inner {
@@ -712,10 +722,18 @@ impl Store {
 }
 
 /// Checkpoints the WAL on its own connection so that commits never pay for it, and ticks the
-/// writer for age-based sealing and pruning.
-fn housekeep(conn: Connection, tx: mpsc::Sender<Msg>, stopping: Arc<AtomicBool>, every: Duration) {
-    /// A WAL beyond this is truncated when the writer is idle: a long WAL slows commits.
-    const WAL_TRUNCATE_PAGES: i64 = 16_384;
+/// writer for age-based sealing and pruning. It reports the WAL's length to the writer, which
+/// starts the WAL over between groups (see `Writer::restart_wal`); a WAL past
+/// `truncate_frames` all the same (the writer could not restart it: a reader held an old
+/// snapshot throughout) is truncated here, which blocks the writer while it runs.
+fn housekeep(
+    conn: Connection,
+    tx: mpsc::Sender<Msg>,
+    stopping: Arc<AtomicBool>,
+    every: Duration,
+    truncate_frames: u64,
+    metrics: &StoreMetrics,
+) {
     let mut ticks = 0u64;
     while !stopping.load(Ordering::SeqCst) {
         std::thread::park_timeout(every);
@@ -723,10 +741,13 @@ fn housekeep(conn: Connection, tx: mpsc::Sender<Msg>, stopping: Arc<AtomicBool>,
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             });
-        if let Ok((_, log_pages, _)) = passive
-            && log_pages > WAL_TRUNCATE_PAGES
-        {
-            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        if let Ok((_, log_frames, _)) = passive {
+            let log_frames = log_frames.max(0) as u64;
+            metrics.wal_frames.store(log_frames, Ordering::Relaxed);
+            if log_frames > truncate_frames {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                metrics.wal_truncates.fetch_add(1, Ordering::Relaxed);
+            }
         }
         ticks += 1;
         if ticks.is_multiple_of(5) {

@@ -179,6 +179,7 @@ pub(crate) struct Writer {
     deliver_inline_max: usize,
     segment_age_us: i64,
     retention_us: i64,
+    wal_restart_frames: u64,
     /// When a segment was last sealed: payments seal early at most once per
     /// `PRIORITY_SEAL_GAP_US`, so a busy till does not cut the log into one-entry segments.
     last_seal: Timestamp,
@@ -290,6 +291,7 @@ impl Writer {
             deliver_inline_max: config.deliver_inline_max,
             segment_age_us: config.segment_age_ms as i64 * 1000,
             retention_us: config.retention_ms as i64 * 1000,
+            wal_restart_frames: config.wal_restart_frames.max(1),
             last_seal: Timestamp(0),
         })
     }
@@ -488,6 +490,40 @@ impl Writer {
             started,
         };
         self.hand_over(delivery);
+        self.restart_wal();
+    }
+
+    /// Lets SQLite start the WAL over. Under steady load the housekeeper's passive checkpoints
+    /// never catch up with the writer, and SQLite only writes the WAL from its start again
+    /// once every frame is in the database; so the WAL grew until the housekeeper truncated
+    /// it, which blocked the writer for tens of milliseconds (behind SQLite's sleeping busy
+    /// handler) and left a file that every fsync then had to extend. Past
+    /// `StoreConfig::wal_restart_frames`, the writer checkpoints what the housekeeper has not copied yet
+    /// (the frames since its last run), between groups; its next commit then writes from the
+    /// WAL's start. A busy housekeeper or a reader on an old snapshot makes it try again after
+    /// the next group.
+    fn restart_wal(&mut self) {
+        let metrics = &self.shared.metrics;
+        if metrics.wal_frames.load(Ordering::Relaxed) < self.wal_restart_frames {
+            return;
+        }
+        let checkpoint = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            });
+        match checkpoint {
+            Ok((0, log, copied)) if copied == log => {
+                metrics.wal_frames.store(0, Ordering::Relaxed);
+                metrics.wal_restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("checkpoint before a WAL restart failed: {e}"),
+        }
     }
 
     /// Delivers a committed group's commits and answers, in commit order.
