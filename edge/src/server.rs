@@ -169,7 +169,7 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
     );
     out.counter(
         "outpost_wal_restarts_total",
-        "Checkpoints the writer ran between groups so that the WAL starts over from its beginning.",
+        "Complete checkpoints the writer ran between groups so that its next commit can start the WAL over.",
         m.wal_restarts.load(Relaxed),
     );
     out.counter(

@@ -572,8 +572,8 @@ fn offline_edge_gets_the_release_on_reconnect() {
 // 3. A download cut in the middle resumes
 // ---------------------------------------------------------------------------------------------
 
-/// Where the test hook cuts the first download.
-const CUT_AT: u64 = 20_000_000;
+/// Where the test hook cuts the first download (the debug `outpost-edge` artifact is ~30 MB).
+const CUT_AT: u64 = 10_000_000;
 
 #[test]
 fn interrupted_download_resumes() {
@@ -627,7 +627,7 @@ fn interrupted_download_resumes() {
     assert!(fetches >= 2, "{counters}");
     assert!(resumed >= 1, "{counters}");
     // Started over, the hub would have sent the whole artifact after what preceded the cut.
-    assert!(served >= size && served < 2 * size, "{counters}");
+    assert!(served >= size && served < size + CUT_AT, "{counters}");
     assert_eq!(
         http.healthz(&Worker(&edge))["version"],
         "0.2.0",

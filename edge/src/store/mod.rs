@@ -741,11 +741,15 @@ fn housekeep(
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             });
-        if let Ok((_, log_frames, _)) = passive {
+        // A busy checkpoint (the writer is running one) reports no length: keep the last.
+        if let Ok((0, log_frames, _)) = passive {
             let log_frames = log_frames.max(0) as u64;
             metrics.wal_frames.store(log_frames, Ordering::Relaxed);
-            if log_frames > truncate_frames {
-                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            if log_frames > truncate_frames
+                && let Ok(0) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            {
                 metrics.wal_truncates.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -100,6 +100,9 @@ impl TableSql {
     }
 }
 
+/// Most partial update statements kept (the connection caches 256 statements in all).
+const PARTIAL_UPDATES_MAX: usize = 128;
+
 /// `UPDATE` statements that set the system columns and only the user columns an update
 /// changed, built once per (table, changed columns) and kept. SQLite re-writes an index
 /// whenever one of its columns is in the `SET` list, changed or not, so the full-row `update`
@@ -113,13 +116,18 @@ pub struct PartialUpdates {
 impl PartialUpdates {
     /// The statement for the `changed` columns of table `ti` (`t`), and how many of
     /// `row_params` it binds: its parameters keep `row_params`' positions, cut after the last
-    /// one it uses. `None` when a changed column is not in the table or past the 64th (the
-    /// caller then uses the full `update`).
+    /// one it uses. `None` when a changed column is not in the table or past the 64th, or
+    /// when `PARTIAL_UPDATES_MAX` statements exist already (terminals sending ever new sets
+    /// of columns must not grow the map or churn the statement cache): the caller then uses
+    /// the full `update`.
     pub fn get(&mut self, t: &Table, ti: usize, changed: &[String]) -> Option<(&str, usize)> {
         let mut mask = 0u64;
         for c in changed {
             let i = u32::try_from(t.column_index(c)?).ok()?;
             mask |= 1u64.checked_shl(i)?;
+        }
+        if self.built.len() >= PARTIAL_UPDATES_MAX && !self.built.contains_key(&(ti, mask)) {
+            return None;
         }
         let (sql, params) = self.built.entry((ti, mask)).or_insert_with(|| {
             let mut sets = vec!["version = ?2, updated_at = ?4, _clock = ?6".to_owned()];
@@ -390,5 +398,28 @@ mod tests {
 
         // A name the table does not have gets no statement (the caller writes the whole row).
         assert!(updates.get(t, ti, &["nope".to_owned()]).is_none());
+
+        // Past the cap, a new set of columns gets none either; a known one still does. The
+        // set of `bits` holds column i when bit i is set, so its key is `bits` itself.
+        let names: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
+        let set_of = |bits: u64| -> Vec<String> {
+            names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits >> i & 1 == 1)
+                .map(|(_, c)| c.clone())
+                .collect()
+        };
+        let mut bits = 1;
+        while updates.built.len() < PARTIAL_UPDATES_MAX {
+            assert!(updates.get(t, ti, &set_of(bits)).is_some());
+            bits += 1;
+        }
+        while updates.built.contains_key(&(ti, bits)) {
+            bits += 1;
+        }
+        assert!(updates.get(t, ti, &set_of(bits)).is_none());
+        assert_eq!(updates.built.len(), PARTIAL_UPDATES_MAX);
+        assert!(updates.get(t, ti, &two).is_some());
     }
 }
