@@ -33,7 +33,7 @@ use shared::query::{
     self as sq, Filter, QUERY_IN_VALUES_MAX, QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX,
     QUERY_OFFSET_MAX, QUERY_TERMS_MAX, column_type, excerpt, unknown_column,
 };
-use shared::schema::{ColumnType, HotRule, Table, TableKind};
+use shared::schema::{ColumnType, Table, TableKind};
 use shared::{BranchId, Row, Schema, Timestamp, Value};
 
 /// The `branch` of hub-owned rows meant for every branch (an entry without a scope).
@@ -244,20 +244,9 @@ fn migrate_tables(conn: &Connection, schema: &Schema) -> rusqlite::Result<()> {
                 index_name(&t.name, "seq")
             ))?;
         }
-        let mut index_cols: Vec<&str> = t
-            .columns
-            .iter()
-            .filter(|c| c.indexed)
-            .map(|c| c.name.as_str())
-            .collect();
-        if let HotRule::WithParent { column, .. } = &t.hot
-            && !index_cols.contains(&column.as_str())
-        {
-            index_cols.push(column);
-        }
         // Column first: head office looks a value up across branches at least as often as
         // within one, and `(column, branch)` serves both.
-        for c in index_cols {
+        for c in t.index_columns() {
             conn.execute_batch(&format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {name} ({}, \"branch\")",
                 index_name(&t.name, c),

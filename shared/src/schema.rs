@@ -208,6 +208,23 @@ impl Table {
         self.columns.iter().position(|c| c.name == name)
     }
 
+    /// The columns that carry an index wherever rows are stored: the indexed ones, then the
+    /// hot-parent reference if it is not one of them.
+    pub fn index_columns(&self) -> Vec<&str> {
+        let mut columns: Vec<&str> = self
+            .columns
+            .iter()
+            .filter(|c| c.indexed)
+            .map(|c| c.name.as_str())
+            .collect();
+        if let HotRule::WithParent { column, .. } = &self.hot
+            && !columns.contains(&column.as_str())
+        {
+            columns.push(column);
+        }
+        columns
+    }
+
     /// Whether `role` may perform `access` on this table. Kind and owner limits (log rows are
     /// immutable, hub-owned tables are read-only at the edge) are checked by the store.
     pub fn allows(&self, role: Role, access: Access<'_>) -> bool {

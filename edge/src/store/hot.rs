@@ -122,22 +122,14 @@ impl HotTier {
         let mut parent = vec![None; n];
         let mut tables: Vec<HotTable> = (0..n).map(|_| HotTable::default()).collect();
         for (i, t) in schema.tables().iter().enumerate() {
-            let mut columns: Vec<&str> = t
-                .columns
-                .iter()
-                .filter(|c| c.indexed)
-                .map(|c| c.name.as_str())
-                .collect();
             if let HotRule::WithParent { column, table } = &t.hot {
                 // Schema::new checked that the parent exists.
                 let p = schema.table_index(table).expect("hot parent exists");
                 children[p].push((i, column.clone()));
                 parent[i] = Some(p);
-                if !columns.contains(&column.as_str()) {
-                    columns.push(column);
-                }
             }
-            tables[i].indexes = columns
+            tables[i].indexes = t
+                .index_columns()
                 .into_iter()
                 .map(|c| HotIndex {
                     column: c.to_owned(),

@@ -737,18 +737,12 @@ fn housekeep(
     let mut ticks = 0u64;
     while !stopping.load(Ordering::SeqCst) {
         std::thread::park_timeout(every);
-        let passive: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            });
         // A busy checkpoint (the writer is running one) reports no length: keep the last.
-        if let Ok((0, log_frames, _)) = passive {
+        if let Ok((0, log_frames, _)) = sql::wal_checkpoint(&conn, "PASSIVE") {
             let log_frames = log_frames.max(0) as u64;
             metrics.wal_frames.store(log_frames, Ordering::Relaxed);
             if log_frames > truncate_frames
-                && let Ok(0) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                })
+                && let Ok((0, _, _)) = sql::wal_checkpoint(&conn, "TRUNCATE")
             {
                 metrics.wal_truncates.fetch_add(1, Ordering::Relaxed);
             }

@@ -76,22 +76,12 @@ impl TableSql {
         };
         let n = SYSTEM_SQL_COUNT + cols.len();
         let placeholders: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
-        // Same parameter positions as `row_params`; `created_at` (?3) and `seq` (?5) never
-        // change after the insert.
-        let sets: Vec<String> =
-            std::iter::once("version = ?2, updated_at = ?4, _clock = ?6".to_owned())
-                .chain(
-                    cols.iter()
-                        .enumerate()
-                        .map(|(i, c)| format!("{c} = ?{}", i + 7)),
-                )
-                .collect();
         TableSql {
             insert: format!(
                 "INSERT INTO {name} ({all_cols}) VALUES ({})",
                 placeholders.join(", ")
             ),
-            update: format!("UPDATE {name} SET {} WHERE id = ?1", sets.join(", ")),
+            update: update_sql(t, |_| true).0,
             delete: format!("DELETE FROM {name} WHERE id = ?1"),
             select_by_id: format!("SELECT {all_cols} FROM {name} WHERE id = ?1"),
             select_all: format!("SELECT {all_cols} FROM {name}"),
@@ -129,27 +119,39 @@ impl PartialUpdates {
         if self.built.len() >= PARTIAL_UPDATES_MAX && !self.built.contains_key(&(ti, mask)) {
             return None;
         }
-        let (sql, params) = self.built.entry((ti, mask)).or_insert_with(|| {
-            let mut sets = vec!["version = ?2, updated_at = ?4, _clock = ?6".to_owned()];
-            let mut params = SYSTEM_SQL_COUNT;
-            for (i, c) in t
-                .columns
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask >> i & 1 == 1)
-            {
-                params = SYSTEM_SQL_COUNT + i + 1;
-                sets.push(format!("{} = ?{params}", quote(&c.name)));
-            }
-            let sql = format!(
-                "UPDATE {} SET {} WHERE id = ?1",
-                table_name(&t.name),
-                sets.join(", ")
-            );
-            (sql, params)
-        });
+        let (sql, params) = self
+            .built
+            .entry((ti, mask))
+            .or_insert_with(|| update_sql(t, |i| mask >> i & 1 == 1));
         Some((sql, *params))
     }
+}
+
+/// An `UPDATE` by `id` of the system columns that change (`version`, `updated_at`, `_clock`)
+/// and of the user columns `set` picks (by position), with `row_params`' parameter positions
+/// (`created_at`, ?3, and `seq`, ?5, never change after the insert). Returns the statement and
+/// how many parameters it binds: up to the last one it uses.
+fn update_sql(t: &Table, set: impl Fn(usize) -> bool) -> (String, usize) {
+    let mut sets = vec!["version = ?2, updated_at = ?4, _clock = ?6".to_owned()];
+    let mut params = SYSTEM_SQL_COUNT;
+    for (i, c) in t.columns.iter().enumerate().filter(|(i, _)| set(*i)) {
+        params = SYSTEM_SQL_COUNT + i + 1;
+        sets.push(format!("{} = ?{params}", quote(&c.name)));
+    }
+    let sql = format!(
+        "UPDATE {} SET {} WHERE id = ?1",
+        table_name(&t.name),
+        sets.join(", ")
+    );
+    (sql, params)
+}
+
+/// `PRAGMA wal_checkpoint(mode)`: whether it was blocked (1) or not (0), the WAL's frames, and
+/// how many of them are in the database now.
+pub fn wal_checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
 }
 
 pub fn value_to_sql(v: &Value) -> SqlValue {
@@ -313,18 +315,7 @@ pub fn migrate(conn: &Connection, schema: &Schema, branch: &str) -> Result<(), O
                 }
             }
         }
-        let mut index_cols: Vec<&str> = t
-            .columns
-            .iter()
-            .filter(|c| c.indexed)
-            .map(|c| c.name.as_str())
-            .collect();
-        if let shared::HotRule::WithParent { column, .. } = &t.hot
-            && !index_cols.contains(&column.as_str())
-        {
-            index_cols.push(column);
-        }
-        for c in index_cols {
+        for c in t.index_columns() {
             tx.execute_batch(&format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {name} ({})",
                 quote(&format!("i_{}_{c}", t.name)),

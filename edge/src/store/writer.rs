@@ -498,25 +498,16 @@ impl Writer {
     /// once every frame is in the database; so the WAL grew until the housekeeper truncated
     /// it, which blocked the writer for tens of milliseconds (behind SQLite's sleeping busy
     /// handler) and left a file that every fsync then had to extend. Past
-    /// `StoreConfig::wal_restart_frames`, the writer checkpoints what the housekeeper has not copied yet
-    /// (the frames since its last run), between groups; its next commit then writes from the
-    /// WAL's start. A busy housekeeper or a reader on an old snapshot makes it try again after
-    /// the next group.
+    /// `StoreConfig::wal_restart_frames`, the writer checkpoints what the housekeeper has not
+    /// copied yet (the frames since its last run), between groups; its next commit then
+    /// writes from the WAL's start. A busy housekeeper or a reader on an old snapshot makes
+    /// it try again after the next group.
     fn restart_wal(&mut self) {
         let metrics = &self.shared.metrics;
         if metrics.wal_frames.load(Ordering::Relaxed) < self.wal_restart_frames {
             return;
         }
-        let checkpoint = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            });
-        match checkpoint {
+        match sql::wal_checkpoint(&self.conn, "PASSIVE") {
             Ok((0, log, copied)) if copied == log => {
                 metrics.wal_frames.store(0, Ordering::Relaxed);
                 metrics.wal_restarts.fetch_add(1, Ordering::Relaxed);
