@@ -1,9 +1,16 @@
-//! The terminal live feed's fan-out (CONTRACT 2.3). One task reads the store's commits; for
+//! The terminal live feed's fan-out (CONTRACT 2.3). The store hands every durable commit to
+//! the fan-out on the thread that delivers it, before the commit's callers are answered; for
 //! each commit every change is encoded at most once per wire format and variant (a full row,
 //! the changed columns, or a removal) into shared bytes, and each subscription's delta frame is
 //! assembled from those bytes and queued on its connection's bounded queue. A connection whose
 //! queue is full is marked lagging: its backlog is dropped and it is told to resync, so one
 //! frozen tablet never slows the others or grows memory.
+//!
+//! The registry lock is held only for queueing, never across a read of the store: a read
+//! waits for durability, which the delivering thread (blocked on the lock) would provide. A
+//! new subscription is registered as pending first, collects the deltas of the commits
+//! fanned out while its first frame (snapshot or catch-up) is read, and then queues that frame
+//! followed by the collected deltas newer than it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -16,7 +23,7 @@ use parking_lot::Mutex;
 use shared::feed::{FeedChange, FeedOp, FeedRow, ServerMsg, delta_head, feed_row};
 use shared::json::{row_to_json, value_to_json};
 use shared::{EntryOp, Row};
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, mpsc};
 
 use crate::store::query::Filter;
 use crate::store::{Change, Commit, Store};
@@ -55,7 +62,7 @@ enum Variant {
 }
 
 /// A subscription: tables (by index), a filter, and the version its client has reached.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Sub {
     pub tables: Vec<usize>,
     pub filter: Vec<Filter>,
@@ -87,15 +94,57 @@ impl Sub {
             }
         }
     }
+
+    /// This subscription's encoded parts of a commit (empty when none of it matches).
+    fn parts(&self, commit: &Commit, enc: &mut Encoded<'_>, format: Format) -> Vec<Bytes> {
+        commit
+            .changes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| self.variant(c).map(|v| enc.get(format, i, v)))
+            .collect()
+    }
+}
+
+/// A subscription whose first frame is being read, and the commits fanned out meanwhile.
+struct Pending {
+    sub: Sub,
+    /// `(version, encoded parts)` per matching commit, in commit order.
+    deltas: Vec<(u64, Vec<Bytes>)>,
 }
 
 /// A connection's entry in the registry.
 struct Conn {
-    tx: mpsc::Sender<Frame>,
+    out: Outlet,
     format: Format,
+    subs: HashMap<String, Sub>,
+    pending: HashMap<String, Pending>,
+}
+
+/// A connection's way out: its queue, and the flag and wake-up for when the queue is full.
+struct Outlet {
+    tx: mpsc::Sender<Frame>,
     lagging: Arc<AtomicBool>,
     wake: Arc<Notify>,
-    subs: HashMap<String, Sub>,
+}
+
+impl Outlet {
+    /// Queues a frame; a full queue marks the connection lagging. False when not queued.
+    fn queue(&self, frame: Frame) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => self.lag(),
+            // The connection is going away; its task unregisters it.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Marks the connection lagging and wakes its task to resync it. Returns false.
+    fn lag(&self) -> bool {
+        self.lagging.store(true, Relaxed);
+        self.wake.notify_one();
+        false
+    }
 }
 
 #[derive(Debug, Default)]
@@ -107,8 +156,8 @@ pub struct FeedMetrics {
     pub resyncs: AtomicU64,
     pub snapshots: AtomicU64,
     pub catch_ups: AtomicU64,
-    /// From the start of a commit's group to its fan-out: the commit itself, handing it
-    /// over, and the wait for the fan-out task.
+    /// From the start of a commit's group to its fan-out: the commit itself, its fsync and
+    /// the commits delivered before it.
     pub lag: crate::store::metrics::LatencyHistogram,
 }
 
@@ -305,7 +354,7 @@ impl<'a> Encoded<'a> {
 }
 
 impl Feed {
-    /// Starts the fan-out task on the current tokio runtime.
+    /// Starts fanning out the store's commits.
     pub fn start(store: Store) -> Feed {
         let feed = Feed {
             inner: Arc::new(Inner {
@@ -315,9 +364,13 @@ impl Feed {
                 metrics: FeedMetrics::default(),
             }),
         };
-        let rx = store.subscribe();
-        let task = feed.clone();
-        tokio::spawn(async move { task.run(rx).await });
+        // The store keeps the listener; a weak reference lets the feed go before the store.
+        let weak = Arc::downgrade(&feed.inner);
+        store.on_commit(move |commit| {
+            if let Some(inner) = weak.upgrade() {
+                Feed { inner }.fan_out(commit);
+            }
+        });
         feed
     }
 
@@ -335,71 +388,56 @@ impl Feed {
             .conns
             .lock()
             .values()
-            .map(|c| CONNECTION_QUEUE_FRAMES - c.tx.capacity())
+            .map(|c| CONNECTION_QUEUE_FRAMES - c.out.tx.capacity())
             .sum()
-    }
-
-    async fn run(self, mut rx: broadcast::Receiver<Arc<Commit>>) {
-        loop {
-            match rx.recv().await {
-                Ok(commit) => self.fan_out(&commit),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    // The feed itself fell behind the store: nobody can be sent a gap-free
-                    // delta any more, so everybody resyncs.
-                    tracing::warn!(
-                        missed = n,
-                        "terminal feed fell behind; every subscriber resyncs"
-                    );
-                    let conns = self.inner.conns.lock();
-                    for c in conns.values() {
-                        c.lagging.store(true, Relaxed);
-                        c.wake.notify_one();
-                    }
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
     }
 
     fn fan_out(&self, commit: &Commit) {
         let m = &self.inner.metrics;
         m.commits.fetch_add(1, Relaxed);
         m.lag.record(commit.started.elapsed());
+        let mut conns = self.inner.conns.lock();
+        if conns.is_empty() {
+            return;
+        }
         let mut enc = Encoded::new(&self.inner.store, commit);
         let version = commit.version.0;
-        let mut conns = self.inner.conns.lock();
-        for conn in conns.values_mut() {
-            if conn.lagging.load(Relaxed) {
+        for Conn {
+            out,
+            format,
+            subs,
+            pending,
+        } in conns.values_mut()
+        {
+            if out.lagging.load(Relaxed) {
                 continue;
             }
-            for (name, sub) in conn.subs.iter_mut() {
+            for p in pending.values_mut() {
+                let parts = p.sub.parts(commit, &mut enc, *format);
+                if parts.is_empty() {
+                    continue;
+                }
+                if p.deltas.len() >= CONNECTION_QUEUE_FRAMES {
+                    // As good as a full queue: the connection resyncs.
+                    out.lag();
+                    break;
+                }
+                p.deltas.push((version, parts));
+            }
+            for (name, sub) in subs.iter_mut() {
                 if version <= sub.version {
                     continue;
                 }
-                let parts: Vec<Bytes> = commit
-                    .changes
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, c)| sub.variant(c).map(|v| enc.get(conn.format, i, v)))
-                    .collect();
+                let parts = sub.parts(commit, &mut enc, *format);
                 if parts.is_empty() {
                     continue;
                 }
                 let refs: Vec<&Bytes> = parts.iter().collect();
-                let frame = delta_frame(conn.format, name, sub.version, version, &refs);
-                match conn.tx.try_send(frame) {
-                    Ok(()) => {
-                        sub.version = version;
-                        m.deltas_sent.fetch_add(1, Relaxed);
-                    }
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        conn.lagging.store(true, Relaxed);
-                        conn.wake.notify_one();
-                        break;
-                    }
-                    // The connection is going away; its task unregisters it.
-                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                if !out.queue(delta_frame(*format, name, sub.version, version, &refs)) {
+                    break;
                 }
+                sub.version = version;
+                m.deltas_sent.fetch_add(1, Relaxed);
             }
         }
         m.encodes.fetch_add(enc.encodes, Relaxed);
@@ -414,11 +452,14 @@ impl Feed {
         self.inner.conns.lock().insert(
             id,
             Conn {
-                tx,
+                out: Outlet {
+                    tx,
+                    lagging: lagging.clone(),
+                    wake: wake.clone(),
+                },
                 format,
-                lagging: lagging.clone(),
-                wake: wake.clone(),
                 subs: HashMap::new(),
+                pending: HashMap::new(),
             },
         );
         self.inner.metrics.connections.fetch_add(1, Relaxed);
@@ -437,79 +478,91 @@ impl Feed {
     }
 
     /// Adds (or replaces) a subscription and queues its first frame: a catch-up delta from
-    /// `since` when the log still holds it, else a snapshot. Runs under the registry lock so
-    /// that no commit slips between the first frame and the live deltas.
+    /// `since` when the log still holds it, else a snapshot; then the deltas of the commits
+    /// fanned out while that frame was read, so that none slips between it and the live
+    /// deltas. Called by the connection's own task, one message at a time.
     pub fn subscribe(
         &self,
         conn: u64,
         name: String,
-        mut sub: Sub,
+        sub: Sub,
         since: Option<u64>,
     ) -> Result<(), crate::store::StoreError> {
-        let store = &self.inner.store;
-        // The reads below wait for durability; wait before taking the registry lock, so
-        // that the fan-out is rarely held up behind a subscribe waiting for an fsync.
-        store.wait_durable();
+        let format = {
+            let mut conns = self.inner.conns.lock();
+            let Some(c) = conns.get_mut(&conn) else {
+                return Ok(());
+            };
+            c.subs.remove(&name);
+            c.pending.insert(
+                name.clone(),
+                Pending {
+                    sub: sub.clone(),
+                    deltas: Vec::new(),
+                },
+            );
+            c.format
+        };
+        // Every commit fanned out from here on is collected; every one fanned out before is
+        // in what the read below sees (the store publishes a commit before delivering it).
+        let first = self.first_frame(format, &name, &sub, since);
         let mut conns = self.inner.conns.lock();
         let Some(c) = conns.get_mut(&conn) else {
             return Ok(());
         };
-        let catch_up = match since {
-            Some(v) => store.changes_since(shared::Version(v), CATCH_UP_CHANGES_MAX)?,
-            None => None,
+        let Some(Pending { mut sub, deltas }) = c.pending.remove(&name) else {
+            return Ok(());
         };
-        // A catch-up delta from the log, if the log holds it and it fits in one frame.
-        let catch_up = catch_up.and_then(|entries| {
-            let base = since?;
-            let version = entries.last().map_or(base, |(v, _)| v.0);
-            let mut bytes = 0;
-            let mut parts: Vec<Bytes> = Vec::with_capacity(entries.len());
-            for (_, e) in &entries {
-                let Some(ti) = store.schema().table_index(&e.table) else {
-                    continue;
-                };
-                if !sub.tables.contains(&ti) {
+        let (version, frame) = first?;
+        sub.version = version;
+        if c.out.queue(frame) {
+            for (v, parts) in deltas {
+                if v <= sub.version {
                     continue;
                 }
-                // Log entries carry whole rows: a row that matches is sent whole, one that
-                // does not (any more) is removed.
-                let variant = match (e.op, sub.wants(&e.row)) {
-                    (EntryOp::Delete, _) | (_, false) => Variant::Gone,
-                    _ => Variant::Full,
-                };
-                let change = Change {
-                    table: ti,
-                    op: e.op,
-                    row: Arc::new(e.row.clone()),
-                    before: None,
-                    changed: Vec::new(),
-                };
-                let part = encode(store, c.format, &change, variant);
-                bytes += part.len();
-                if bytes > CATCH_UP_BYTES_MAX {
-                    return None;
+                let refs: Vec<&Bytes> = parts.iter().collect();
+                if !c
+                    .out
+                    .queue(delta_frame(format, &name, sub.version, v, &refs))
+                {
+                    break;
                 }
-                parts.push(part);
+                sub.version = v;
+                self.inner.metrics.deltas_sent.fetch_add(1, Relaxed);
             }
-            let refs: Vec<&Bytes> = parts.iter().collect();
-            Some((version, delta_frame(c.format, &name, base, version, &refs)))
-        });
-        let frame = match catch_up {
-            Some((version, frame)) => {
-                sub.version = version;
-                self.inner.metrics.catch_ups.fetch_add(1, Relaxed);
-                frame
-            }
-            _ => {
-                let names: Vec<&str> = sub.tables.iter().map(|&t| table_name(store, t)).collect();
-                let snap = store.snapshot(Some(&names))?;
-                sub.version = snap.version.0;
-                self.inner.metrics.snapshots.fetch_add(1, Relaxed);
-                let rows: Vec<(String, Vec<Arc<Row>>)> = snap
-                    .tables
-                    .into_iter()
-                    .map(|(t, rows)| (t, rows.into_iter().filter(|r| sub.wants(r)).collect()))
-                    .collect();
+        }
+        c.subs.insert(name, sub);
+        Ok(())
+    }
+
+    /// A subscription's first frame and the version it brings the client to: a catch-up
+    /// delta from `since` if the log holds it and it fits in one frame, else a snapshot.
+    fn first_frame(
+        &self,
+        format: Format,
+        name: &str,
+        sub: &Sub,
+        since: Option<u64>,
+    ) -> Result<(u64, Frame), crate::store::StoreError> {
+        let store = &self.inner.store;
+        if let Some(base) = since
+            && let Some(entries) =
+                store.changes_since(shared::Version(base), CATCH_UP_CHANGES_MAX)?
+            && let Some(frame) = catch_up_frame(store, format, name, sub, base, &entries)
+        {
+            self.inner.metrics.catch_ups.fetch_add(1, Relaxed);
+            return Ok(frame);
+        }
+        let names: Vec<&str> = sub.tables.iter().map(|&t| table_name(store, t)).collect();
+        let snap = store.snapshot(Some(&names))?;
+        self.inner.metrics.snapshots.fetch_add(1, Relaxed);
+        let rows: Vec<(String, Vec<Arc<Row>>)> = snap
+            .tables
+            .into_iter()
+            .map(|(t, rows)| (t, rows.into_iter().filter(|r| sub.wants(r)).collect()))
+            .collect();
+        let frame = match format {
+            Format::Json => {
                 let json_rows: serde_json::Map<String, serde_json::Value> = rows
                     .iter()
                     .map(|(t, rs)| {
@@ -520,40 +573,28 @@ impl Feed {
                 let json = serde_json::json!({
                     "type": "snapshot", "sub": name, "version": snap.version.0, "rows": json_rows,
                 });
-                match c.format {
-                    Format::Json => Frame::Text(json.to_string()),
-                    Format::Postcard => message_frame(
-                        c.format,
-                        &ServerMsg::Snapshot {
-                            sub: name.clone(),
-                            version: snap.version.0,
-                            rows: rows
-                                .iter()
-                                .map(|(t, rs)| {
-                                    (t.clone(), rs.iter().map(|r| feed_row(r)).collect())
-                                })
-                                .collect(),
-                        },
-                        serde_json::Value::Null,
-                    ),
-                }
+                Frame::Text(json.to_string())
             }
+            Format::Postcard => message_frame(
+                format,
+                &ServerMsg::Snapshot {
+                    sub: name.to_owned(),
+                    version: snap.version.0,
+                    rows: rows
+                        .iter()
+                        .map(|(t, rs)| (t.clone(), rs.iter().map(|r| feed_row(r)).collect()))
+                        .collect(),
+                },
+                serde_json::Value::Null,
+            ),
         };
-        if c.tx.try_send(frame).is_err() {
-            c.lagging.store(true, Relaxed);
-            c.wake.notify_one();
-        }
-        c.subs.insert(name, sub);
-        Ok(())
+        Ok((snap.version.0, frame))
     }
 
     /// Queues a frame on a connection (answers to its own messages).
     pub fn push(&self, conn: u64, frame: Frame) {
-        if let Some(c) = self.inner.conns.lock().get(&conn)
-            && c.tx.try_send(frame).is_err()
-        {
-            c.lagging.store(true, Relaxed);
-            c.wake.notify_one();
+        if let Some(c) = self.inner.conns.lock().get(&conn) {
+            c.out.queue(frame);
         }
     }
 
@@ -563,12 +604,13 @@ impl Feed {
             .conns
             .lock()
             .get(&conn)
-            .map_or(0, |c| c.subs.len())
+            .map_or(0, |c| c.subs.len() + c.pending.len())
     }
 
     pub fn unsubscribe(&self, conn: u64, name: &str) {
         if let Some(c) = self.inner.conns.lock().get_mut(&conn) {
             c.subs.remove(name);
+            c.pending.remove(name);
         }
     }
 
@@ -580,16 +622,62 @@ impl Feed {
             return Vec::new();
         };
         while rx.try_recv().is_ok() {}
-        let frames: Vec<Frame> = c
-            .subs
-            .drain()
-            .map(|(name, _)| resync_frame(c.format, &name, "lagging"))
+        let names: Vec<String> = c.subs.drain().map(|(name, _)| name).collect();
+        let frames: Vec<Frame> = names
+            .iter()
+            .chain(c.pending.keys())
+            .map(|name| resync_frame(c.format, name, "lagging"))
             .collect();
+        c.pending.clear();
         self.inner
             .metrics
             .resyncs
             .fetch_add(frames.len() as u64, Relaxed);
-        c.lagging.store(false, Relaxed);
+        c.out.lagging.store(false, Relaxed);
         frames
     }
+}
+
+/// A catch-up delta from the log's entries after `base`, and the version it reaches; `None`
+/// when it would not fit in one frame.
+fn catch_up_frame(
+    store: &Store,
+    format: Format,
+    name: &str,
+    sub: &Sub,
+    base: u64,
+    entries: &[(shared::Version, shared::LogEntry)],
+) -> Option<(u64, Frame)> {
+    let version = entries.last().map_or(base, |(v, _)| v.0);
+    let mut bytes = 0;
+    let mut parts: Vec<Bytes> = Vec::with_capacity(entries.len());
+    for (_, e) in entries {
+        let Some(ti) = store.schema().table_index(&e.table) else {
+            continue;
+        };
+        if !sub.tables.contains(&ti) {
+            continue;
+        }
+        // Log entries carry whole rows: a row that matches is sent whole, one that does not
+        // (any more) is removed.
+        let variant = match (e.op, sub.wants(&e.row)) {
+            (EntryOp::Delete, _) | (_, false) => Variant::Gone,
+            _ => Variant::Full,
+        };
+        let change = Change {
+            table: ti,
+            op: e.op,
+            row: Arc::new(e.row.clone()),
+            before: None,
+            changed: Vec::new(),
+        };
+        let part = encode(store, format, &change, variant);
+        bytes += part.len();
+        if bytes > CATCH_UP_BYTES_MAX {
+            return None;
+        }
+        parts.push(part);
+    }
+    let refs: Vec<&Bytes> = parts.iter().collect();
+    Some((version, delta_frame(format, name, base, version, &refs)))
 }

@@ -143,7 +143,7 @@ fn postcard_to_json(msg: ServerMsg) -> Json {
 }
 
 /// A terminal's local copy: table -> id -> row, maintained from snapshot and deltas.
-#[derive(Default, Debug, PartialEq)]
+#[derive(Default, Debug, Clone, PartialEq)]
 struct Replica {
     version: u64,
     rows: BTreeMap<(String, String), serde_json::Map<String, Json>>,
@@ -309,6 +309,47 @@ async fn snapshot_then_gap_free_deltas_reproduce_the_edge() {
     follow(&mut pc_ws, &mut b, last).await;
     assert_matches_edge(&a, &edge.store, &TABLES);
     assert!(a == b, "JSON and postcard clients see the same content");
+}
+
+/// Subscriptions whose first frame is read while commits are being fanned out: each gets the
+/// commits after its snapshot or catch-up, none twice and none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_subscribing_while_commits_stream_get_gap_free_feeds() {
+    let edge = start().await;
+    const TABLES: [&str; 3] = ["order_header", "order_line", "order_payment"];
+    write_orders(edge.store.clone(), 99, 2).await;
+    // 4 writers x 12 orders: at most 168 commits, under a connection's queue of frames, so
+    // that followers read nothing until the end and still get no resync.
+    let writers: Vec<_> = (0..4)
+        .map(|w| tokio::spawn(write_orders(edge.store.clone(), w, 12)))
+        .collect();
+    let mut followers: Vec<(Ws, Replica)> = Vec::new();
+    // One terminal after another until the writers are done (at least 6): every third
+    // resumes from the version the one before it reached, with a copy of its rows.
+    while followers.len() < 6 || (followers.len() < 64 && !writers.iter().all(|w| w.is_finished()))
+    {
+        let n = followers.len();
+        let (since, mut replica) = match followers.last() {
+            Some((_, r)) if n % 3 == 2 => (Some(r.version), r.clone()),
+            _ => (None, Replica::default()),
+        };
+        let mut ws = connect(&edge, n % 2 == 1).await;
+        subscribe(&mut ws, "s", &TABLES, None, since).await;
+        let first = next(&mut ws).await;
+        if since.is_some() {
+            assert_eq!(first["type"], "delta", "a resume is a delta: {first}");
+        }
+        replica.apply(&first);
+        followers.push((ws, replica));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let last = edge.store.version().0;
+    for (ws, replica) in &mut followers {
+        follow(ws, replica, last).await;
+        assert_matches_edge(replica, &edge.store, &TABLES);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

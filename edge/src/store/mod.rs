@@ -61,7 +61,7 @@ pub const GROUP_REQUESTS_MAX: usize = 1024;
 pub const WAL_RESTART_FRAMES: u64 = 8_192;
 /// Most rows a log page returns.
 pub const LOG_PAGE_MAX: usize = 1000;
-/// Most commits buffered for feed subscribers before a slow one is told it lagged.
+/// Most commits buffered for a slow [`Store::subscribe`] receiver before it is told it lagged.
 pub const COMMIT_FEED_CAPACITY: usize = 4096;
 
 const _: () = assert!(GROUP_REQUESTS_MAX <= QUEUE_REQUESTS_MAX);
@@ -115,11 +115,16 @@ impl StoreConfig {
     }
 }
 
+/// A function the store calls with each durable commit (see [`Store::on_commit`]).
+pub(crate) type CommitListener = Box<dyn Fn(&Commit) + Send + Sync>;
+
 /// State shared by the writer and readers.
 pub(crate) struct Shared {
     pub hot: RwLock<HotTier>,
     pub status: Mutex<LogStatus>,
     pub commits: broadcast::Sender<Arc<Commit>>,
+    /// Called with every durable commit, in order, on the thread that delivers it.
+    pub listeners: RwLock<Vec<CommitListener>>,
     pub metrics: StoreMetrics,
     /// Groups handed to the answering thread and not yet answered.
     pub deliveries_pending: std::sync::atomic::AtomicUsize,
@@ -239,6 +244,7 @@ impl Store {
                 writer::load_log_state(&conn, &OriginId::from(&config.branch), &schema)?.0,
             ),
             commits,
+            listeners: RwLock::new(Vec::new()),
             metrics: StoreMetrics::default(),
             deliveries_pending: std::sync::atomic::AtomicUsize::new(0),
             durability,
@@ -431,9 +437,17 @@ impl Store {
         Ok(shared::wire::Position { origin, seq, hash })
     }
 
-    /// Subscribes to commits as they become visible (the terminal feed's source).
+    /// Subscribes to commits as they become durable, through a channel.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
         self.inner.shared.commits.subscribe()
+    }
+
+    /// Calls `listener` with every commit from now on, in commit order, once it is durable
+    /// and before its callers are answered, on the thread that delivers it (the writer's or
+    /// the answering thread): the terminal feed's source. The listener must be quick and must
+    /// not read from the store, whose reads may wait for a delivery that waits for it.
+    pub fn on_commit(&self, listener: impl Fn(&Commit) + Send + Sync + 'static) {
+        self.inner.shared.listeners.write().push(Box::new(listener));
     }
 
     /// Returns what was just read from the published state (hot tier, log status) once

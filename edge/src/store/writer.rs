@@ -75,9 +75,18 @@ impl Delivery {
     /// Publishes the commits, then answers: a caller holding its answer can count on its
     /// commit being in the feed already.
     pub(crate) fn deliver(self, shared: &Shared) {
-        for c in self.commits {
-            // A send error only means nobody listens right now.
-            let _ = shared.commits.send(Arc::new(c));
+        if !self.commits.is_empty() {
+            let listeners = shared.listeners.read();
+            let channel = shared.commits.receiver_count() > 0;
+            for c in self.commits {
+                for listen in listeners.iter() {
+                    listen(&c);
+                }
+                if channel {
+                    // A send error only means the last receiver just went.
+                    let _ = shared.commits.send(Arc::new(c));
+                }
+            }
         }
         if self.answers.is_empty() {
             return;
