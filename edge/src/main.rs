@@ -93,7 +93,10 @@ fn run(cli: Cli) -> Result<ExitCode, StartError> {
                 let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
                 return edge::update::keep(&data_dir, args).map_err(StartError);
             }
-            let runtime = tokio::runtime::Runtime::new()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(edge::server::worker_threads())
+                .enable_all()
+                .build()
                 .map_err(|e| StartError(format!("cannot start the runtime: {e}")))?;
             let end = runtime.block_on(edge::server::serve(ServeConfig {
                 data_dir,

@@ -134,9 +134,9 @@ fn router_with_updates(
         .method_not_allowed_fallback(crate::api::method_not_allowed)
 }
 
-async fn healthz(State(app): State<App>) -> impl IntoResponse {
-    let status = app.store.log_status();
-    axum::Json(serde_json::json!({
+async fn healthz(State(app): State<App>) -> Result<impl IntoResponse, crate::api::ApiError> {
+    let status = app.api.read(|store| Ok(store.log_status())).await?;
+    Ok(axum::Json(serde_json::json!({
         "status": "ok",
         "role": "edge",
         "branch": app.branch.as_str(),
@@ -150,12 +150,12 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
         "unsynced": status.last_seq.0 - status.acked_seq.0,
         "synced_seq": status.acked_seq.0,
         "last_seq": status.last_seq.0,
-    }))
+    })))
 }
 
-async fn prometheus(State(app): State<App>) -> impl IntoResponse {
+async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::api::ApiError> {
+    let status = app.api.read(|store| Ok(store.log_status())).await?;
     let m = app.store.metrics();
-    let status = app.store.log_status();
     let mut out = Exposition::default();
     out.counter(
         "outpost_commit_groups_total",
@@ -423,7 +423,21 @@ async fn prometheus(State(app): State<App>) -> impl IntoResponse {
         let _ = writeln!(out.0, "{name}_sum{{{labels}}} {}", h.sum_us.load(Relaxed));
         let _ = writeln!(out.0, "{name}_count{{{labels}}} {cumulative}");
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.0)
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.0))
+}
+
+/// How many threads serve terminals: one core fewer than the machine has (at least one), so
+/// that the store's writer, which every write passes through, keeps a core to itself instead
+/// of being preempted by request handling. `TOKIO_WORKER_THREADS` overrides it. On the
+/// two-core test machine this took 64 tills from 12.3-14.1k to 16.5-17.2k writes/s
+/// (BENCHMARKS.md, session 8).
+pub fn worker_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| cores.saturating_sub(1).max(1))
 }
 
 /// Accepts connections with Nagle's algorithm off: terminals get small responses and feed

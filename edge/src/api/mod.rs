@@ -24,7 +24,7 @@ use shared::{BranchId, Role};
 pub use error::{ApiError, ApiResult};
 
 use crate::feed::Feed;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Largest request body accepted, in bytes.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
@@ -62,6 +62,19 @@ impl AppState {
         &self.inner.store
     }
 
+    /// Runs a read of the store on the blocking pool: reads may wait for a pooled SQLite
+    /// connection or at the durability barrier, which must not hold up a thread serving
+    /// requests.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> ApiResult<T> {
+        let store = self.store().clone();
+        Ok(tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|e| StoreError::Storage(format!("a read stopped: {e}")))??)
+    }
+
     pub fn branch(&self) -> &BranchId {
         &self.inner.branch
     }
@@ -76,12 +89,15 @@ impl AppState {
 
     /// The role of a bearer token. The database is asked once per token; afterwards the
     /// answer comes from memory.
-    fn role_of(&self, token: &str) -> ApiResult<Option<Role>> {
+    async fn role_of(&self, token: &str) -> ApiResult<Option<Role>> {
         let key = *blake3::hash(token.as_bytes()).as_bytes();
         if let Some(role) = self.inner.tokens.read().get(&key) {
             return Ok(Some(*role));
         }
-        let role = self.store().token_role(token)?;
+        // A token not seen yet (or not known at all) is looked up in SQLite: off the threads
+        // serving requests, as the read may wait for a pooled connection.
+        let owned = token.to_owned();
+        let role = self.read(move |store| store.token_role(&owned)).await?;
         if let Some(role) = role {
             self.inner.tokens.write().insert(key, role);
         }
@@ -94,13 +110,13 @@ impl AppState {
 pub struct Auth(pub Role);
 
 impl Auth {
-    pub fn from_token(state: &AppState, token: Option<&str>) -> ApiResult<Auth> {
+    pub async fn from_token(state: &AppState, token: Option<&str>) -> ApiResult<Auth> {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(ApiError::unauthorized(
                 "send a bearer token: Authorization: Bearer TOKEN",
             ));
         };
-        match state.role_of(token)? {
+        match state.role_of(token).await? {
             Some(role) => Ok(Auth(role)),
             None => Err(ApiError::unauthorized("the bearer token is not known here")),
         }
@@ -120,7 +136,7 @@ impl FromRequestParts<AppState> for Auth {
                 .or_else(|| h.strip_prefix("bearer "))
                 .map(str::trim)
         });
-        Auth::from_token(state, token)
+        Auth::from_token(state, token).await
     }
 }
 

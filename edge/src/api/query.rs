@@ -56,11 +56,8 @@ pub(super) async fn query(
     check_scope(&state, &branch, &module)?;
     let (spec, select) = parse(&state, auth, &body)?;
     let started = Instant::now();
-    let store = state.store().clone();
     let spec_table = spec.table;
-    let result = tokio::task::spawn_blocking(move || store.query(&spec))
-        .await
-        .map_err(|e| ApiError::from(crate::store::StoreError::Storage(e.to_string())))??;
+    let result = state.read(move |store| store.query(&spec)).await?;
     let query_ms = started.elapsed().as_secs_f64() * 1000.0;
     let rows: Vec<Json> = result
         .rows

@@ -144,7 +144,13 @@ pub(super) async fn snapshot(
             .map(|t| t.name.as_str())
             .collect(),
     };
-    let snap = state.store().snapshot(Some(&names))?;
+    let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
+    let snap = state
+        .read(move |store| {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            store.snapshot(Some(&names))
+        })
+        .await?;
     let tables: Map<String, Json> = snap
         .tables
         .iter()
@@ -188,11 +194,10 @@ pub(super) async fn get_row(
 ) -> ApiResult<Out<Json>> {
     check_scope(&state, &branch, &module)?;
     let t = table_for(&state, auth, &table, Access::Read)?;
-    let store = state.store().clone();
     let name = t.name.clone();
-    let row = tokio::task::spawn_blocking(move || store.get(&name, &id).map(|r| (r, id)))
-        .await
-        .map_err(|e| ApiError::from(crate::store::StoreError::Storage(e.to_string())))??;
+    let row = state
+        .read(move |store| store.get(&name, &id).map(|r| (r, id)))
+        .await?;
     match row {
         (Some(row), _) => Ok(Out(row_json(&row))),
         (None, id) => Err(ApiError::not_found(
@@ -397,10 +402,9 @@ pub(super) async fn events(
             "?limit= must be at least 1",
         ));
     }
-    let store = state.store().clone();
-    let page = tokio::task::spawn_blocking(move || store.log_page(Seq(after), limit as usize))
-        .await
-        .map_err(|e| ApiError::from(crate::store::StoreError::Storage(e.to_string())))??;
+    let page = state
+        .read(move |store| store.log_page(Seq(after), limit as usize))
+        .await?;
     let schema = state.store().schema();
     let next = page.entries.last().map_or(after, |(_, e)| e.seq.0);
     // Entries of tables the role may not read are left out; `next` still moves past them.

@@ -37,7 +37,7 @@ pub(super) async fn upgrade(
     Query(params): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let Auth(role) = match Auth::from_token(&state, params.get("token").map(String::as_str)) {
+    let Auth(role) = match Auth::from_token(&state, params.get("token").map(String::as_str)).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
@@ -108,8 +108,12 @@ async fn connection(mut socket: WebSocket, feed: Feed, role: Role) {
                 let Some(Ok(msg)) = msg else { break };
                 last_heard = Instant::now();
                 match msg {
-                    Message::Text(t) => handle(&feed, reg.id, role, format, parse_json(t.as_str())),
-                    Message::Binary(b) => handle(&feed, reg.id, role, format, parse_postcard(&b)),
+                    Message::Text(t) => {
+                        handle(&feed, reg.id, role, format, parse_json(t.as_str())).await
+                    }
+                    Message::Binary(b) => {
+                        handle(&feed, reg.id, role, format, parse_postcard(&b)).await
+                    }
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
@@ -194,7 +198,7 @@ fn parse_postcard(bytes: &[u8]) -> Parsed {
     })
 }
 
-fn handle(feed: &Feed, conn: u64, role: Role, format: Format, msg: Parsed) {
+async fn handle(feed: &Feed, conn: u64, role: Role, format: Format, msg: Parsed) {
     let reply_error = |sub: Option<&str>, code: &str, message: &str| {
         feed.push(conn, error_frame(format, sub, code, message));
     };
@@ -216,9 +220,19 @@ fn handle(feed: &Feed, conn: u64, role: Role, format: Format, msg: Parsed) {
                         "too_many_subscriptions",
                         "a connection holds at most 64 subscriptions",
                     );
-                } else if let Err(e) = feed.subscribe(conn, sub.clone(), s, since) {
-                    let e = ApiError::from(e);
-                    reply_error(Some(&sub), e.code, &e.message);
+                } else {
+                    // The first frame is read from the store (a snapshot, or the log for a
+                    // catch-up) and waits for durability: not on a thread serving requests.
+                    let (f, name) = (feed.clone(), sub.clone());
+                    let done =
+                        tokio::task::spawn_blocking(move || f.subscribe(conn, name, s, since));
+                    let done = done
+                        .await
+                        .unwrap_or_else(|e| Err(crate::store::StoreError::Storage(e.to_string())));
+                    if let Err(e) = done {
+                        let e = ApiError::from(e);
+                        reply_error(Some(&sub), e.code, &e.message);
+                    }
                 }
             }
         },
