@@ -10,7 +10,7 @@
 //! waits for durability, which the delivering thread (blocked on the lock) would provide. A
 //! new subscription is registered as pending first, collects the deltas of the commits
 //! fanned out while its first frame (snapshot or catch-up) is read, and then queues that frame
-//! followed by the collected deltas newer than it.
+//! followed by one delta of the collected commits newer than it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -22,7 +22,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use shared::feed::{FeedChange, FeedOp, FeedRow, ServerMsg, delta_head, feed_row};
 use shared::json::{row_to_json, value_to_json};
-use shared::{EntryOp, Row};
+use shared::{EntryOp, Row, Schema};
 use tokio::sync::{Notify, mpsc};
 
 use crate::store::query::Filter;
@@ -111,6 +111,8 @@ struct Pending {
     sub: Sub,
     /// `(version, encoded parts)` per matching commit, in commit order.
     deltas: Vec<(u64, Vec<Bytes>)>,
+    /// Their encoded size; past [`CATCH_UP_BYTES_MAX`] the connection resyncs.
+    bytes: usize,
 }
 
 /// A connection's entry in the registry.
@@ -161,8 +163,11 @@ pub struct FeedMetrics {
     pub lag: crate::store::metrics::LatencyHistogram,
 }
 
+/// The fan-out's state. The store's commit listener holds it weakly and holds no store, so
+/// that the last reference, if dropped on the delivering thread, never takes the store (and
+/// its writer thread) down with it there.
 struct Inner {
-    store: Store,
+    schema: Arc<Schema>,
     conns: Mutex<HashMap<u64, Conn>>,
     next_id: AtomicU64,
     metrics: FeedMetrics,
@@ -172,6 +177,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct Feed {
     inner: Arc<Inner>,
+    store: Store,
 }
 
 /// A registered connection's handle, held by its WebSocket task.
@@ -182,13 +188,9 @@ pub struct Registration {
     pub wake: Arc<Notify>,
 }
 
-fn table_name(store: &Store, ti: usize) -> &str {
-    &store.schema().tables()[ti].name
-}
-
 /// Encodes a change in one format and variant.
-fn encode(store: &Store, format: Format, c: &Change, v: Variant) -> Bytes {
-    let table = table_name(store, c.table);
+fn encode(schema: &Schema, format: Format, c: &Change, v: Variant) -> Bytes {
+    let table = schema.tables()[c.table].name.as_str();
     let set_columns = || -> Vec<(&str, shared::Value)> {
         let mut cols: Vec<(&str, shared::Value)> = c
             .changed
@@ -318,7 +320,7 @@ pub fn error_frame(format: Format, sub: Option<&str>, code: &str, message: &str)
 
 /// Per commit: each change's encodings, made on first use.
 struct Encoded<'a> {
-    store: &'a Store,
+    schema: &'a Schema,
     commit: &'a Commit,
     /// `[format][variant]` per change.
     cache: Vec<[[OnceLock<Bytes>; 3]; 2]>,
@@ -326,9 +328,9 @@ struct Encoded<'a> {
 }
 
 impl<'a> Encoded<'a> {
-    fn new(store: &'a Store, commit: &'a Commit) -> Self {
+    fn new(schema: &'a Schema, commit: &'a Commit) -> Self {
         Encoded {
-            store,
+            schema,
             commit,
             cache: (0..commit.changes.len())
                 .map(|_| Default::default())
@@ -347,9 +349,148 @@ impl<'a> Encoded<'a> {
             return b.clone();
         }
         self.encodes += 1;
-        let b = encode(self.store, format, &self.commit.changes[i], v);
+        let b = encode(self.schema, format, &self.commit.changes[i], v);
         let _ = slot.set(b.clone());
         b
+    }
+}
+
+impl Inner {
+    /// Queues a durable commit's deltas: for live subscriptions on their connections' queues,
+    /// for pending ones in their collections.
+    fn fan_out(&self, commit: &Commit) {
+        let m = &self.metrics;
+        m.commits.fetch_add(1, Relaxed);
+        m.lag.record(commit.started.elapsed());
+        let mut conns = self.conns.lock();
+        if conns.is_empty() {
+            return;
+        }
+        let mut enc = Encoded::new(&self.schema, commit);
+        let version = commit.version.0;
+        'conns: for Conn {
+            out,
+            format,
+            subs,
+            pending,
+        } in conns.values_mut()
+        {
+            if out.lagging.load(Relaxed) {
+                continue;
+            }
+            for p in pending.values_mut() {
+                let parts = p.sub.parts(commit, &mut enc, *format);
+                if parts.is_empty() {
+                    continue;
+                }
+                p.bytes += parts.iter().map(Bytes::len).sum::<usize>();
+                if p.bytes > CATCH_UP_BYTES_MAX {
+                    // More than one frame may carry: as good as a full queue.
+                    out.lag();
+                    continue 'conns;
+                }
+                p.deltas.push((version, parts));
+            }
+            for (name, sub) in subs.iter_mut() {
+                if version <= sub.version {
+                    continue;
+                }
+                let parts = sub.parts(commit, &mut enc, *format);
+                if parts.is_empty() {
+                    continue;
+                }
+                let refs: Vec<&Bytes> = parts.iter().collect();
+                if !out.queue(delta_frame(*format, name, sub.version, version, &refs)) {
+                    continue 'conns;
+                }
+                sub.version = version;
+                m.deltas_sent.fetch_add(1, Relaxed);
+            }
+        }
+        m.encodes.fetch_add(enc.encodes, Relaxed);
+    }
+}
+
+impl Inner {
+    pub fn register(&self, format: Format) -> Registration {
+        let (tx, rx) = mpsc::channel(CONNECTION_QUEUE_FRAMES);
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let lagging = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Notify::new());
+        self.conns.lock().insert(
+            id,
+            Conn {
+                out: Outlet {
+                    tx,
+                    lagging: lagging.clone(),
+                    wake: wake.clone(),
+                },
+                format,
+                subs: HashMap::new(),
+                pending: HashMap::new(),
+            },
+        );
+        self.metrics.connections.fetch_add(1, Relaxed);
+        Registration {
+            id,
+            rx,
+            lagging,
+            wake,
+        }
+    }
+
+    /// Registers a subscription as pending (replacing any of the same name); returns the
+    /// connection's format, or `None` when the connection is gone.
+    fn pend(&self, conn: u64, name: &str, sub: &Sub) -> Option<Format> {
+        let mut conns = self.conns.lock();
+        let c = conns.get_mut(&conn)?;
+        c.subs.remove(name);
+        c.pending.insert(
+            name.to_owned(),
+            Pending {
+                sub: sub.clone(),
+                deltas: Vec::new(),
+                bytes: 0,
+            },
+        );
+        Some(c.format)
+    }
+
+    /// Makes a pending subscription live: queues its first frame (version, frame), then the
+    /// commits collected since it was registered that the first frame does not hold, as one
+    /// delta. A failed read leaves no subscription of that name.
+    fn go_live(
+        &self,
+        conn: u64,
+        name: String,
+        first: Result<(u64, Frame), crate::store::StoreError>,
+    ) -> Result<(), crate::store::StoreError> {
+        let mut conns = self.conns.lock();
+        let Some(c) = conns.get_mut(&conn) else {
+            return Ok(());
+        };
+        let Some(Pending {
+            mut sub, deltas, ..
+        }) = c.pending.remove(&name)
+        else {
+            return Ok(());
+        };
+        let (version, frame) = first?;
+        sub.version = version;
+        let newer: Vec<&(u64, Vec<Bytes>)> = deltas.iter().filter(|(v, _)| *v > version).collect();
+        if c.out.queue(frame)
+            && let Some(&&(last, _)) = newer.last()
+        {
+            let refs: Vec<&Bytes> = newer.iter().flat_map(|(_, parts)| parts).collect();
+            if c.out
+                .queue(delta_frame(c.format, &name, version, last, &refs))
+            {
+                sub.version = last;
+                self.metrics.deltas_sent.fetch_add(1, Relaxed);
+            }
+        }
+        c.subs.insert(name, sub);
+        Ok(())
     }
 }
 
@@ -358,24 +499,33 @@ impl Feed {
     pub fn start(store: Store) -> Feed {
         let feed = Feed {
             inner: Arc::new(Inner {
-                store: store.clone(),
+                schema: store.schema().clone(),
                 conns: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 metrics: FeedMetrics::default(),
             }),
+            store,
         };
         // The store keeps the listener; a weak reference lets the feed go before the store.
         let weak = Arc::downgrade(&feed.inner);
-        store.on_commit(move |commit| {
-            if let Some(inner) = weak.upgrade() {
-                Feed { inner }.fan_out(commit);
+        feed.store.on_commit(move |commit| {
+            let Some(inner) = weak.upgrade() else { return };
+            // A panic here would stop the thread that answers writes; the fan-out's state may
+            // be half-updated, so every connection resyncs instead.
+            let fanned =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.fan_out(commit)));
+            if fanned.is_err() {
+                tracing::error!("the terminal feed failed on a commit; every subscriber resyncs");
+                for c in inner.conns.lock().values() {
+                    c.out.lag();
+                }
             }
         });
         feed
     }
 
     pub fn store(&self) -> &Store {
-        &self.inner.store
+        &self.store
     }
 
     pub fn metrics(&self) -> &FeedMetrics {
@@ -392,83 +542,9 @@ impl Feed {
             .sum()
     }
 
-    fn fan_out(&self, commit: &Commit) {
-        let m = &self.inner.metrics;
-        m.commits.fetch_add(1, Relaxed);
-        m.lag.record(commit.started.elapsed());
-        let mut conns = self.inner.conns.lock();
-        if conns.is_empty() {
-            return;
-        }
-        let mut enc = Encoded::new(&self.inner.store, commit);
-        let version = commit.version.0;
-        for Conn {
-            out,
-            format,
-            subs,
-            pending,
-        } in conns.values_mut()
-        {
-            if out.lagging.load(Relaxed) {
-                continue;
-            }
-            for p in pending.values_mut() {
-                let parts = p.sub.parts(commit, &mut enc, *format);
-                if parts.is_empty() {
-                    continue;
-                }
-                if p.deltas.len() >= CONNECTION_QUEUE_FRAMES {
-                    // As good as a full queue: the connection resyncs.
-                    out.lag();
-                    break;
-                }
-                p.deltas.push((version, parts));
-            }
-            for (name, sub) in subs.iter_mut() {
-                if version <= sub.version {
-                    continue;
-                }
-                let parts = sub.parts(commit, &mut enc, *format);
-                if parts.is_empty() {
-                    continue;
-                }
-                let refs: Vec<&Bytes> = parts.iter().collect();
-                if !out.queue(delta_frame(*format, name, sub.version, version, &refs)) {
-                    break;
-                }
-                sub.version = version;
-                m.deltas_sent.fetch_add(1, Relaxed);
-            }
-        }
-        m.encodes.fetch_add(enc.encodes, Relaxed);
-    }
-
     /// Registers a new connection.
     pub fn register(&self, format: Format) -> Registration {
-        let (tx, rx) = mpsc::channel(CONNECTION_QUEUE_FRAMES);
-        let id = self.inner.next_id.fetch_add(1, Relaxed);
-        let lagging = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(Notify::new());
-        self.inner.conns.lock().insert(
-            id,
-            Conn {
-                out: Outlet {
-                    tx,
-                    lagging: lagging.clone(),
-                    wake: wake.clone(),
-                },
-                format,
-                subs: HashMap::new(),
-                pending: HashMap::new(),
-            },
-        );
-        self.inner.metrics.connections.fetch_add(1, Relaxed);
-        Registration {
-            id,
-            rx,
-            lagging,
-            wake,
-        }
+        self.inner.register(format)
     }
 
     pub fn unregister(&self, id: u64) {
@@ -479,8 +555,10 @@ impl Feed {
 
     /// Adds (or replaces) a subscription and queues its first frame: a catch-up delta from
     /// `since` when the log still holds it, else a snapshot; then the deltas of the commits
-    /// fanned out while that frame was read, so that none slips between it and the live
-    /// deltas. Called by the connection's own task, one message at a time.
+    /// fanned out while that frame was read (as one delta), so that none slips between it and
+    /// the live deltas. Called by the connection's own task, one message at a time. A
+    /// subscription of the same name stops at once; if the read fails, the client gets the
+    /// error and no subscription of that name remains.
     pub fn subscribe(
         &self,
         conn: u64,
@@ -488,51 +566,13 @@ impl Feed {
         sub: Sub,
         since: Option<u64>,
     ) -> Result<(), crate::store::StoreError> {
-        let format = {
-            let mut conns = self.inner.conns.lock();
-            let Some(c) = conns.get_mut(&conn) else {
-                return Ok(());
-            };
-            c.subs.remove(&name);
-            c.pending.insert(
-                name.clone(),
-                Pending {
-                    sub: sub.clone(),
-                    deltas: Vec::new(),
-                },
-            );
-            c.format
+        let Some(format) = self.inner.pend(conn, &name, &sub) else {
+            return Ok(());
         };
         // Every commit fanned out from here on is collected; every one fanned out before is
         // in what the read below sees (the store publishes a commit before delivering it).
         let first = self.first_frame(format, &name, &sub, since);
-        let mut conns = self.inner.conns.lock();
-        let Some(c) = conns.get_mut(&conn) else {
-            return Ok(());
-        };
-        let Some(Pending { mut sub, deltas }) = c.pending.remove(&name) else {
-            return Ok(());
-        };
-        let (version, frame) = first?;
-        sub.version = version;
-        if c.out.queue(frame) {
-            for (v, parts) in deltas {
-                if v <= sub.version {
-                    continue;
-                }
-                let refs: Vec<&Bytes> = parts.iter().collect();
-                if !c
-                    .out
-                    .queue(delta_frame(format, &name, sub.version, v, &refs))
-                {
-                    break;
-                }
-                sub.version = v;
-                self.inner.metrics.deltas_sent.fetch_add(1, Relaxed);
-            }
-        }
-        c.subs.insert(name, sub);
-        Ok(())
+        self.inner.go_live(conn, name, first)
     }
 
     /// A subscription's first frame and the version it brings the client to: a catch-up
@@ -544,7 +584,7 @@ impl Feed {
         sub: &Sub,
         since: Option<u64>,
     ) -> Result<(u64, Frame), crate::store::StoreError> {
-        let store = &self.inner.store;
+        let store = &self.store;
         if let Some(base) = since
             && let Some(entries) =
                 store.changes_since(shared::Version(base), CATCH_UP_CHANGES_MAX)?
@@ -553,7 +593,11 @@ impl Feed {
             self.inner.metrics.catch_ups.fetch_add(1, Relaxed);
             return Ok(frame);
         }
-        let names: Vec<&str> = sub.tables.iter().map(|&t| table_name(store, t)).collect();
+        let names: Vec<&str> = sub
+            .tables
+            .iter()
+            .map(|&t| store.schema().tables()[t].name.as_str())
+            .collect();
         let snap = store.snapshot(Some(&names))?;
         self.inner.metrics.snapshots.fetch_add(1, Relaxed);
         let rows: Vec<(String, Vec<Arc<Row>>)> = snap
@@ -671,7 +715,7 @@ fn catch_up_frame(
             before: None,
             changed: Vec::new(),
         };
-        let part = encode(store, format, &change, variant);
+        let part = encode(store.schema(), format, &change, variant);
         bytes += part.len();
         if bytes > CATCH_UP_BYTES_MAX {
             return None;
@@ -680,4 +724,142 @@ fn catch_up_frame(
     }
     let refs: Vec<&Bytes> = parts.iter().collect();
     Some((version, delta_frame(format, name, base, version, &refs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::{Timestamp, Value};
+
+    fn inner() -> Inner {
+        Inner {
+            schema: Arc::new(shared::pos::schema()),
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            metrics: FeedMetrics::default(),
+        }
+    }
+
+    /// A commit inserting one `order_header` row.
+    fn commit(inner: &Inner, version: u64, id: &str, table_id: Value) -> Commit {
+        let ti = inner.schema.table_index("order_header").unwrap();
+        let columns = inner.schema.columns(ti).clone();
+        let mut values = vec![Value::Null; columns.len()];
+        values[columns.iter().position(|c| c == "table_id").unwrap()] = table_id;
+        let row = Row {
+            id: id.into(),
+            version: 1,
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+            seq: None,
+            columns,
+            values,
+        };
+        Commit {
+            version: shared::Version(version),
+            changes: vec![Change {
+                table: ti,
+                op: EntryOp::Insert,
+                row: Arc::new(row),
+                before: None,
+                changed: Vec::new(),
+            }],
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn sub(inner: &Inner) -> Sub {
+        Sub {
+            tables: vec![inner.schema.table_index("order_header").unwrap()],
+            filter: Vec::new(),
+            version: 0,
+        }
+    }
+
+    fn json(frame: Frame) -> serde_json::Value {
+        match frame {
+            Frame::Text(t) => serde_json::from_str(&t).unwrap(),
+            Frame::Binary(_) => panic!("a JSON connection got a binary frame"),
+        }
+    }
+
+    fn ids(delta: &serde_json::Value) -> Vec<&str> {
+        delta["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_pending_subscription_gets_the_commits_its_first_frame_lacks_as_one_delta() {
+        let inner = inner();
+        let mut reg = inner.register(Format::Json);
+        inner.pend(reg.id, "s", &sub(&inner)).unwrap();
+        // Fanned out while the first frame is read: v2 and v3 are in it, v4 and v5 are not.
+        for (v, id) in [(2, "a"), (3, "b"), (4, "c"), (5, "d")] {
+            inner.fan_out(&commit(&inner, v, id, Value::Null));
+        }
+        let first = Frame::Text(r#"{"type":"snapshot","version":3}"#.into());
+        inner.go_live(reg.id, "s".into(), Ok((3, first))).unwrap();
+        assert_eq!(json(reg.rx.try_recv().unwrap())["version"], 3);
+        let delta = json(reg.rx.try_recv().unwrap());
+        assert_eq!(
+            (delta["base"].as_u64(), delta["version"].as_u64()),
+            (Some(3), Some(5))
+        );
+        assert_eq!(ids(&delta), ["c", "d"]);
+        // Live from there: the next commit's delta starts where that one ended.
+        inner.fan_out(&commit(&inner, 6, "e", Value::Null));
+        let live = json(reg.rx.try_recv().unwrap());
+        assert_eq!(
+            (live["base"].as_u64(), live["version"].as_u64()),
+            (Some(5), Some(6))
+        );
+        assert_eq!(ids(&live), ["e"]);
+        assert!(reg.rx.try_recv().is_err());
+        assert_eq!(
+            inner.metrics.encodes.load(Relaxed),
+            5,
+            "one encode per change"
+        );
+    }
+
+    #[test]
+    fn nothing_collected_past_the_first_frame_adds_no_delta() {
+        let inner = inner();
+        let mut reg = inner.register(Format::Json);
+        inner.pend(reg.id, "s", &sub(&inner)).unwrap();
+        inner.fan_out(&commit(&inner, 2, "a", Value::Null));
+        let first = Frame::Text(r#"{"version":2}"#.into());
+        inner.go_live(reg.id, "s".into(), Ok((2, first))).unwrap();
+        assert_eq!(json(reg.rx.try_recv().unwrap())["version"], 2);
+        assert!(reg.rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_failed_first_read_leaves_no_subscription() {
+        let inner = inner();
+        let mut reg = inner.register(Format::Json);
+        inner.pend(reg.id, "s", &sub(&inner)).unwrap();
+        let failed = Err(crate::store::StoreError::Closed);
+        assert!(inner.go_live(reg.id, "s".into(), failed).is_err());
+        inner.fan_out(&commit(&inner, 2, "a", Value::Null));
+        assert!(reg.rx.try_recv().is_err());
+        let c = &inner.conns.lock()[&reg.id];
+        assert!(c.subs.is_empty() && c.pending.is_empty());
+    }
+
+    #[test]
+    fn a_pending_subscription_that_collects_too_much_resyncs_its_connection() {
+        let inner = inner();
+        let reg = inner.register(Format::Json);
+        inner.pend(reg.id, "s", &sub(&inner)).unwrap();
+        let big = Value::Text("x".repeat(CATCH_UP_BYTES_MAX / 2));
+        inner.fan_out(&commit(&inner, 2, "a", big.clone()));
+        assert!(!reg.lagging.load(Relaxed));
+        inner.fan_out(&commit(&inner, 3, "b", big));
+        assert!(reg.lagging.load(Relaxed));
+    }
 }

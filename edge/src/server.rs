@@ -106,7 +106,7 @@ pub fn open_data_dir(
     Ok(store)
 }
 
-/// Health, metrics and the terminal API. Starts the live feed, so it needs a tokio runtime.
+/// Health, metrics and the terminal API, with the live feed listening to the store's commits.
 pub fn router(store: Store, branch: BranchId, sync: Option<Arc<SyncStatus>>) -> Router {
     router_with_updates(store, branch, sync, None)
 }
@@ -154,7 +154,15 @@ async fn healthz(State(app): State<App>) -> Result<impl IntoResponse, crate::api
 }
 
 async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::api::ApiError> {
-    let status = app.api.read(|store| Ok(store.log_status())).await?;
+    // The hot tier's lock can be held while the writer loads rows from SQLite.
+    let syncing = app.sync.is_some();
+    let (status, hot_rows, oldest_unsynced) = app
+        .api
+        .read(move |store| {
+            let oldest = syncing.then(|| crate::sync::oldest_unsynced_payment(store));
+            Ok((store.log_status(), store.hot_rows(), oldest.flatten()))
+        })
+        .await?;
     let m = app.store.metrics();
     let mut out = Exposition::default();
     out.counter(
@@ -253,7 +261,7 @@ async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::
         status.last_seq.0 - status.acked_seq.0,
     );
     if let Some(sync) = &app.sync {
-        let age = crate::sync::oldest_unsynced_payment(&app.store).map_or(0, |t| {
+        let age = oldest_unsynced.map_or(0, |t| {
             let now = (crate::store::system_clock())();
             ((now.0 - t.0).max(0) / 1_000_000) as u64
         });
@@ -351,7 +359,7 @@ async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::
     out.gauge(
         "outpost_hot_rows",
         "Rows in the in-memory hot tier.",
-        app.store.hot_rows() as u64,
+        hot_rows as u64,
     );
     let feed = app.api.feed();
     let fm = feed.metrics();

@@ -89,8 +89,18 @@ impl SyncClient {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn sealed_head(&self) -> Position {
-        let s = self.store.log_status();
+    /// The log's status, read off the runtime's threads: the read waits for an fsync.
+    async fn log_status(&self) -> crate::store::LogStatus {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.log_status()).await {
+            Ok(s) => s,
+            // Only while the runtime shuts down.
+            Err(_) => self.store.log_status(),
+        }
+    }
+
+    async fn sealed_head(&self) -> Position {
+        let s = self.log_status().await;
         Position {
             origin: self.store.origin().clone(),
             seq: s.sealed_seq,
@@ -108,13 +118,13 @@ impl SyncClient {
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
         endpoint.set_default_client_config(client_config);
-        let status = self.store.log_status();
+        let status = self.log_status().await;
         let mut session = EdgeSession::new(
             SyncConfig::default(),
             &self.software,
             self.store.schema().clone(),
             self.store.acked_position().map_err(|e| e.to_string())?,
-            self.sealed_head(),
+            self.sealed_head().await,
             status.feed.clone(),
         );
         let mut rng = Jitter::new();
@@ -185,7 +195,7 @@ impl SyncClient {
         }
         drop(frames_tx);
         // The hello carries everything sealed so far, offline time included.
-        let head = self.sealed_head();
+        let head = self.sealed_head().await;
         if head.seq > session.head().seq {
             session.handle_sealed(self.now(), head);
         }
@@ -293,7 +303,7 @@ impl SyncClient {
                 },
                 _ = poll.tick() => {
                     // Whatever was sealed since the session last heard, offline time included.
-                    let head = self.sealed_head();
+                    let head = self.sealed_head().await;
                     if head.seq > session.head().seq {
                         session.handle_sealed(self.now(), head);
                     }

@@ -70,9 +70,12 @@ impl AppState {
         read: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> ApiResult<T> {
         let store = self.store().clone();
-        Ok(tokio::task::spawn_blocking(move || read(&store))
-            .await
-            .map_err(|e| StoreError::Storage(format!("a read stopped: {e}")))??)
+        let done = tokio::task::spawn_blocking(move || read(&store)).await;
+        Ok(done.map_err(|e| match e.is_cancelled() {
+            // The runtime is shutting down.
+            true => StoreError::Closed,
+            false => StoreError::Storage(format!("a read stopped: {e}")),
+        })??)
     }
 
     pub fn branch(&self) -> &BranchId {

@@ -581,9 +581,10 @@ impl Store {
         Ok(LogPage { entries, has_more })
     }
 
-    /// The changes of commits after `since`, in order, if the log still holds all of them and
-    /// there are at most `max`; `None` when a snapshot is needed instead (pruned, too many, or
-    /// a `since` this edge never issued).
+    /// The changes of the commits after `since` up to the current version, in order, if the
+    /// log still holds all of them and there are at most `max`; `None` when a snapshot is
+    /// needed instead (pruned, too many, or a `since` this edge never issued). Commits after
+    /// the current version as read at the start are left out whole, never cut.
     pub fn changes_since(
         &self,
         since: Version,
@@ -610,17 +611,26 @@ impl Store {
                 // Nothing after `since` in the log: right only if nothing was committed.
                 return Ok((since == now).then(Vec::new));
             };
+            let limit = max.saturating_add(64);
             let entries = writer::read_entries_max(
                 conn,
                 Seq(first_seq as u64),
                 Seq(u64::MAX >> 1),
-                max.saturating_add(64),
+                limit,
             )?;
+            // The read ends at `limit` entries, maybe inside a commit: it is whole up to
+            // `now` only if it reached past `now` or the end of the log.
+            let mut whole = entries.len() < limit;
             let mut out = Vec::new();
             let mut expected = Version(since.0 + 1);
             for (_, version, bytes) in entries {
                 if version <= since {
                     continue;
+                }
+                if version > now {
+                    // Committed after `now` was read: the caller gets it from the feed.
+                    whole = true;
+                    break;
                 }
                 if version.0 > expected.0 {
                     // A commit with no entries of this origin's log is missing from it.
@@ -634,8 +644,8 @@ impl Store {
                     .map_err(|e| StoreError::Storage(format!("log entry does not decode: {e}")))?;
                 out.push((version, entry));
             }
-            // Every commit up to the version seen at the start must be there.
-            if out.last().map_or(since, |(v, _)| *v) < now {
+            // Every commit up to the version seen at the start must be there, whole.
+            if !whole || out.last().map_or(since, |(v, _)| *v) < now {
                 return Ok(None);
             }
             Ok(Some(out))
