@@ -2,13 +2,14 @@
 //! the branch's event log.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Json as Out;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde_json::{Map, Value as Json, json};
 use shared::Seq;
-use shared::json::{insert_from_json, row_to_json, update_from_json};
+use shared::json::{RowJson, insert_from_json, row_to_json, update_from_json};
 use shared::schema::{Access, Table, TableKind};
 
 use super::{ApiError, ApiResult, AppState, Auth, JsonBody};
@@ -90,6 +91,22 @@ fn row_json(row: &shared::Row) -> Json {
     Json::Object(row_to_json(row))
 }
 
+/// A row in an answer, written to JSON as the answer is sent (no map built first).
+pub(super) struct RowOut(Arc<shared::Row>);
+
+impl serde::Serialize for RowOut {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        RowJson(&self.0).serialize(s)
+    }
+}
+
+/// A batch's answer: `{"results": [row, ...], "version": N}`.
+#[derive(serde::Serialize)]
+pub(super) struct BatchOut {
+    results: Vec<RowOut>,
+    version: u64,
+}
+
 pub(super) async fn schema(
     State(state): State<AppState>,
     Path((branch, module)): Path<(String, String)>,
@@ -169,7 +186,7 @@ pub(super) async fn insert(
     Path((branch, module, table)): Path<(String, String, String)>,
     auth: Auth,
     JsonBody(body): JsonBody,
-) -> ApiResult<(StatusCode, Out<Json>)> {
+) -> ApiResult<(StatusCode, Out<RowOut>)> {
     check_scope(&state, &branch, &module)?;
     let t = table_for(&state, auth, &table, Access::Insert)?;
     let input = insert_from_json(t, object(&body, "the row")?)?;
@@ -178,20 +195,20 @@ pub(super) async fn insert(
         id: input.id,
         fields: input.fields,
     };
-    let done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
-    let result = &done.results[0];
+    let mut done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
+    let result = done.results.swap_remove(0);
     let status = match result.applied {
         Applied::AlreadyPresent => StatusCode::OK,
         _ => StatusCode::CREATED,
     };
-    Ok((status, Out(row_json(&result.row))))
+    Ok((status, Out(RowOut(result.row))))
 }
 
 pub(super) async fn get_row(
     State(state): State<AppState>,
     Path((branch, module, table, id)): Path<(String, String, String, String)>,
     auth: Auth,
-) -> ApiResult<Out<Json>> {
+) -> ApiResult<Out<RowOut>> {
     check_scope(&state, &branch, &module)?;
     let t = table_for(&state, auth, &table, Access::Read)?;
     let name = t.name.clone();
@@ -199,7 +216,7 @@ pub(super) async fn get_row(
         .read(move |store| store.get(&name, &id).map(|r| (r, id)))
         .await?;
     match row {
-        (Some(row), _) => Ok(Out(row_json(&row))),
+        (Some(row), _) => Ok(Out(RowOut(row))),
         (None, id) => Err(ApiError::not_found(
             "not_found",
             format!("no row {:?} in table {}", truncate(&id), t.name),
@@ -238,11 +255,11 @@ pub(super) async fn update(
     Path((branch, module, table, id)): Path<(String, String, String, String)>,
     auth: Auth,
     JsonBody(body): JsonBody,
-) -> ApiResult<Out<Json>> {
+) -> ApiResult<Out<RowOut>> {
     check_scope(&state, &branch, &module)?;
     let op = update_op(&state, auth, &table, id, &body)?;
-    let done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
-    Ok(Out(row_json(&done.results[0].row)))
+    let mut done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
+    Ok(Out(RowOut(done.results.swap_remove(0).row)))
 }
 
 fn delete_op(
@@ -327,7 +344,7 @@ pub(super) async fn batch(
     Path((branch, module)): Path<(String, String)>,
     auth: Auth,
     JsonBody(body): JsonBody,
-) -> ApiResult<Out<Json>> {
+) -> ApiResult<Out<BatchOut>> {
     check_scope(&state, &branch, &module)?;
     let ops = match object(&body, "a batch")?.get("ops") {
         Some(Json::Array(ops)) if !ops.is_empty() => ops,
@@ -362,10 +379,10 @@ pub(super) async fn batch(
                 None => err,
             }
         })?;
-    let results: Vec<Json> = done.results.iter().map(|r| row_json(&r.row)).collect();
-    Ok(Out(
-        json!({ "version": done.version.0, "results": results }),
-    ))
+    Ok(Out(BatchOut {
+        results: done.results.into_iter().map(|r| RowOut(r.row)).collect(),
+        version: done.version.0,
+    }))
 }
 
 /// A non-negative integer query parameter, bounded.
