@@ -202,6 +202,15 @@ pub(crate) struct Writer {
     groups: u64,
     /// Multi-operation requests run inside savepoints until this group (see `commit_group`).
     batch_savepoints_until: u64,
+    /// Hashes of `(table, id)` of the rows this group's finished requests wrote: the hot tier
+    /// does not show them yet (see `row_now`). A collision only costs a SQLite read.
+    touched: std::collections::HashSet<u64, foldhash::fast::FixedState>,
+}
+
+/// The key of a row in `Writer::touched`.
+fn touched_key(table: usize, id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one((table, id))
 }
 
 /// How many groups after a re-run keep multi-operation requests inside savepoints.
@@ -284,6 +293,7 @@ impl Writer {
             partial_updates: sql::PartialUpdates::default(),
             groups: 0,
             batch_savepoints_until: 0,
+            touched: Default::default(),
             rules: PosRules::for_schema(&schema),
             conn,
             schema,
@@ -565,10 +575,16 @@ impl Writer {
         commits: &mut Vec<Commit>,
     ) -> Result<u64, GroupError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.touched.clear();
         let sealed_before = self.status.sealed_seq;
         for (txn, _) in group {
             match self.apply_request(txn, now, careful) {
                 Ok((committed, commit)) => {
+                    if let Some(c) = &commit {
+                        for ch in &c.changes {
+                            self.touched.insert(touched_key(ch.table, &ch.row.id));
+                        }
+                    }
                     commits.extend(commit);
                     outcomes.push(Ok(committed));
                 }
@@ -796,7 +812,7 @@ impl Writer {
             } => {
                 // The client's version is compared with the row as the client could have seen
                 // it: totals this request dirtied are derived below, in the same update.
-                let current = self.current_at(ti, id, *version)?;
+                let current = self.current_at(ti, id, *version, s)?;
                 let mut set = set.clone();
                 let mut fresh = current.clone();
                 if self.rules.as_ref().is_some_and(|r| r.is_order(ti))
@@ -815,7 +831,7 @@ impl Writer {
                 self.update_row(ti, current, set, s)
             }
             PreparedOp::Delete { id, version, .. } => {
-                let current = self.current_at(ti, id, *version)?;
+                let current = self.current_at(ti, id, *version, s)?;
                 if let Some(rules) = &self.rules {
                     let orders = |id: &str| self.order_row(rules.order, id, s);
                     rules.before_delete(&self.conn, &orders, ti, &current)?;
@@ -863,17 +879,42 @@ impl Writer {
         }
     }
 
-    /// Reads the current row from the write connection (it sees this group's own writes).
-    fn current(&self, ti: usize, id: &str) -> Result<Row, StoreError> {
-        read_row(&self.conn, &self.schema, &self.sql, ti, id)?.ok_or_else(|| StoreError::NotFound {
-            table: self.schema.tables()[ti].name.clone(),
-            id: id.chars().take(128).collect(),
-        })
+    /// A row as the request sees it, from the cheapest place that has it right: the
+    /// request's own last change to it; else the hot tier, which holds every commit before
+    /// this group, unless a finished request of this group wrote the row; else the write
+    /// connection (which sees this group's writes). `None` when there is no such row.
+    fn row_now(&self, ti: usize, id: &str, s: &Scratch<'_>) -> Result<Option<Arc<Row>>, StoreError> {
+        if let Some(c) = s.changes.iter().rev().find(|c| c.table == ti && c.row.id == id) {
+            return Ok((c.op != EntryOp::Delete).then(|| c.row.clone()));
+        }
+        if !self.touched.contains(&touched_key(ti, id))
+            && let Some(row) = self.shared.hot.read().get(ti, id)
+        {
+            return Ok(Some(row.clone()));
+        }
+        Ok(read_row(&self.conn, &self.schema, &self.sql, ti, id)?.map(Arc::new))
+    }
+
+    /// The current row (see `row_now`).
+    fn current(&self, ti: usize, id: &str, s: &Scratch<'_>) -> Result<Row, StoreError> {
+        match self.row_now(ti, id, s)? {
+            Some(row) => Ok(Arc::unwrap_or_clone(row)),
+            None => Err(StoreError::NotFound {
+                table: self.schema.tables()[ti].name.clone(),
+                id: id.chars().take(128).collect(),
+            }),
+        }
     }
 
     /// The current row, if it is at `version` (compare-and-set).
-    fn current_at(&self, ti: usize, id: &str, version: u64) -> Result<Row, StoreError> {
-        let current = self.current(ti, id)?;
+    fn current_at(
+        &self,
+        ti: usize,
+        id: &str,
+        version: u64,
+        s: &Scratch<'_>,
+    ) -> Result<Row, StoreError> {
+        let current = self.current(ti, id, s)?;
         if current.version != version {
             return Err(StoreError::VersionConflict {
                 id: id.to_owned(),
@@ -979,7 +1020,7 @@ impl Writer {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
             {
-                let existing = self.current(ti, &row.id)?;
+                let existing = self.current(ti, &row.id, s)?;
                 if is_log && existing.values == row.values {
                     return Ok(OpResult {
                         applied: Applied::AlreadyPresent,
@@ -1170,25 +1211,16 @@ impl Writer {
         Ok(())
     }
 
-    /// An order as the request sees it: the request's own last change to it (a batch that
-    /// opens an order and adds its lines, say), else the row in SQLite. `None` when there is
-    /// no such order, or the request deleted it.
+    /// An order as the request sees it (see `row_now`): the request's own last change to it
+    /// (a batch that opens an order and adds its lines, say), the hot tier, or SQLite.
+    /// `None` when there is no such order, or the request deleted it.
     fn order_row(
         &self,
         order: usize,
         id: &str,
         s: &Scratch<'_>,
     ) -> Result<Option<Arc<Row>>, StoreError> {
-        let written = s
-            .changes
-            .iter()
-            .rev()
-            .find(|c| c.table == order && c.row.id == id);
-        Ok(match written {
-            Some(c) if c.op == EntryOp::Delete => None,
-            Some(c) => Some(c.row.clone()),
-            None => read_row(&self.conn, &self.schema, &self.sql, order, id)?.map(Arc::new),
-        })
+        self.row_now(order, id, s)
     }
 
     /// Applies the request's net change to an order's derived totals, in one update.
