@@ -106,7 +106,7 @@ impl serde::Serialize for ValueJson<'_> {
             Value::Bool(b) => s.serialize_bool(*b),
             Value::Int(i) => s.serialize_i64(*i),
             Value::Text(t) => s.serialize_str(t),
-            Value::Timestamp(t) => s.serialize_str(&t.to_rfc3339()),
+            Value::Timestamp(t) => t.with_rfc3339(|text| s.serialize_str(text)),
             Value::Json(_) => value_to_json(self.0).serialize(s),
         }
     }
@@ -117,7 +117,7 @@ impl serde::Serialize for Member<'_> {
         match self {
             Member::Text(t) => s.serialize_str(t),
             Member::Number(n) => s.serialize_u64(*n),
-            Member::Time(t) => s.serialize_str(&t.to_rfc3339()),
+            Member::Time(t) => t.with_rfc3339(|text| s.serialize_str(text)),
             Member::Value(v) => ValueJson(v).serialize(s),
         }
     }

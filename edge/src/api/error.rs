@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::Json as Out;
+use super::Out;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json, json};

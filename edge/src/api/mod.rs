@@ -23,6 +23,33 @@ use shared::{BranchId, Role};
 
 pub use error::{ApiError, ApiResult};
 
+/// A JSON answer. Serialized into a `Vec` in one go: `axum::Json` writes through a
+/// `BytesMut` writer, which costs a call per fragment (every key, quote and escape).
+pub struct Out<T>(pub T);
+
+impl<T: serde::Serialize> axum::response::IntoResponse for Out<T> {
+    fn into_response(self) -> axum::response::Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(body) => (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response(),
+            Err(e) => {
+                tracing::error!("an answer does not serialize: {e}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the answer does not serialize",
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
 use crate::feed::Feed;
 use crate::store::{Store, StoreError};
 

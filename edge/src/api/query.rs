@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use axum::Json as Out;
+use super::Out;
 use axum::extract::{Path, State};
 use serde_json::{Value as Json, json};
 use shared::json::row_to_json;
