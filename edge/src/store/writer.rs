@@ -883,8 +883,18 @@ impl Writer {
     /// request's own last change to it; else the hot tier, which holds every commit before
     /// this group, unless a finished request of this group wrote the row; else the write
     /// connection (which sees this group's writes). `None` when there is no such row.
-    fn row_now(&self, ti: usize, id: &str, s: &Scratch<'_>) -> Result<Option<Arc<Row>>, StoreError> {
-        if let Some(c) = s.changes.iter().rev().find(|c| c.table == ti && c.row.id == id) {
+    fn row_now(
+        &self,
+        ti: usize,
+        id: &str,
+        s: &Scratch<'_>,
+    ) -> Result<Option<Arc<Row>>, StoreError> {
+        if let Some(c) = s
+            .changes
+            .iter()
+            .rev()
+            .find(|c| c.table == ti && c.row.id == id)
+        {
             return Ok((c.op != EntryOp::Delete).then(|| c.row.clone()));
         }
         if !self.touched.contains(&touched_key(ti, id))
