@@ -244,16 +244,29 @@ impl Histogram {
 /// Request latency by route (the matched path template) and method.
 #[derive(Debug, Default)]
 pub struct RouteMetrics {
-    routes: RwLock<HashMap<(String, String), Arc<Histogram>>>,
+    /// `(method, route, histogram)`: a dozen entries at most, found by a scan that, unlike a
+    /// map keyed by owned strings, allocates nothing per request.
+    routes: RwLock<Vec<(String, String, Arc<Histogram>)>>,
 }
 
 impl RouteMetrics {
     fn histogram(&self, method: &str, route: &str) -> Arc<Histogram> {
-        let key = (method.to_owned(), route.to_owned());
-        if let Some(h) = self.routes.read().get(&key) {
-            return h.clone();
+        let find = |routes: &[(String, String, Arc<Histogram>)]| {
+            routes
+                .iter()
+                .find(|(m, r, _)| m == method && r == route)
+                .map(|(_, _, h)| h.clone())
+        };
+        if let Some(h) = find(&self.routes.read()) {
+            return h;
         }
-        self.routes.write().entry(key).or_default().clone()
+        let mut routes = self.routes.write();
+        if let Some(h) = find(&routes) {
+            return h;
+        }
+        let h = Arc::new(Histogram::default());
+        routes.push((method.to_owned(), route.to_owned(), h.clone()));
+        h
     }
 
     /// `((method, route), histogram)`, sorted.
@@ -262,7 +275,7 @@ impl RouteMetrics {
             .routes
             .read()
             .iter()
-            .map(|(k, h)| (k.clone(), h.clone()))
+            .map(|(m, r, h)| ((m.clone(), r.clone()), h.clone()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -279,13 +292,16 @@ async fn time_requests(
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+        .cloned();
+    let method = req.method().clone();
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
     if let Some(route) = route {
         let us = started.elapsed().as_micros() as u64;
-        state.routes().histogram(&method, &route).record(us);
+        state
+            .routes()
+            .histogram(method.as_str(), route.as_str())
+            .record(us);
     }
     resp
 }
