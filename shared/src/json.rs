@@ -136,18 +136,63 @@ impl serde::Serialize for RowJson<'_> {
             members.push(("seq", Member::Number(seq)));
         }
         members.extend(row.iter().map(|(k, v)| (k, Member::Value(v))));
-        // Sorted as the map sorts its keys; of equal keys the map keeps the last inserted,
-        // and a stable sort keeps them in insertion order.
-        members.sort_by(|a, b| a.0.cmp(b.0));
-        let mut map = s.serialize_map(None)?;
-        for (i, (k, m)) in members.iter().enumerate() {
-            if members.get(i + 1).is_some_and(|next| next.0 == *k) {
-                continue;
-            }
+        let order = member_order(row, &members);
+        let mut map = s.serialize_map(Some(order.len()))?;
+        for &i in order.iter() {
+            let (k, m) = &members[i as usize];
             map.serialize_entry(k, m)?;
         }
         map.end()
     }
+}
+
+/// Column sets (held, so that no other set can take their address), whether rows carry
+/// `seq` and how many members they have, with the order the members are written in. Rows
+/// of a table share one column set, so the sort runs once per table and thread.
+type MemberOrders = Vec<(crate::value::Columns, (bool, usize), std::sync::Arc<[u32]>)>;
+
+thread_local! {
+    static MEMBER_ORDERS: std::cell::RefCell<MemberOrders> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most column sets remembered per thread.
+const MEMBER_ORDERS_MAX: usize = 64;
+
+/// The indexes of `members` in the order `row_to_json`'s map writes them: sorted by name,
+/// and of equal names the last (the map keeps the last inserted).
+fn member_order(row: &Row, members: &[(&str, Member<'_>)]) -> std::sync::Arc<[u32]> {
+    let key = (row.seq.is_some(), members.len());
+    let cached = MEMBER_ORDERS.with_borrow(|orders| {
+        orders
+            .iter()
+            .find(|(columns, n, _)| std::sync::Arc::ptr_eq(columns, &row.columns) && *n == key)
+            .map(|(_, _, order)| order.clone())
+    });
+    if let Some(order) = cached {
+        return order;
+    }
+    // A stable sort keeps equal names in insertion order.
+    let mut sorted: Vec<u32> = (0..members.len())
+        .filter_map(|i| u32::try_from(i).ok())
+        .collect();
+    sorted.sort_by(|&a, &b| members[a as usize].0.cmp(members[b as usize].0));
+    let order: std::sync::Arc<[u32]> = sorted
+        .iter()
+        .enumerate()
+        .filter(|&(n, &i)| {
+            sorted
+                .get(n + 1)
+                .is_none_or(|&next| members[next as usize].0 != members[i as usize].0)
+        })
+        .map(|(_, &i)| i)
+        .collect();
+    MEMBER_ORDERS.with_borrow_mut(|orders| {
+        if orders.len() >= MEMBER_ORDERS_MAX {
+            orders.remove(0);
+        }
+        orders.push((row.columns.clone(), key, order.clone()));
+    });
+    order
 }
 
 /// Why a JSON row was refused. Each maps to a stable HTTP error code.
