@@ -802,7 +802,7 @@ impl Writer {
             PreparedOp::Insert { id, values, .. } => {
                 let mut row = self.new_row(ti, id.clone(), values.clone(), s.now);
                 if let Some(rules) = &self.rules {
-                    let orders = |id: &str| self.order_row(rules.order, id, s);
+                    let orders = |id: &str| self.row_now(rules.order, id, s);
                     rules.before_insert(&orders, ti, &mut row)?;
                 }
                 self.insert_row(ti, row, s)
@@ -825,7 +825,7 @@ impl Writer {
                     }
                 }
                 if let Some(rules) = &self.rules {
-                    let orders = |id: &str| self.order_row(rules.order, id, s);
+                    let orders = |id: &str| self.row_now(rules.order, id, s);
                     rules.before_update(&orders, ti, &fresh, &set)?;
                 }
                 self.update_row(ti, current, set, s)
@@ -833,7 +833,7 @@ impl Writer {
             PreparedOp::Delete { id, version, .. } => {
                 let current = self.current_at(ti, id, *version, s)?;
                 if let Some(rules) = &self.rules {
-                    let orders = |id: &str| self.order_row(rules.order, id, s);
+                    let orders = |id: &str| self.row_now(rules.order, id, s);
                     rules.before_delete(&self.conn, &orders, ti, &current)?;
                 }
                 self.delete_row(ti, current, s)
@@ -1221,18 +1221,6 @@ impl Writer {
         Ok(())
     }
 
-    /// An order as the request sees it (see `row_now`): the request's own last change to it
-    /// (a batch that opens an order and adds its lines, say), the hot tier, or SQLite.
-    /// `None` when there is no such order, or the request deleted it.
-    fn order_row(
-        &self,
-        order: usize,
-        id: &str,
-        s: &Scratch<'_>,
-    ) -> Result<Option<Arc<Row>>, StoreError> {
-        self.row_now(order, id, s)
-    }
-
     /// Applies the request's net change to an order's derived totals, in one update.
     fn flush_order(
         &mut self,
@@ -1243,7 +1231,7 @@ impl Writer {
         let Some(rules) = self.rules.clone() else {
             return Ok(());
         };
-        let Some(current) = self.order_row(rules.order, order_id, s)? else {
+        let Some(current) = self.row_now(rules.order, order_id, s)? else {
             return Ok(()); // deleted in this request
         };
         let current = Arc::unwrap_or_clone(current);
