@@ -385,7 +385,8 @@ impl Inner {
                 }
                 p.bytes += parts.iter().map(Bytes::len).sum::<usize>();
                 if p.bytes > CATCH_UP_BYTES_MAX {
-                    // More than one frame may carry: as good as a full queue.
+                    // More than the one delta that follows the first frame may carry: as good
+                    // as a full queue.
                     out.lag();
                     continue 'conns;
                 }
@@ -409,10 +410,9 @@ impl Inner {
         }
         m.encodes.fetch_add(enc.encodes, Relaxed);
     }
-}
 
-impl Inner {
-    pub fn register(&self, format: Format) -> Registration {
+    /// Registers a new connection.
+    fn register(&self, format: Format) -> Registration {
         let (tx, rx) = mpsc::channel(CONNECTION_QUEUE_FRAMES);
         let id = self.next_id.fetch_add(1, Relaxed);
         let lagging = Arc::new(AtomicBool::new(false));

@@ -92,11 +92,10 @@ impl SyncClient {
     /// The log's status, read off the runtime's threads: the read waits for an fsync.
     async fn log_status(&self) -> crate::store::LogStatus {
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.log_status()).await {
-            Ok(s) => s,
+        crate::store::blocking(move || Ok(store.log_status()))
+            .await
             // Only while the runtime shuts down.
-            Err(_) => self.store.log_status(),
-        }
+            .unwrap_or_else(|_| self.store.log_status())
     }
 
     async fn sealed_head(&self) -> Position {

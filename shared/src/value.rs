@@ -22,29 +22,25 @@ impl Timestamp {
     /// Formats as RFC 3339 UTC with microseconds, e.g. `2026-11-22T01:02:03.000004Z`.
     /// The fixed width makes the text order equal the time order.
     pub fn to_rfc3339(self) -> String {
-        if let Some(text) = self.rfc3339_fast() {
-            // ASCII digits and separators only.
-            return String::from_utf8(text.to_vec()).unwrap_or_default();
-        }
-        match jiff::Timestamp::from_microsecond(self.0) {
-            Ok(ts) => format!("{ts:.6}"),
-            // Out of jiff's range (beyond year 9999): only reachable through a bad clock.
-            Err(_) => format!("@{}us", self.0),
-        }
+        self.with_rfc3339(str::to_owned)
     }
 
     /// Calls `with` on the [`Timestamp::to_rfc3339`] text, without allocating it when it can.
     pub fn with_rfc3339<R>(self, with: impl FnOnce(&str) -> R) -> R {
         match self.rfc3339_fast() {
+            // ASCII digits and separators only, so always UTF-8.
             Some(text) => with(std::str::from_utf8(&text).unwrap_or_default()),
-            None => with(&self.to_rfc3339()),
+            None => with(&match jiff::Timestamp::from_microsecond(self.0) {
+                Ok(ts) => format!("{ts:.6}"),
+                // Out of jiff's range (beyond year 9999): only reachable through a bad clock.
+                Err(_) => format!("@{}us", self.0),
+            }),
         }
     }
 
     /// [`Timestamp::to_rfc3339`] for years 0000 to 9998 (inside jiff's range, whose end is
-    /// late on 9999-12-30), without a formatter: every row an
-    /// answer or a feed delta carries has two of them. Days to a civil date as in Howard
-    /// Hinnant's `civil_from_days`.
+    /// late on 9999-12-30), without a formatter: every row an answer or a feed delta carries
+    /// has two of them. Days to a civil date as in Howard Hinnant's `civil_from_days`.
     fn rfc3339_fast(self) -> Option<[u8; 27]> {
         const MICROS_PER_DAY: i64 = 86_400_000_000;
         let days = self.0.div_euclid(MICROS_PER_DAY);

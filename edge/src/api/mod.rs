@@ -97,12 +97,7 @@ impl AppState {
         read: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> ApiResult<T> {
         let store = self.store().clone();
-        let done = tokio::task::spawn_blocking(move || read(&store)).await;
-        Ok(done.map_err(|e| match e.is_cancelled() {
-            // The runtime is shutting down.
-            true => StoreError::Closed,
-            false => StoreError::Storage(format!("a read stopped: {e}")),
-        })??)
+        Ok(crate::store::blocking(move || read(&store)).await?)
     }
 
     pub fn branch(&self) -> &BranchId {

@@ -225,10 +225,7 @@ async fn handle(feed: &Feed, conn: u64, role: Role, format: Format, msg: Parsed)
                     // catch-up) and waits for durability: not on a thread serving requests.
                     let (f, name) = (feed.clone(), sub.clone());
                     let done =
-                        tokio::task::spawn_blocking(move || f.subscribe(conn, name, s, since));
-                    let done = done
-                        .await
-                        .unwrap_or_else(|e| Err(crate::store::StoreError::Storage(e.to_string())));
+                        crate::store::blocking(move || f.subscribe(conn, name, s, since)).await;
                     if let Err(e) = done {
                         let e = ApiError::from(e);
                         reply_error(Some(&sub), e.code, &e.message);

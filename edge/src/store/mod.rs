@@ -115,6 +115,19 @@ impl StoreConfig {
     }
 }
 
+/// Runs `work` (a store read, which may wait for a pooled connection or at the durability
+/// barrier) on tokio's blocking pool, off the threads that serve requests. A task the
+/// shutting-down runtime cancelled is [`StoreError::Closed`].
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(e) if e.is_cancelled() => Err(StoreError::Closed),
+        Err(e) => Err(StoreError::Storage(format!("a read stopped: {e}"))),
+    }
+}
+
 /// A function the store calls with each durable commit (see [`Store::on_commit`]).
 pub(crate) type CommitListener = Box<dyn Fn(&Commit) + Send + Sync>;
 
