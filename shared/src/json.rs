@@ -14,35 +14,33 @@ pub fn value_from_json(ty: ColumnType, v: &Json) -> Result<Value, &'static str> 
     if v.is_null() {
         return Ok(Value::Null);
     }
-    match ty {
+    let value = match ty {
         ColumnType::Text => match v {
-            Json::String(s) if s.len() <= TEXT_BYTES_MAX => Ok(Value::Text(s.clone())),
-            _ => Err("a string of at most 65536 bytes"),
+            Json::String(s) if s.len() <= TEXT_BYTES_MAX => Some(Value::Text(s.clone())),
+            _ => None,
         },
-        ColumnType::Integer => match v.as_i64() {
-            Some(i) => Ok(Value::Int(i)),
-            None => Err("an integer"),
-        },
-        ColumnType::Money => match v.as_i64() {
-            Some(i) => Ok(Value::Int(i)),
-            None => Err("an integer amount in minor units (12550 means 125.50)"),
-        },
-        ColumnType::Bool => match v {
-            Json::Bool(b) => Ok(Value::Bool(*b)),
-            _ => Err("true or false"),
-        },
-        ColumnType::Timestamp => match v.as_str().and_then(Timestamp::parse_rfc3339) {
-            Some(t) => Ok(Value::Timestamp(t)),
-            None => Err("an RFC 3339 timestamp such as 2026-11-22T12:00:00Z"),
-        },
-        ColumnType::Json => {
-            let text = v.to_string();
-            if text.len() <= TEXT_BYTES_MAX {
-                Ok(Value::Json(text))
-            } else {
-                Err("a JSON document of at most 65536 bytes")
-            }
-        }
+        ColumnType::Integer | ColumnType::Money => v.as_i64().map(Value::Int),
+        ColumnType::Bool => v.as_bool().map(Value::Bool),
+        ColumnType::Timestamp => v
+            .as_str()
+            .and_then(Timestamp::parse_rfc3339)
+            .map(Value::Timestamp),
+        ColumnType::Json => Some(v.to_string())
+            .filter(|text| text.len() <= TEXT_BYTES_MAX)
+            .map(Value::Json),
+    };
+    value.ok_or(expected(ty))
+}
+
+/// What a column of type `ty` accepts, for error messages.
+pub(crate) fn expected(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Text => "a string of at most 65536 bytes",
+        ColumnType::Integer => "an integer",
+        ColumnType::Money => "an integer amount in minor units (12550 means 125.50)",
+        ColumnType::Bool => "true or false",
+        ColumnType::Timestamp => "an RFC 3339 timestamp such as 2026-11-22T12:00:00Z",
+        ColumnType::Json => "a JSON document of at most 65536 bytes",
     }
 }
 

@@ -8,6 +8,7 @@ pub mod feed;
 pub mod hlc;
 pub mod ids;
 pub mod json;
+pub mod json_rows;
 pub mod log;
 pub mod merge;
 pub mod metrics;

@@ -754,7 +754,13 @@ async fn bad_requests_are_refused_with_their_codes() {
         s.push_str("\"}");
         Body::Raw(s.into_bytes())
     };
-    let deep = Body::Raw(format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes());
+    // Nesting far past any recursion limit: read without recursion wherever the edge
+    // only skips a value, so a deep list is "not an object", a deep column value is the
+    // wrong type, and an unclosed one is not JSON.
+    let nested = || format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep = Body::Raw(nested().into_bytes());
+    let deep_value = Body::Raw(format!("{{\"notes\": {}}}", nested()).into_bytes());
+    let deep_unclosed = Body::Raw(format!("{{\"notes\": {}", "[".repeat(100_000)).into_bytes());
     let many_ops = j(json!({
         "ops": (0..1001)
             .map(|_| json!({"op": "insert", "table": "order_header", "row": {}}))
@@ -767,7 +773,9 @@ async fn bad_requests_are_refused_with_their_codes() {
         case(M::POST, t("order_header"), Admin, raw("{not json"),                            400, "invalid_json"),
         case(M::POST, t("order_header"), Admin, raw(""),                                     400, "invalid_json"),
         case(M::POST, t("order_header"), Admin, Body::Raw(vec![0xff, 0xfe, 0x7b]),           400, "invalid_json"),
-        case(M::POST, t("order_header"), Admin, deep,                                        400, "invalid_json"),
+        case(M::POST, t("order_header"), Admin, deep,                                        400, "invalid_body"),
+        case(M::POST, t("order_header"), Admin, deep_value,                                  400, "invalid_value"),
+        case(M::POST, t("order_header"), Admin, deep_unclosed,                               400, "invalid_json"),
         case(M::POST, t("order_header"), Admin, j(json!([1, 2])),                            400, "invalid_body"),
         case(M::POST, q.clone(),         Admin, raw("{\"table\": "),                         400, "invalid_json"),
         case(M::POST, batch.clone(),     Admin, raw("[]"),                                   400, "invalid_body"),

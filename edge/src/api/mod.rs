@@ -2,6 +2,7 @@
 //! `/api/branches/{branch}/modules/{module}`, bearer-token auth with per-table role
 //! permissions, JSON errors with stable codes, and the WebSocket live feed.
 
+mod body;
 mod error;
 mod query;
 mod rows;
@@ -165,30 +166,45 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
-/// A JSON request body, at most [`BODY_BYTES_MAX`]; errors are API errors.
+/// A request body's bytes, at most [`BODY_BYTES_MAX`]; errors are API errors. Write routes
+/// read rows straight from them (`body`); others parse a [`JsonBody`].
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> ApiResult<RawBody> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        "the request body is larger than 1 MiB",
+                    )
+                } else {
+                    ApiError::bad_request(
+                        "invalid_body",
+                        format!("the request body cannot be read: {e}"),
+                    )
+                }
+            })
+    }
+}
+
+/// A JSON request body parsed into a document.
 pub struct JsonBody(pub serde_json::Value);
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> ApiResult<JsonBody> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "the request body is larger than 1 MiB",
-                )
-            } else {
-                ApiError::bad_request(
-                    "invalid_body",
-                    format!("the request body cannot be read: {e}"),
-                )
-            }
-        })?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        })
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(body::not_json)
     }
 }
 

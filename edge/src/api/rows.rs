@@ -9,10 +9,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde_json::{Map, Value as Json, json};
 use shared::Seq;
-use shared::json::{RowJson, insert_from_json, row_to_json, update_from_json};
+use shared::json::{InsertInput, RowJson, row_to_json};
+use shared::json_rows::{RowKind, RowRefusal};
 use shared::schema::{Access, Table, TableKind};
 
-use super::{ApiError, ApiResult, AppState, Auth, JsonBody};
+use super::body::{self, OpBody};
+use super::{ApiError, ApiResult, AppState, Auth, RawBody};
 use crate::store::{Applied, LOG_PAGE_MAX, Op, Txn};
 
 /// Checks that the path names this edge's branch and its module.
@@ -66,12 +68,6 @@ pub(super) fn table_for<'a>(
 
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
-}
-
-fn object<'a>(v: &'a Json, what: &str) -> ApiResult<&'a Map<String, Json>> {
-    v.as_object().ok_or_else(|| {
-        ApiError::bad_request("invalid_body", format!("{what} must be a JSON object"))
-    })
 }
 
 /// A row version from JSON: a positive integer.
@@ -185,11 +181,11 @@ pub(super) async fn insert(
     State(state): State<AppState>,
     Path((branch, module, table)): Path<(String, String, String)>,
     auth: Auth,
-    JsonBody(body): JsonBody,
+    RawBody(body): RawBody,
 ) -> ApiResult<(StatusCode, Out<RowOut>)> {
     check_scope(&state, &branch, &module)?;
     let t = table_for(&state, auth, &table, Access::Insert)?;
-    let input = insert_from_json(t, object(&body, "the row")?)?;
+    let input = body::row(t, RowKind::Insert, &body, "the row")?;
     let op = Op::Insert {
         table: t.name.clone(),
         id: input.id,
@@ -224,13 +220,30 @@ pub(super) async fn get_row(
     }
 }
 
-/// Parses `{"version": N, "set": {...}}` for `table`, checking the role's column rights.
-fn update_op(state: &AppState, auth: Auth, table: &str, id: String, body: &Json) -> ApiResult<Op> {
-    let body = object(body, "the update")?;
-    let version = version_of(body.get("version"))?;
-    let set = match body.get("set") {
-        Some(Json::Object(set)) => set,
-        _ => {
+/// The table `table` if the role may update some of its columns and it is not a log.
+fn updatable<'a>(state: &'a AppState, auth: Auth, table: &str) -> ApiResult<&'a Table> {
+    let t = table_for(state, auth, table, Access::Update { columns: &[] })?;
+    if t.kind == TableKind::Log {
+        return Err(crate::store::StoreError::LogImmutable(t.name.clone()).into());
+    }
+    Ok(t)
+}
+
+/// A compare-and-set update of row `id` of `t` from its `version` and `set` as given,
+/// checking the role's rights to the columns set.
+fn update_op(
+    state: &AppState,
+    auth: Auth,
+    t: &Table,
+    id: String,
+    version: Option<&Json>,
+    set: Option<Result<InsertInput, RowRefusal>>,
+) -> ApiResult<Op> {
+    let version = version_of(version)?;
+    let set = match set {
+        Some(Ok(set)) => set.fields,
+        Some(Err(RowRefusal::Field(e))) => return Err(e.into()),
+        None | Some(Err(RowRefusal::NotObject)) => {
             return Err(ApiError::bad_request(
                 "invalid_body",
                 "an update is {\"version\": N, \"set\": {column: value, ...}}",
@@ -238,15 +251,12 @@ fn update_op(state: &AppState, auth: Auth, table: &str, id: String, body: &Json)
         }
     };
     let columns: Vec<&str> = set.keys().map(String::as_str).collect();
-    let t = table_for(state, auth, table, Access::Update { columns: &columns })?;
-    if t.kind == TableKind::Log {
-        return Err(crate::store::StoreError::LogImmutable(t.name.clone()).into());
-    }
+    table_for(state, auth, &t.name, Access::Update { columns: &columns })?;
     Ok(Op::Update {
         table: t.name.clone(),
         id,
         version,
-        set: update_from_json(t, set)?,
+        set,
     })
 }
 
@@ -254,10 +264,12 @@ pub(super) async fn update(
     State(state): State<AppState>,
     Path((branch, module, table, id)): Path<(String, String, String, String)>,
     auth: Auth,
-    JsonBody(body): JsonBody,
+    RawBody(body): RawBody,
 ) -> ApiResult<Out<RowOut>> {
     check_scope(&state, &branch, &module)?;
-    let op = update_op(&state, auth, &table, id, &body)?;
+    let t = updatable(&state, auth, &table)?;
+    let body = body::update(t, &body)?;
+    let op = update_op(&state, auth, t, id, body.version.as_ref(), body.set)?;
     let mut done = state.store().commit(Txn::single(auth.0.name(), op)).await?;
     Ok(Out(RowOut(done.results.swap_remove(0).row)))
 }
@@ -300,10 +312,11 @@ pub(super) async fn delete(
     ))
 }
 
-/// One op of a batch.
-fn batch_op(state: &AppState, auth: Auth, op: &Json) -> ApiResult<Op> {
-    let op = object(op, "each op")?;
-    let table = match op.get("table") {
+/// One op of a batch; `None` if it is not a JSON object.
+fn batch_op(state: &AppState, auth: Auth, op: Option<&OpBody<'_>>) -> ApiResult<Op> {
+    let op =
+        op.ok_or_else(|| ApiError::bad_request("invalid_body", "each op must be a JSON object"))?;
+    let table = match &op.table {
         Some(Json::String(t)) => t.as_str(),
         _ => {
             return Err(ApiError::bad_request(
@@ -312,26 +325,31 @@ fn batch_op(state: &AppState, auth: Auth, op: &Json) -> ApiResult<Op> {
             ));
         }
     };
-    let id = || match op.get("id") {
+    let id = || match &op.id {
         Some(Json::String(id)) if !id.is_empty() => Ok(id.clone()),
         _ => Err(ApiError::bad_request(
             "invalid_body",
             "this op needs an \"id\" string",
         )),
     };
-    match op.get("op").and_then(Json::as_str) {
+    match op.op.as_ref().and_then(Json::as_str) {
         Some("insert") => {
             let t = table_for(state, auth, table, Access::Insert)?;
-            let row = object(op.get("row").unwrap_or(&Json::Null), "an insert's \"row\"")?;
-            let input = insert_from_json(t, row)?;
+            let row = op.row.map_or("null", |r| r.get());
+            let input = body::row(t, RowKind::Insert, row.as_bytes(), "an insert's \"row\"")?;
             Ok(Op::Insert {
                 table: t.name.clone(),
                 id: input.id,
                 fields: input.fields,
             })
         }
-        Some("update") => update_op(state, auth, table, id()?, &Json::Object(op.clone())),
-        Some("delete") => delete_op(state, auth, table, id()?, op.get("version")),
+        Some("update") => {
+            let id = id()?;
+            let t = updatable(state, auth, table)?;
+            let set = op.set.map(|set| body::set(t, set)).transpose()?;
+            update_op(state, auth, t, id, op.version.as_ref(), set)
+        }
+        Some("delete") => delete_op(state, auth, table, id()?, op.version.as_ref()),
         _ => Err(ApiError::bad_request(
             "invalid_body",
             "\"op\" must be \"insert\", \"update\" or \"delete\"",
@@ -343,29 +361,16 @@ pub(super) async fn batch(
     State(state): State<AppState>,
     Path((branch, module)): Path<(String, String)>,
     auth: Auth,
-    JsonBody(body): JsonBody,
+    RawBody(body): RawBody,
 ) -> ApiResult<Out<BatchOut>> {
     check_scope(&state, &branch, &module)?;
-    let ops = match object(&body, "a batch")?.get("ops") {
-        Some(Json::Array(ops)) if !ops.is_empty() => ops,
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_body",
-                "a batch is {\"ops\": [op, ...]} with at least one op",
-            ));
-        }
-    };
-    if ops.len() > crate::store::TXN_OPS_MAX {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            "a batch holds at most 1000 ops",
-        ));
-    }
+    let ops = body::batch(&body)?;
     let ops = ops
         .iter()
         .enumerate()
-        .map(|(i, op)| batch_op(&state, auth, op).map_err(|e| e.with("op_index", json!(i))))
+        .map(|(i, op)| {
+            batch_op(&state, auth, op.as_ref()).map_err(|e| e.with("op_index", json!(i)))
+        })
         .collect::<ApiResult<Vec<_>>>()?;
     let done = state
         .store()
