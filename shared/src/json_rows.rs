@@ -4,15 +4,18 @@
 //!
 //! The result is the same as parsing into a `Value` and calling
 //! [`insert_from_json`](crate::json::insert_from_json) or
-//! [`update_from_json`](crate::json::update_from_json) (a property test checks this): a
-//! refused row is still read to its end, so text that is not JSON is always reported as such,
-//! and of several refused columns the one first in name order is reported.
+//! [`update_from_json`](crate::json::update_from_json) (a property test checks this):
+//! - a refused row is still read to its end, and values that are skipped are checked as
+//!   fully as a `Value` would be ([`Skip`]: UTF-8, escapes, nesting depth), so text that is
+//!   not JSON is always reported as such;
+//! - of a key given twice the last value counts;
+//! - of several refused columns, the one first in name order is reported.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value as Json;
 
 use crate::json::{FieldError, InsertInput, TEXT_BYTES_MAX, expected, value_from_json};
@@ -33,7 +36,13 @@ pub enum RowKind {
 pub enum RowRefusal {
     /// The value is not a JSON object.
     NotObject,
-    Field(FieldError),
+    /// `error` refuses the first refused column in name order; `columns` names every
+    /// column the row gave, refused or not (an insert's `id` and the server-maintained
+    /// columns it ignores aside), for a permission check that must come first.
+    Field {
+        error: FieldError,
+        columns: Vec<String>,
+    },
 }
 
 /// Why a body holding one row was refused.
@@ -70,17 +79,21 @@ impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
     }
 }
 
-/// The first refusal in column-name order, as a map iterated in that order would meet it.
-struct FirstRefusal(Option<(String, FieldError)>);
+/// The refused columns of a row so far: the last value of a key counts, so a later valid
+/// value takes its key's refusal back.
+#[derive(Default)]
+struct Refusals(Vec<(String, FieldError)>);
 
-impl FirstRefusal {
-    fn add(&mut self, column: &str, e: FieldError) {
-        if self
-            .0
-            .as_ref()
-            .is_none_or(|(first, _)| column < first.as_str())
-        {
-            self.0 = Some((column.to_owned(), e));
+impl Refusals {
+    fn set(&mut self, column: &str, outcome: Result<(), FieldError>) {
+        let at = self.0.iter().position(|(c, _)| c == column);
+        match (at, outcome) {
+            (Some(i), Ok(())) => {
+                self.0.swap_remove(i);
+            }
+            (Some(i), Err(e)) => self.0[i].1 = e,
+            (None, Err(e)) => self.0.push((column.to_owned(), e)),
+            (None, Ok(())) => {}
         }
     }
 }
@@ -94,14 +107,14 @@ impl RowSeed<'_> {
     ) -> Result<Result<Value, FieldError>, A::Error> {
         let column = match self.table.column(name) {
             None => {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Skip>()?;
                 return Ok(Err(FieldError::UnknownColumn {
                     table: self.table.name.clone(),
                     column: name.chars().take(64).collect(),
                 }));
             }
             Some(c) if c.server_owned => {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Skip>()?;
                 return Ok(Err(FieldError::ReadOnlyColumn {
                     column: name.to_owned(),
                 }));
@@ -127,41 +140,51 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut id = None;
         let mut fields = Fields::new();
-        let mut refused = FirstRefusal(None);
+        let mut refused = Refusals::default();
         while let Some(Key(name)) = map.next_key::<Key<'de>>()? {
             let name = name.as_ref();
             if self.kind == RowKind::Insert && name == "id" {
-                match map.next_value_seed(IdSeed)? {
-                    Ok(given) => id = given,
-                    Err(e) => refused.add(name, e),
-                }
+                let given = map.next_value_seed(IdSeed)?;
+                refused.set(name, given.as_ref().map(|_| ()).map_err(Clone::clone));
+                id = given.unwrap_or(None);
                 continue;
             }
             if SYSTEM_COLUMNS.contains(&name) {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Skip>()?;
                 if self.kind == RowKind::Update {
                     let e = FieldError::ReadOnlyColumn {
                         column: name.to_owned(),
                     };
-                    refused.add(name, e);
+                    refused.set(name, Err(e));
                 }
                 continue;
             }
-            match self.user_value(name, &mut map)? {
+            let value = self.user_value(name, &mut map)?;
+            refused.set(name, value.as_ref().map(|_| ()).map_err(Clone::clone));
+            match value {
                 Ok(v) => {
                     fields.insert(name.to_owned(), v);
                 }
-                Err(e) => refused.add(name, e),
+                Err(_) => {
+                    fields.remove(name);
+                }
             }
         }
-        Ok(match refused.0 {
-            Some((_, e)) => Err(RowRefusal::Field(e)),
-            None => Ok(InsertInput { id, fields }),
-        })
+        let first = (0..refused.0.len()).min_by(|&a, &b| refused.0[a].0.cmp(&refused.0[b].0));
+        let Some(first) = first else {
+            return Ok(Ok(InsertInput { id, fields }));
+        };
+        let error = refused.0[first].1.clone();
+        let columns = fields
+            .into_keys()
+            .chain(refused.0.into_iter().map(|(c, _)| c))
+            .filter(|c| self.kind == RowKind::Update || c != "id")
+            .collect();
+        Ok(Err(RowRefusal::Field { error, columns }))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Skip>()?.is_some() {}
         Ok(Err(RowRefusal::NotObject))
     }
 
@@ -323,12 +346,68 @@ impl<'de> Visitor<'de> for ScalarVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Skip>()?.is_some() {}
         Ok(Scalar::Other)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar<'de>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
         Ok(Scalar::Other)
+    }
+}
+
+/// A value that is read only to be dropped, checked as fully as a `serde_json::Value` would
+/// be: strings must be UTF-8 with valid escapes (serde's `IgnoredAny` does not check them in
+/// `serde_json`), and nesting counts against the parser's depth limit. Strings are borrowed
+/// where they can be; nothing is kept.
+pub struct Skip;
+
+impl<'de> serde::Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Skip, D::Error> {
+        d.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_entry::<Key<'de>, Skip>()?.is_some() {}
+        Ok(Skip)
     }
 }

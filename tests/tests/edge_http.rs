@@ -754,9 +754,8 @@ async fn bad_requests_are_refused_with_their_codes() {
         s.push_str("\"}");
         Body::Raw(s.into_bytes())
     };
-    // Nesting far past any recursion limit: read without recursion wherever the edge
-    // only skips a value, so a deep list is "not an object", a deep column value is the
-    // wrong type, and an unclosed one is not JSON.
+    // Nesting far past the parser's depth limit is not accepted as JSON, whether it is the
+    // body, a column's value or left unclosed.
     let nested = || format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let deep = Body::Raw(nested().into_bytes());
     let deep_value = Body::Raw(format!("{{\"notes\": {}}}", nested()).into_bytes());
@@ -773,8 +772,8 @@ async fn bad_requests_are_refused_with_their_codes() {
         case(M::POST, t("order_header"), Admin, raw("{not json"),                            400, "invalid_json"),
         case(M::POST, t("order_header"), Admin, raw(""),                                     400, "invalid_json"),
         case(M::POST, t("order_header"), Admin, Body::Raw(vec![0xff, 0xfe, 0x7b]),           400, "invalid_json"),
-        case(M::POST, t("order_header"), Admin, deep,                                        400, "invalid_body"),
-        case(M::POST, t("order_header"), Admin, deep_value,                                  400, "invalid_value"),
+        case(M::POST, t("order_header"), Admin, deep,                                        400, "invalid_json"),
+        case(M::POST, t("order_header"), Admin, deep_value,                                  400, "invalid_json"),
         case(M::POST, t("order_header"), Admin, deep_unclosed,                               400, "invalid_json"),
         case(M::POST, t("order_header"), Admin, j(json!([1, 2])),                            400, "invalid_body"),
         case(M::POST, q.clone(),         Admin, raw("{\"table\": "),                         400, "invalid_json"),
@@ -873,6 +872,14 @@ async fn bad_requests_are_refused_with_their_codes() {
         case(M::POST, t("order_payment"), Waiter, j(json!({"order_id": o, "amount": 100})),  403, "forbidden"),
         case(M::PATCH, r("order_line", "line-bad-1"), Kitchen, j(json!({"version": lv, "set": {"quantity": 3}})), 403, "forbidden"),
         case(M::PATCH, r("order_line", "line-bad-1"), Kitchen, j(json!({"version": lv, "set": {"status": "ready", "quantity": 3}})), 403, "forbidden"),
+        // A column the role may not set is refused as such even when its value is also bad,
+        // unknown or server-maintained.
+        case(M::PATCH, r("order_line", "line-bad-1"), Kitchen, j(json!({"version": lv, "set": {"quantity": "three"}})), 403, "forbidden"),
+        case(M::PATCH, r("order_line", "line-bad-1"), Kitchen, j(json!({"version": lv, "set": {"status": "ready", "tip": 1}})), 403, "forbidden"),
+        case(M::PATCH, r("order_line", "line-bad-1"), Kitchen, j(json!({"version": lv, "set": {"id": "x"}})), 403, "forbidden"),
+        case(M::POST, batch.clone(),     Kitchen, j(json!({"ops": [{"op": "update", "table": "order_line", "id": "line-bad-1", "version": lv, "set": {"quantity": 1.5}}]})), 403, "forbidden").with("op_index", json!(0)),
+        // Its own column with a bad value is the value's error.
+        case(M::PATCH, r("order_line", "line-bad-1"), Kitchen, j(json!({"version": lv, "set": {"status": 7}})), 400, "invalid_value"),
         case(M::POST, t("order_line"),   Kitchen, line(json!({})),                           403, "forbidden"),
         case(M::POST, q.clone(),         Kitchen, j(json!({"table": "order_payment"})),      403, "forbidden"),
         case(M::GET,  r("order_payment", "pay-bad-1"), Kitchen, NONE,                        403, "forbidden"),

@@ -2,17 +2,18 @@
 //! values against the table's schema (`shared::json_rows`) without a `serde_json::Value`
 //! tree; only the small members around them (an update's `version`, a batch op's `op`,
 //! `table`, `id` and `version`) are read as JSON values. Text that is not JSON is always
-//! `invalid_json`, whatever else is wrong with it.
+//! `invalid_json`, whatever else is wrong with it: what is skipped is checked as fully as a
+//! parsed document would be (`shared::json_rows::Skip`).
 
 use std::fmt;
 
 use axum::http::StatusCode;
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value as Json;
 use serde_json::value::RawValue;
 use shared::Table;
 use shared::json::InsertInput;
-use shared::json_rows::{BodyError, Key, RowKind, RowRefusal, RowSeed, row_from_slice};
+use shared::json_rows::{BodyError, Key, RowKind, RowRefusal, RowSeed, Skip, row_from_slice};
 
 use super::{ApiError, ApiResult};
 use crate::store::TXN_OPS_MAX;
@@ -30,7 +31,7 @@ fn not_object(what: &str) -> ApiError {
 pub(super) fn refusal(r: RowRefusal, what: &str) -> ApiError {
     match r {
         RowRefusal::NotObject => not_object(what),
-        RowRefusal::Field(e) => e.into(),
+        RowRefusal::Field { error, .. } => error.into(),
     }
 }
 
@@ -132,7 +133,7 @@ impl<'de, M: Members<'de>> Visitor<'de> for Object<M> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Skip>()?.is_some() {}
         Ok(None)
     }
 
@@ -182,7 +183,7 @@ impl<'de> Members<'de> for UpdateMembers<'_> {
                     body.set = Some(map.next_value_seed(seed)?);
                 }
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Skip>()?;
                 }
             }
         }
@@ -208,7 +209,7 @@ impl<'de> Members<'de> for BatchMembers {
             if key == "ops" {
                 ops = Some(map.next_value_seed(OpsSeed)?);
             } else {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Skip>()?;
             }
         }
         Ok(ops)
@@ -242,12 +243,12 @@ impl<'de> Visitor<'de> for OpsSeed {
                 None => return Ok(Ops::List(ops)),
             }
         }
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Skip>()?.is_some() {}
         Ok(Ops::TooMany)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ops<'de>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
         Ok(Ops::Other)
     }
 
@@ -292,7 +293,7 @@ impl<'de> Members<'de> for OpMembers {
                 "row" => op.row = Some(map.next_value()?),
                 "set" => op.set = Some(map.next_value()?),
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Skip>()?;
                 }
             }
         }
@@ -363,6 +364,50 @@ mod tests {
         );
     }
 
+    /// What is skipped is still checked: bad UTF-8, lone surrogates, bad escapes and nesting
+    /// past the depth limit anywhere make the body `invalid_json`, as a parsed document would.
+    #[test]
+    fn skipped_members_are_checked_as_json() {
+        let schema = shared::pos::schema();
+        let t = schema.table("order_header").unwrap();
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let bad: [&[u8]; 4] = [b"\"\xff\"", br#""\ud800""#, br#""\q""#, deep.as_bytes()];
+        let around = |before: &str, value: &[u8], after: &str| {
+            [before.as_bytes(), value, after.as_bytes()].concat()
+        };
+        for value in bad {
+            let texts = [
+                around(
+                    r#"{"version": 1, "set": {"status": "x"}, "note": "#,
+                    value,
+                    "}",
+                ),
+                around(
+                    r#"{"ops": [{"op": "delete", "table": "t", "id": "i", "x": "#,
+                    value,
+                    "}]}",
+                ),
+                around(r#"{"note": "#, value, r#", "ops": [{"op": "delete"}]}"#),
+            ];
+            let shown = String::from_utf8_lossy(value)
+                .chars()
+                .take(12)
+                .collect::<String>();
+            assert_eq!(
+                update(t, &texts[0]).err().map(|e| e.code),
+                Some("invalid_json"),
+                "{shown}"
+            );
+            for text in &texts[1..] {
+                assert_eq!(
+                    batch(text).err().map(|e| e.code),
+                    Some("invalid_json"),
+                    "{shown}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn an_update_reads_its_version_and_set() {
         let schema = shared::pos::schema();
@@ -380,11 +425,20 @@ mod tests {
         assert!(update(t, br#"{"version": 4}"#).unwrap().set.is_none());
         let e = update(t, b"[]").err().unwrap();
         assert_eq!(e.code, "invalid_body");
-        let e = update(t, br#"{"set": {"status": 5}}"#)
+        let e = update(t, br#"{"set": {"status": 5, "notes": "x"}}"#)
             .unwrap()
             .set
             .unwrap()
             .unwrap_err();
-        assert!(matches!(e, RowRefusal::Field(f) if f.code() == "invalid_value"));
+        let RowRefusal::Field { error, mut columns } = e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(error.code(), "invalid_value");
+        columns.sort();
+        assert_eq!(
+            columns,
+            ["notes", "status"],
+            "every column given, for the role check"
+        );
     }
 }

@@ -240,9 +240,19 @@ fn update_op(
     set: Option<Result<InsertInput, RowRefusal>>,
 ) -> ApiResult<Op> {
     let version = version_of(version)?;
+    let may_set = |columns: Vec<&str>| {
+        table_for(state, auth, &t.name, Access::Update { columns: &columns }).map(|_| ())
+    };
     let set = match set {
-        Some(Ok(set)) => set.fields,
-        Some(Err(RowRefusal::Field(e))) => return Err(e.into()),
+        Some(Ok(set)) => {
+            may_set(set.fields.keys().map(String::as_str).collect())?;
+            set.fields
+        }
+        Some(Err(RowRefusal::Field { error, columns })) => {
+            // A role refused some of these columns hears that first, as for a valid row.
+            may_set(columns.iter().map(String::as_str).collect())?;
+            return Err(error.into());
+        }
         None | Some(Err(RowRefusal::NotObject)) => {
             return Err(ApiError::bad_request(
                 "invalid_body",
@@ -250,8 +260,6 @@ fn update_op(
             ));
         }
     };
-    let columns: Vec<&str> = set.keys().map(String::as_str).collect();
-    table_for(state, auth, &t.name, Access::Update { columns: &columns })?;
     Ok(Op::Update {
         table: t.name.clone(),
         id,
