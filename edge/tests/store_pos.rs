@@ -813,8 +813,20 @@ fn table_sql(db: &std::path::Path) -> Vec<(String, String)> {
         .unwrap()
 }
 
+/// Every index of the user tables: (name, table, SQL).
+fn index_sql(db: &std::path::Path) -> Vec<(String, String, String)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 't\\_%' ESCAPE '\\' AND sql IS NOT NULL ORDER BY name")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
 #[test]
-fn new_tables_are_rowid_tables_and_the_older_layout_keeps_working() {
+fn new_tables_are_rowid_tables_and_the_older_layout_is_rebuilt_as_them() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("edge.db");
     let store = open(dir.path());
@@ -872,9 +884,20 @@ fn new_tables_are_rowid_tables_and_the_older_layout_keeps_working() {
             .iter()
             .all(|(_, sql)| sql.ends_with("WITHOUT ROWID"))
     );
+    let indexes_before = index_sql(&db);
+    assert!(indexes_before.len() >= 10, "{indexes_before:?}");
 
-    // The older layout serves reads, the rules, CAS and queries, and survives a reopen.
+    // Opening the store rebuilds them as rowid tables, with their rows and indexes; then
+    // reads, the rules, CAS and queries work, and survive a reopen.
     let store = open(dir.path());
+    let rebuilt = table_sql(&db);
+    assert_eq!(rebuilt.len(), tables.len());
+    for (name, sql) in &rebuilt {
+        assert!(!sql.contains("WITHOUT ROWID"), "{name}: {sql}");
+    }
+    assert_eq!(index_sql(&db), indexes_before);
+    assert_eq!(store.scan("order_line").unwrap().len(), 1);
+    assert_eq!(store.scan("order_status_log").unwrap().len(), 1);
     let o = store.get("order_header", "o1").unwrap().unwrap();
     assert_eq!(o.get("total_amount"), &Value::Int(1400));
     store

@@ -259,10 +259,16 @@ pub fn migrate(conn: &Connection, schema: &Schema, branch: &str) -> Result<(), O
         }
     }
     let fingerprint = schema.fingerprint().to_vec();
-    if get_meta::<Vec<u8>>(conn, "schema_fingerprint")?.as_deref() == Some(&fingerprint[..]) {
+    let old_layout = without_rowid_tables(conn, schema)?;
+    if old_layout.is_empty()
+        && get_meta::<Vec<u8>>(conn, "schema_fingerprint")?.as_deref() == Some(&fingerprint[..])
+    {
         return Ok(());
     }
     let tx = conn.unchecked_transaction()?;
+    for table in &old_layout {
+        rebuild_as_rowid_table(&tx, table)?;
+    }
     for t in schema.tables() {
         let name = table_name(&t.name);
         let existing: Vec<(String, String)> = {
@@ -293,7 +299,8 @@ pub fn migrate(conn: &Connection, schema: &Schema, branch: &str) -> Result<(), O
             // the last page of each B-tree instead of one page per row. A group commit then
             // writes ~40 % fewer WAL frames with the load generator's per-till ids
             // (BENCHMARKS.md, "Where the till cycle's pages go"). Tables created by earlier
-            // versions as `WITHOUT ROWID` keep working: every statement addresses rows by `id`.
+            // versions as `WITHOUT ROWID` are rebuilt this way when the store opens
+            // (`rebuild_as_rowid_table`).
             tx.execute_batch(&format!("CREATE TABLE {name} ({})", cols.join(", ")))?;
         } else {
             for c in &t.columns {
@@ -325,6 +332,70 @@ pub fn migrate(conn: &Connection, schema: &Schema, branch: &str) -> Result<(), O
     }
     set_meta(&tx, "schema_fingerprint", fingerprint)?;
     tx.commit()?;
+    Ok(())
+}
+
+/// The schema's tables that an earlier version created `WITHOUT ROWID` (stored names).
+fn without_rowid_tables(conn: &Connection, schema: &Schema) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name, sql FROM sqlite_master WHERE type = 'table'")?;
+    let tables = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(tables
+        .into_iter()
+        .filter(|(name, sql)| {
+            let ours = schema
+                .tables()
+                .iter()
+                .any(|t| name.strip_prefix("t_") == Some(t.name.as_str()));
+            ours && sql
+                .trim_end()
+                .to_ascii_uppercase()
+                .ends_with("WITHOUT ROWID")
+        })
+        .map(|(name, _)| name)
+        .collect())
+}
+
+/// Rebuilds the stored table `name` as a rowid table with the same columns and rows, inside
+/// the caller's transaction. Its indexes go with the old table; the schema's are created
+/// again after it.
+fn rebuild_as_rowid_table(tx: &Connection, name: &str) -> rusqlite::Result<()> {
+    let started = std::time::Instant::now();
+    let columns: Vec<String> = tx
+        .prepare("SELECT name, type, \"notnull\", pk FROM pragma_table_info(?1) ORDER BY cid")?
+        .query_map([name], |r| {
+            let (column, ty, not_null, pk) = (
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, i64>(3)?,
+            );
+            let constraint = match (pk > 0, not_null) {
+                (true, _) => " PRIMARY KEY NOT NULL",
+                (false, true) => " NOT NULL",
+                (false, false) => "",
+            };
+            Ok(format!("{} {ty}{constraint}", quote(&column)))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let rows: i64 = tx.query_row(&format!("SELECT count(*) FROM {}", quote(name)), [], |r| {
+        r.get(0)
+    })?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE _rowid_rebuild ({columns});
+         INSERT INTO _rowid_rebuild SELECT * FROM {old};
+         DROP TABLE {old};
+         ALTER TABLE _rowid_rebuild RENAME TO {old};",
+        columns = columns.join(", "),
+        old = quote(name),
+    ))?;
+    tracing::info!(
+        table = name,
+        rows,
+        ms = started.elapsed().as_millis() as u64,
+        "rebuilt a WITHOUT ROWID table of an earlier version as a rowid table"
+    );
     Ok(())
 }
 
