@@ -834,7 +834,11 @@ fn new_tables_are_rowid_tables_and_the_older_layout_is_rebuilt_as_them() {
         .commit_blocking(Txn::new(
             "test",
             vec![
-                insert("order_header", "o1", &[("table_id", text("T1"))]),
+                insert(
+                    "order_header",
+                    "o1",
+                    &[("table_id", text("T1")), ("notes", text("napkins"))],
+                ),
                 insert(
                     "order_line",
                     "l1",
@@ -868,9 +872,17 @@ fn new_tables_are_rowid_tables_and_the_older_layout_is_rebuilt_as_them() {
                 .unwrap()
                 .collect::<rusqlite::Result<_>>()
                 .unwrap();
-            let old = sql.replacen(&format!("\"{name}\""), "\"old_layout\"", 1);
+            let mut old = sql.replacen(&format!("\"{name}\""), "\"old_layout\"", 1);
+            let mut columns = "*".to_owned();
+            if name == "t_order_header" {
+                // As if `notes` had been added by a later version (ALTER TABLE ADD COLUMN):
+                // stored last, not where the schema declares it.
+                old = old.replacen(", \"notes\" TEXT", "", 1);
+                old = format!("{}, \"notes\" TEXT)", old.trim_end().trim_end_matches(')'));
+                columns = "id, version, created_at, updated_at, seq, _clock, shift_id, table_id, status, stage, payment_state, customer_name, total_amount, paid_amount, notes".to_owned();
+            }
             tx.execute_batch(&format!(
-                "{old} WITHOUT ROWID; INSERT INTO old_layout SELECT * FROM \"{name}\"; DROP TABLE \"{name}\"; ALTER TABLE old_layout RENAME TO \"{name}\";"
+                "{old} WITHOUT ROWID; INSERT INTO old_layout SELECT {columns} FROM \"{name}\"; DROP TABLE \"{name}\"; ALTER TABLE old_layout RENAME TO \"{name}\";"
             ))
             .unwrap();
             for i in indexes {
@@ -886,6 +898,20 @@ fn new_tables_are_rowid_tables_and_the_older_layout_is_rebuilt_as_them() {
     );
     let indexes_before = index_sql(&db);
     assert!(indexes_before.len() >= 10, "{indexes_before:?}");
+    let header_columns = |db: &std::path::Path| -> Vec<String> {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT name FROM pragma_table_info('t_order_header') ORDER BY cid")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    assert_eq!(
+        header_columns(&db).last().map(String::as_str),
+        Some("notes")
+    );
 
     // Opening the store rebuilds them as rowid tables, with their rows and indexes; then
     // reads, the rules, CAS and queries work, and survive a reopen.
@@ -896,10 +922,17 @@ fn new_tables_are_rowid_tables_and_the_older_layout_is_rebuilt_as_them() {
         assert!(!sql.contains("WITHOUT ROWID"), "{name}: {sql}");
     }
     assert_eq!(index_sql(&db), indexes_before);
+    assert_eq!(
+        header_columns(&db).last().map(String::as_str),
+        Some("notes")
+    );
     assert_eq!(store.scan("order_line").unwrap().len(), 1);
     assert_eq!(store.scan("order_status_log").unwrap().len(), 1);
     let o = store.get("order_header", "o1").unwrap().unwrap();
     assert_eq!(o.get("total_amount"), &Value::Int(1400));
+    assert_eq!(o.get("notes"), &text("napkins"));
+    assert_eq!(o.get("table_id"), &text("T1"));
+    assert_eq!(o.seq, None);
     store
         .commit_blocking(txn(insert(
             "order_payment",

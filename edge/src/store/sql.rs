@@ -383,7 +383,8 @@ fn rebuild_as_rowid_table(tx: &Connection, name: &str) -> rusqlite::Result<()> {
         r.get(0)
     })?;
     tx.execute_batch(&format!(
-        "CREATE TABLE _rowid_rebuild ({columns});
+        "DROP TABLE IF EXISTS _rowid_rebuild;
+         CREATE TABLE _rowid_rebuild ({columns});
          INSERT INTO _rowid_rebuild SELECT * FROM {old};
          DROP TABLE {old};
          ALTER TABLE _rowid_rebuild RENAME TO {old};",
