@@ -79,21 +79,24 @@ impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
     }
 }
 
-/// The refused columns of a row so far: the last value of a key counts, so a later valid
-/// value takes its key's refusal back.
+/// The refused columns of a row so far, by name: the last value of a key counts, so a later
+/// valid value takes its key's refusal back. A map, so that a body of many refused keys
+/// costs no more than its size.
 #[derive(Default)]
-struct Refusals(Vec<(String, FieldError)>);
+struct Refusals(std::collections::BTreeMap<String, FieldError>);
 
 impl Refusals {
     fn set(&mut self, column: &str, outcome: Result<(), FieldError>) {
-        let at = self.0.iter().position(|(c, _)| c == column);
-        match (at, outcome) {
-            (Some(i), Ok(())) => {
-                self.0.swap_remove(i);
+        match outcome {
+            Ok(()) => {
+                self.0.remove(column);
             }
-            (Some(i), Err(e)) => self.0[i].1 = e,
-            (None, Err(e)) => self.0.push((column.to_owned(), e)),
-            (None, Ok(())) => {}
+            Err(e) => match self.0.get_mut(column) {
+                Some(refused) => *refused = e,
+                None => {
+                    self.0.insert(column.to_owned(), e);
+                }
+            },
         }
     }
 }
@@ -170,14 +173,12 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
                 }
             }
         }
-        let first = (0..refused.0.len()).min_by(|&a, &b| refused.0[a].0.cmp(&refused.0[b].0));
-        let Some(first) = first else {
+        let Some(error) = refused.0.values().next().cloned() else {
             return Ok(Ok(InsertInput { id, fields }));
         };
-        let error = refused.0[first].1.clone();
         let columns = fields
             .into_keys()
-            .chain(refused.0.into_iter().map(|(c, _)| c))
+            .chain(refused.0.into_keys())
             .filter(|c| self.kind == RowKind::Update || c != "id")
             .collect();
         Ok(Err(RowRefusal::Field { error, columns }))

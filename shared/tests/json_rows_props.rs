@@ -235,6 +235,18 @@ fn limits_and_trailing_text() {
         direct("order_header", RowKind::Insert, id.as_bytes()),
         Outcome::Field(FieldError::InvalidValue { .. })
     ));
+    // A body of many refused keys (a 1 MiB body holds ~100k) names the first of them.
+    let many: Vec<String> = (0..60_000)
+        .rev()
+        .map(|i| format!(r#""k{i:05}":1"#))
+        .collect();
+    let many = format!("{{{}}}", many.join(","));
+    let Outcome::Field(FieldError::UnknownColumn { column, .. }) =
+        direct("order_header", RowKind::Update, many.as_bytes())
+    else {
+        panic!("not refused");
+    };
+    assert_eq!(column, "k00000");
     assert_eq!(
         direct("order_header", RowKind::Insert, br#"{"status": "open"} x"#),
         Outcome::Syntax
