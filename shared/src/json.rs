@@ -253,7 +253,9 @@ pub fn insert_from_json(table: &Table, obj: &Map<String, Json>) -> Result<Insert
     Ok(InsertInput { id, fields })
 }
 
-/// Parses the `set` of an update. Every server-maintained column is refused.
+/// Parses the `set` of an update. Every server-maintained column is refused. The edge reads
+/// update bodies with `json_rows` instead; this is the reference its property test checks
+/// it against.
 pub fn update_from_json(table: &Table, set: &Map<String, Json>) -> Result<Fields, FieldError> {
     let mut fields = Fields::new();
     for (k, v) in set {

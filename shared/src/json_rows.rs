@@ -53,13 +53,20 @@ pub enum BodyError {
     Refused(RowRefusal),
 }
 
+/// Reads all of `text` with `seed`: nothing but whitespace may follow the value.
+pub fn from_slice_seed<'de, S: DeserializeSeed<'de>>(
+    text: &'de [u8],
+    seed: S,
+) -> Result<S::Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value = seed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 /// Reads `text` as one row object of `table`.
 pub fn row_from_slice(table: &Table, kind: RowKind, text: &[u8]) -> Result<InsertInput, BodyError> {
-    let mut de = serde_json::Deserializer::from_slice(text);
-    let row = RowSeed { table, kind }
-        .deserialize(&mut de)
-        .and_then(|row| de.end().map(|()| row))
-        .map_err(BodyError::Syntax)?;
+    let row = from_slice_seed(text, RowSeed { table, kind }).map_err(BodyError::Syntax)?;
     row.map_err(BodyError::Refused)
 }
 
@@ -86,17 +93,16 @@ impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
 struct Refusals(std::collections::BTreeMap<String, FieldError>);
 
 impl Refusals {
-    fn set(&mut self, column: &str, outcome: Result<(), FieldError>) {
-        match outcome {
-            Ok(()) => {
-                self.0.remove(column);
+    fn accept(&mut self, column: &str) {
+        self.0.remove(column);
+    }
+
+    fn refuse(&mut self, column: &str, e: FieldError) {
+        match self.0.get_mut(column) {
+            Some(refused) => *refused = e,
+            None => {
+                self.0.insert(column.to_owned(), e);
             }
-            Err(e) => match self.0.get_mut(column) {
-                Some(refused) => *refused = e,
-                None => {
-                    self.0.insert(column.to_owned(), e);
-                }
-            },
         }
     }
 }
@@ -147,9 +153,16 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
         while let Some(Key(name)) = map.next_key::<Key<'de>>()? {
             let name = name.as_ref();
             if self.kind == RowKind::Insert && name == "id" {
-                let given = map.next_value_seed(IdSeed)?;
-                refused.set(name, given.as_ref().map(|_| ()).map_err(Clone::clone));
-                id = given.unwrap_or(None);
+                match map.next_value_seed(IdSeed)? {
+                    Ok(given) => {
+                        refused.accept(name);
+                        id = given;
+                    }
+                    Err(e) => {
+                        refused.refuse(name, e);
+                        id = None;
+                    }
+                }
                 continue;
             }
             if SYSTEM_COLUMNS.contains(&name) {
@@ -158,17 +171,17 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
                     let e = FieldError::ReadOnlyColumn {
                         column: name.to_owned(),
                     };
-                    refused.set(name, Err(e));
+                    refused.refuse(name, e);
                 }
                 continue;
             }
-            let value = self.user_value(name, &mut map)?;
-            refused.set(name, value.as_ref().map(|_| ()).map_err(Clone::clone));
-            match value {
+            match self.user_value(name, &mut map)? {
                 Ok(v) => {
+                    refused.accept(name);
                     fields.insert(name.to_owned(), v);
                 }
-                Err(_) => {
+                Err(e) => {
+                    refused.refuse(name, e);
                     fields.remove(name);
                 }
             }

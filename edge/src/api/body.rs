@@ -13,7 +13,9 @@ use serde_json::Value as Json;
 use serde_json::value::RawValue;
 use shared::Table;
 use shared::json::InsertInput;
-use shared::json_rows::{BodyError, Key, RowKind, RowRefusal, RowSeed, Skip, row_from_slice};
+use shared::json_rows::{
+    BodyError, Key, RowKind, RowRefusal, RowSeed, Skip, from_slice_seed, row_from_slice,
+};
 
 use super::{ApiError, ApiResult};
 use crate::store::TXN_OPS_MAX;
@@ -28,7 +30,7 @@ fn not_object(what: &str) -> ApiError {
 }
 
 /// Why a row was refused, as an answer; `what` names the row ("the row").
-pub(super) fn refusal(r: RowRefusal, what: &str) -> ApiError {
+fn refusal(r: RowRefusal, what: &str) -> ApiError {
     match r {
         RowRefusal::NotObject => not_object(what),
         RowRefusal::Field { error, .. } => error.into(),
@@ -54,10 +56,7 @@ pub(super) fn set(table: &Table, set: &RawValue) -> ApiResult<Result<InsertInput
 
 /// Reads all of `text` with `seed`.
 fn parse<'de, S: DeserializeSeed<'de>>(text: &'de [u8], seed: S) -> ApiResult<S::Value> {
-    let mut de = serde_json::Deserializer::from_slice(text);
-    seed.deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v))
-        .map_err(not_json)
+    from_slice_seed(text, seed).map_err(not_json)
 }
 
 /// An update, `{"version": N, "set": {column: value, ...}}`; other members are ignored.
