@@ -86,6 +86,8 @@ impl Sub {
             EntryOp::Update => {
                 let before = c.before.as_ref().is_none_or(|b| self.wants(b));
                 match (before, now) {
+                    // A row the subscription's snapshot could not hold goes whole.
+                    (true, true) if c.was_cold => Some(Variant::Full),
                     (true, true) => Some(Variant::Set),
                     (false, true) => Some(Variant::Full),
                     (true, false) => Some(Variant::Gone),
@@ -714,6 +716,7 @@ fn catch_up_frame(
             row: Arc::new(e.row.clone()),
             before: None,
             changed: Vec::new(),
+            was_cold: false,
         };
         let part = encode(store.schema(), format, &change, variant);
         bytes += part.len();
@@ -763,6 +766,7 @@ mod tests {
                 row: Arc::new(row),
                 before: None,
                 changed: Vec::new(),
+                was_cold: false,
             }],
             started: std::time::Instant::now(),
         }

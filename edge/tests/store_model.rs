@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use edge::store::{Applied, Op, Store, Txn};
+use edge::store::{Applied, Op, Refusal, Store, Txn};
 use proptest::prelude::*;
 use shared::{EntryOp, Fields, Owner, Row, Schema, Seq, TableKind, Timestamp, Value};
 
@@ -163,6 +163,7 @@ impl Model {
 
     fn apply(&mut self, actor: &str, op: &Op) -> Result<Applied, &'static str> {
         match op {
+            Op::Refused(r) => Err(r.code),
             Op::Insert { table, id, fields } => {
                 let id = id.clone().expect("the test names its ids");
                 let mut f = fields.clone();
@@ -450,12 +451,13 @@ enum Act {
 enum Step {
     Single(u8, Act),
     /// A multi-op request. When `clean`, the ops the model refuses are left out, so that
-    /// the rest should commit together; `poison` appends an op that always fails (by kind).
+    /// the rest should commit together; `poison` appends an op that always fails (by kind,
+    /// or refused by the caller before it reached the store).
     Batch {
         actor: u8,
         acts: Vec<Act>,
         clean: bool,
-        poison: Option<bool>,
+        poison: Option<u8>,
     },
     Seal,
     Restart,
@@ -522,7 +524,7 @@ fn step() -> impl Strategy<Value = Step> {
             0u8..3,
             proptest::collection::vec(prop_oneof![3 => insert_act(), 1 => change_act()], 2..5),
             any::<bool>(),
-            proptest::option::weighted(0.25, any::<bool>()),
+            proptest::option::weighted(0.25, 0u8..3),
         )
             .prop_map(|(actor, acts, clean, poison)| Step::Batch { actor, acts, clean, poison }),
         1 => Just(Step::Seal),
@@ -789,6 +791,7 @@ fn op_target(op: &Op) -> (&str, &str) {
     match op {
         Op::Insert { table, id, .. } => (table, id.as_deref().unwrap_or("")),
         Op::Update { table, id, .. } | Op::Delete { table, id, .. } => (table, id),
+        Op::Refused(_) => unreachable!("refused ops touch no row"),
     }
 }
 
@@ -1067,20 +1070,25 @@ fn run(steps: Vec<Step>) {
                     }
                 }
                 match poison {
-                    Some(true) => ops.push(insert(
+                    Some(0) => ops.push(insert(
                         "order_line",
                         "l-poison".into(),
                         vec![("order_id", text("o-none")), ("quantity", Value::Int(1))],
                     )),
-                    Some(false) => ops.push(Op::Update {
+                    Some(1) => ops.push(Op::Update {
                         table: "table_lock".into(),
                         id: "T-none".into(),
                         version: 1,
                         set: [("locked_by".to_owned(), text("x"))].into(),
                     }),
+                    Some(_) => ops.push(Op::Refused(Refusal {
+                        status: 403,
+                        code: "forbidden",
+                        message: "the API refused this op".into(),
+                    })),
                     None => {}
                 }
-                for op in &ops {
+                for op in ops.iter().filter(|op| !matches!(op, Op::Refused(_))) {
                     let (t, id) = op_target(op);
                     touched.push((t.to_owned(), id.to_owned()));
                 }

@@ -21,6 +21,10 @@ pub const QUERY_IN_VALUES_MAX: usize = 1000;
 pub const QUERY_TERMS_MAX: usize = 32;
 /// Most columns one `select` lists.
 pub const QUERY_SELECT_MAX: usize = 300;
+/// Longest `like` pattern, in characters. SQLite refuses patterns over 50,000 bytes (an
+/// error that would otherwise reach the terminal as a 500), and a live feed's filter is
+/// matched against every commit on the thread that answers writes: a search pattern is short.
+pub const LIKE_PATTERN_MAX: usize = 256;
 
 const _: () = assert!(QUERY_LIMIT_DEFAULT <= QUERY_LIMIT_MAX);
 
@@ -329,6 +333,18 @@ pub fn parse_where(
                                 format!("{c:?}: like compares a text column with a string"),
                             ));
                         }
+                        if op == Cmp::Like
+                            && value
+                                .as_str()
+                                .is_some_and(|p| p.chars().nth(LIKE_PATTERN_MAX).is_some())
+                        {
+                            return Err(bad(
+                                "invalid_value",
+                                format!(
+                                    "{c:?}: a like pattern is at most {LIKE_PATTERN_MAX} characters"
+                                ),
+                            ));
+                        }
                         match (op, typed(ty, c, value)?) {
                             (Cmp::Eq, Value::Null) => Filter::IsNull(c.clone()),
                             (_, Value::Null) => {
@@ -513,6 +529,10 @@ mod tests {
             json!({"table": "order_header", "where": {"total_amount": {"op": "like", "value": "1%"}}}),
             "invalid_value",
         );
+        // A pattern of 256 characters (multi-byte ones included) is taken, one more is not.
+        let pattern = |n: usize| json!({"table": "order_header", "where": {"notes": {"op": "like", "value": "é".repeat(n)}}});
+        assert!(parse(pattern(LIKE_PATTERN_MAX)).is_ok());
+        check(pattern(LIKE_PATTERN_MAX + 1), "invalid_value");
         check(
             json!({"table": "order_header", "where": {"status": {"op": "<", "value": null}}}),
             "invalid_value",

@@ -793,6 +793,8 @@ async fn bad_requests_are_refused_with_their_codes() {
         case(M::POST, t("order_header"), Admin, j(json!({"id": 5})),                         400, "invalid_value"),
         case(M::POST, t("order_header"), Admin, j(json!({"notes": "n".repeat(70_000)})),     400, "invalid_value"),
         case(M::PATCH, r("order_header", &o), Admin, j(json!({"version": ov, "set": {"status": null}})), 400, "invalid_value"),
+        case(M::PATCH, r("order_line", "line-bad-1"), Admin, j(json!({"version": lv, "set": {"status": null}})), 400, "invalid_value"),
+        case(M::PATCH, r("order_line", "line-bad-1"), Kitchen, j(json!({"version": lv, "set": {"status": null}})), 400, "invalid_value"),
         // --- unknown tables and columns, SQL in name positions
         case(M::POST, t("no_such_table"), Admin, j(json!({})),                               404, "unknown_table"),
         case(M::POST, t(sql_table),      Admin, j(json!({})),                                404, "unknown_table"),
@@ -892,6 +894,32 @@ async fn bad_requests_are_refused_with_their_codes() {
             {"op": "insert", "table": "order_header", "row": {}},
             {"op": "insert", "table": "order_payment", "row": {"order_id": o, "amount": 5}},
         ]})),                                                                               403, "forbidden").with("op_index", json!(1)),
+        // What no role may do is refused as such, whichever role asks.
+        case(M::DELETE, format!("{}?version=1", r("order_payment", "pay-bad-1")), Cashier, NONE, 405, "log_immutable"),
+        case(M::DELETE, format!("{}?version=1", r("order_payment", "pay-bad-1")), Kitchen, NONE, 405, "log_immutable"),
+        case(M::PATCH, r("order_payment", "pay-bad-1"), Cashier, j(json!({"version": 1, "set": {"amount": 1}})), 405, "log_immutable"),
+        case(M::POST, t("menu_item"),    Waiter,  j(json!({"name": "pie", "price": 500})),    403, "hub_owned"),
+        case(M::POST, t("menu_item"),    Kitchen, j(json!({"name": "pie", "price": 500})),    403, "hub_owned"),
+        // --- a batch answers with its first failing op, whether the store or the request's
+        // own checks find it
+        case(M::POST, batch.clone(),     Admin, j(json!({"ops": [
+            {"op": "update", "table": "order_header", "id": o, "version": 1, "set": {"notes": "x"}},
+            {"op": "insert", "table": "order_header", "row": {"bogus": 1}},
+        ]})),                                                                               409, "version_conflict").with("op_index", json!(0)),
+        case(M::POST, batch.clone(),     Admin, j(json!({"ops": [
+            {"op": "update", "table": "order_header", "id": o, "version": ov, "set": {"notes": "x"}},
+            {"op": "insert", "table": "order_line", "row": {"order_id": "no-such-order", "quantity": 1, "unit_price": 1}},
+            {"op": "insert", "table": "order_header", "row": {"bogus": 1}},
+        ]})),                                                                               400, "unknown_order").with("op_index", json!(1)),
+        case(M::POST, batch.clone(),     Admin, j(json!({"ops": [
+            {"op": "update", "table": "order_header", "id": o, "version": ov, "set": {"notes": "x"}},
+            {"op": "insert", "table": "order_header", "row": {"bogus": 1}},
+        ]})),                                                                               400, "unknown_column").with("op_index", json!(1)),
+        // --- paths and query strings that do not decode, and a like pattern SQLite refuses
+        case(M::GET,  r("order_header", "%FF"), Admin,  NONE,                                400, "invalid_path"),
+        case(M::GET,  r("order_header", "%FF"), Nobody, NONE,                                401, "unauthorized"),
+        case(M::DELETE, format!("{}?version=%FF", r("order_header", "ord-bad-2")), Admin, NONE, 400, "invalid_value"),
+        case(M::POST, q.clone(),         Admin, j(json!({"table": "order_header", "where": {"notes": {"op": "like", "value": "%".repeat(60_000)}}})), 400, "invalid_value"),
         // --- size
         case(M::POST, t("order_header"), Admin, big,                                         413, "body_too_large"),
         case(M::POST, batch.clone(),     Admin, many_ops,                                    413, "too_large"),

@@ -1616,3 +1616,66 @@ async fn a_kitchen_screen_follows_its_lines_in_and_out() {
     check_delta(&msg, "bar", &[("update", "c2")]);
     screen.close().await;
 }
+
+/// A closed order is not hot, so a terminal that subscribes after it closed does not get it in
+/// its snapshot. When the order changes later (a refund paid on it, a note), the terminal gets
+/// the whole row, not changed columns of a row it never had; a hot order still gets only its
+/// changed columns.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_the_snapshot_could_not_hold_comes_whole_when_it_changes() {
+    let edge = EdgeProcess::start();
+    let tokens = Tokens::mint(&edge);
+    let staff = Staff::new(&edge, &tokens);
+    let cashier = &staff.cashier;
+    cashier
+        .insert("order_header", json!({"id": "gone", "table_id": "T1"}))
+        .await;
+    cashier
+        .update("order_header", "gone", 1, json!({"status": "closed"}))
+        .await;
+    cashier
+        .insert("order_header", json!({"id": "hot", "table_id": "T2"}))
+        .await;
+
+    let mut till = connect(&edge, &tokens.cashier, Wire::Json).await;
+    till.subscribe("o", &["order_header"], None, None).await;
+    let mut r = Replica::default();
+    r.apply(&till.next().await);
+    assert_eq!(
+        r.ids(),
+        BTreeSet::from(["hot"]),
+        "closed orders are not hot"
+    );
+
+    // A refund on the closed order changes its paid amount: the row comes whole.
+    cashier
+        .insert(
+            "order_payment",
+            json!({"id": "refund", "order_id": "gone", "method": "cash", "amount": -500}),
+        )
+        .await;
+    let msg = till.next().await;
+    check_delta(&msg, "o", &[("update", "gone")]);
+    assert!(msg["changes"][0].get("set").is_none(), "{msg}");
+    r.apply(&msg);
+    assert_eq!(r.row("order_header", "gone")["paid_amount"], -500);
+    // Still closed, so still whole the next time.
+    cashier
+        .update("order_header", "gone", 3, json!({"notes": "refunded"}))
+        .await;
+    let msg = till.next().await;
+    check_delta(&msg, "o", &[("update", "gone")]);
+    assert!(msg["changes"][0].get("row").is_some(), "{msg}");
+    r.apply(&msg);
+
+    // The hot order: its changed columns only.
+    cashier
+        .update("order_header", "hot", 1, json!({"notes": "window seat"}))
+        .await;
+    let msg = till.next().await;
+    check_delta(&msg, "o", &[("update", "hot")]);
+    assert!(msg["changes"][0].get("row").is_none(), "{msg}");
+    r.apply(&msg);
+    assert_matches_edge(&r, cashier, &["order_header"], everything).await;
+    till.close().await;
+}

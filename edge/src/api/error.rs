@@ -10,7 +10,7 @@ use serde_json::{Map, Value as Json, json};
 use shared::Row;
 use shared::json::{FieldError, row_to_json};
 
-use crate::store::{StoreError, TxnError};
+use crate::store::{Refusal, StoreError, TxnError};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -47,6 +47,17 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// This error as a [`Refusal`] the store reports when it reaches the refused operation.
+    /// Extra members are not carried: a refusal made before the store has none.
+    pub fn into_refusal(self) -> Refusal {
+        debug_assert!(self.extra.is_empty(), "extra members would be lost");
+        Refusal {
+            status: self.status.as_u16(),
+            code: self.code,
+            message: self.message,
+        }
+    }
+
     pub fn with(mut self, key: &str, value: Json) -> ApiError {
         self.extra.insert(key.into(), value);
         self
@@ -73,6 +84,9 @@ impl ApiError {
             StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             StoreError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             StoreError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Refused(r) => {
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 }

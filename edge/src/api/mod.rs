@@ -166,6 +166,30 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
+/// The path's parameters. A path axum cannot decode (a segment that is not UTF-8 once
+/// percent-decoded) is a JSON API error like any other, not axum's plain-text answer.
+pub struct Segments<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Segments<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Segments<T>> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(t)| Segments(t))
+            .map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_path",
+                    format!("the path cannot be read: {}", e.body_text()),
+                )
+            })
+    }
+}
+
 /// A request body's bytes, at most [`BODY_BYTES_MAX`]; errors are API errors. Write routes
 /// read rows straight from them (`body`); others parse a [`JsonBody`].
 pub struct RawBody(pub Bytes);

@@ -4,14 +4,14 @@
 use std::time::Instant;
 
 use super::Out;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde_json::{Value as Json, json};
 use shared::json::row_to_json;
 use shared::query::{QUERY_MEMBERS, QueryError, parse_spec, query_object, query_table};
 use shared::schema::Access;
 
 use super::rows::{check_scope, table_for};
-use super::{ApiError, ApiResult, AppState, Auth, JsonBody};
+use super::{ApiError, ApiResult, AppState, Auth, JsonBody, Segments};
 use crate::store::query::{Filter, QuerySpec};
 
 /// Every query parsing error is bad input: 400 with the parser's code and message.
@@ -49,8 +49,8 @@ pub(super) fn parse(
 
 pub(super) async fn query(
     State(state): State<AppState>,
-    Path((branch, module)): Path<(String, String)>,
     auth: Auth,
+    Segments((branch, module)): Segments<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> ApiResult<Out<Json>> {
     check_scope(&state, &branch, &module)?;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::Out;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde_json::{Map, Value as Json, json};
 use shared::Seq;
@@ -14,8 +14,8 @@ use shared::json_rows::{RowKind, RowRefusal};
 use shared::schema::{Access, Table, TableKind};
 
 use super::body::{self, OpBody};
-use super::{ApiError, ApiResult, AppState, Auth, RawBody};
-use crate::store::{Applied, LOG_PAGE_MAX, Op, Txn};
+use super::{ApiError, ApiResult, AppState, Auth, RawBody, Segments};
+use crate::store::{Applied, LOG_PAGE_MAX, Op, Txn, Write, refused_by_kind};
 
 /// Checks that the path names this edge's branch and its module.
 pub(super) fn check_scope(state: &AppState, branch: &str, module: &str) -> ApiResult<()> {
@@ -38,7 +38,8 @@ pub(super) fn check_scope(state: &AppState, branch: &str, module: &str) -> ApiRe
     Ok(())
 }
 
-/// The table, if the role may perform `access` on it.
+/// The table, if the role may perform `access` on it. A write the table's kind or owner
+/// refuses to everyone (a hub-owned table, a log row changed) is refused as such first.
 pub(super) fn table_for<'a>(
     state: &'a AppState,
     Auth(role): Auth,
@@ -51,6 +52,15 @@ pub(super) fn table_for<'a>(
             format!("there is no table {:?} in this module", truncate(name)),
         )
     })?;
+    let write = match access {
+        Access::Read => None,
+        Access::Insert => Some(Write::Insert),
+        Access::Update { .. } => Some(Write::Update),
+        Access::Delete => Some(Write::Delete),
+    };
+    if let Some(refused) = write.and_then(|w| refused_by_kind(table, w)) {
+        return Err(refused.into());
+    }
     if !table.allows(role, access) {
         let what = match access {
             Access::Read => "read",
@@ -105,8 +115,8 @@ pub(super) struct BatchOut {
 
 pub(super) async fn schema(
     State(state): State<AppState>,
-    Path((branch, module)): Path<(String, String)>,
     _auth: Auth,
+    Segments((branch, module)): Segments<(String, String)>,
 ) -> ApiResult<Out<Json>> {
     check_scope(&state, &branch, &module)?;
     let schema = state.store().schema();
@@ -136,9 +146,9 @@ pub(super) async fn schema(
 
 pub(super) async fn snapshot(
     State(state): State<AppState>,
-    Path((branch, module)): Path<(String, String)>,
-    Query(params): Query<HashMap<String, String>>,
     auth: Auth,
+    Segments((branch, module)): Segments<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Out<Json>> {
     check_scope(&state, &branch, &module)?;
     let schema = state.store().schema();
@@ -179,8 +189,8 @@ pub(super) async fn snapshot(
 
 pub(super) async fn insert(
     State(state): State<AppState>,
-    Path((branch, module, table)): Path<(String, String, String)>,
     auth: Auth,
+    Segments((branch, module, table)): Segments<(String, String, String)>,
     RawBody(body): RawBody,
 ) -> ApiResult<(StatusCode, Out<RowOut>)> {
     check_scope(&state, &branch, &module)?;
@@ -202,8 +212,8 @@ pub(super) async fn insert(
 
 pub(super) async fn get_row(
     State(state): State<AppState>,
-    Path((branch, module, table, id)): Path<(String, String, String, String)>,
     auth: Auth,
+    Segments((branch, module, table, id)): Segments<(String, String, String, String)>,
 ) -> ApiResult<Out<RowOut>> {
     check_scope(&state, &branch, &module)?;
     let t = table_for(&state, auth, &table, Access::Read)?;
@@ -220,13 +230,9 @@ pub(super) async fn get_row(
     }
 }
 
-/// The table `table` if the role may update some of its columns and it is not a log.
+/// The table `table` if the role may update some of its columns (and it is not a log).
 fn updatable<'a>(state: &'a AppState, auth: Auth, table: &str) -> ApiResult<&'a Table> {
-    let t = table_for(state, auth, table, Access::Update { columns: &[] })?;
-    if t.kind == TableKind::Log {
-        return Err(crate::store::StoreError::LogImmutable(t.name.clone()).into());
-    }
-    Ok(t)
+    table_for(state, auth, table, Access::Update { columns: &[] })
 }
 
 /// A compare-and-set update of row `id` of `t` from its `version` and `set` as given,
@@ -270,8 +276,8 @@ fn update_op(
 
 pub(super) async fn update(
     State(state): State<AppState>,
-    Path((branch, module, table, id)): Path<(String, String, String, String)>,
     auth: Auth,
+    Segments((branch, module, table, id)): Segments<(String, String, String, String)>,
     RawBody(body): RawBody,
 ) -> ApiResult<Out<RowOut>> {
     check_scope(&state, &branch, &module)?;
@@ -290,9 +296,6 @@ fn delete_op(
     version: Option<&Json>,
 ) -> ApiResult<Op> {
     let t = table_for(state, auth, table, Access::Delete)?;
-    if t.kind == TableKind::Log {
-        return Err(crate::store::StoreError::LogImmutable(t.name.clone()).into());
-    }
     Ok(Op::Delete {
         table: t.name.clone(),
         id,
@@ -302,9 +305,9 @@ fn delete_op(
 
 pub(super) async fn delete(
     State(state): State<AppState>,
-    Path((branch, module, table, id)): Path<(String, String, String, String)>,
-    Query(params): Query<HashMap<String, String>>,
     auth: Auth,
+    Segments((branch, module, table, id)): Segments<(String, String, String, String)>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Out<Json>> {
     check_scope(&state, &branch, &module)?;
     let version = match params.get("version") {
@@ -367,19 +370,26 @@ fn batch_op(state: &AppState, auth: Auth, op: Option<&OpBody<'_>>) -> ApiResult<
 
 pub(super) async fn batch(
     State(state): State<AppState>,
-    Path((branch, module)): Path<(String, String)>,
     auth: Auth,
+    Segments((branch, module)): Segments<(String, String)>,
     RawBody(body): RawBody,
 ) -> ApiResult<Out<BatchOut>> {
     check_scope(&state, &branch, &module)?;
-    let ops = body::batch(&body)?;
-    let ops = ops
-        .iter()
-        .enumerate()
-        .map(|(i, op)| {
-            batch_op(&state, auth, op.as_ref()).map_err(|e| e.with("op_index", json!(i)))
-        })
-        .collect::<ApiResult<Vec<_>>>()?;
+    let bodies = body::batch(&body)?;
+    let mut ops = Vec::with_capacity(bodies.len());
+    for (i, op) in bodies.iter().enumerate() {
+        match batch_op(&state, auth, op.as_ref()) {
+            Ok(op) => ops.push(op),
+            // Nothing before the first op can fail first.
+            Err(e) if i == 0 => return Err(e.with("op_index", json!(0))),
+            // An op before this one may fail against the data (a stale version, an unknown
+            // order): the store reports whichever fails first.
+            Err(e) => {
+                ops.push(Op::Refused(e.into_refusal()));
+                break;
+            }
+        }
+    }
     let done = state
         .store()
         .commit(Txn::new(auth.0.name(), ops))
@@ -419,9 +429,9 @@ pub(super) fn number_param(
 
 pub(super) async fn events(
     State(state): State<AppState>,
-    Path((branch, module)): Path<(String, String)>,
-    Query(params): Query<HashMap<String, String>>,
     Auth(role): Auth,
+    Segments((branch, module)): Segments<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Out<Json>> {
     check_scope(&state, &branch, &module)?;
     let after = number_param(&params, "after", 0, i64::MAX as u64)?;

@@ -52,6 +52,8 @@ pub enum StoreError {
     Storage(String),
     #[error("the store is shutting down")]
     Closed,
+    #[error("{}", .0.message)]
+    Refused(super::txn::Refusal),
 }
 
 impl StoreError {
@@ -77,6 +79,7 @@ impl StoreError {
             StoreError::EmptyTransaction => "empty_transaction",
             StoreError::Storage(_) => "storage",
             StoreError::Closed => "shutting_down",
+            StoreError::Refused(r) => r.code,
         }
     }
 }

@@ -33,8 +33,9 @@ pub use durable::SyncGate;
 pub use error::{OpenError, StoreError, TxnError};
 pub use hot::HotTier;
 pub use metrics::StoreMetrics;
+pub use prepare::{Write, refused_by_kind};
 pub use rules::{MONEY_ABS_MAX, QUANTITY_ABS_MAX};
-pub use txn::{Applied, Change, Commit, Committed, Op, OpResult, TXN_OPS_MAX, Txn};
+pub use txn::{Applied, Change, Commit, Committed, Op, OpResult, Refusal, TXN_OPS_MAX, Txn};
 pub use writer::LogStatus;
 
 use sql::TableSql;

@@ -5,7 +5,7 @@
 //! the single writer thread.
 
 use shared::json::FieldError;
-use shared::schema::{ColumnType, Owner, Schema, TableKind};
+use shared::schema::{ColumnType, Owner, Schema, Table, TableKind};
 use shared::{Fields, Value};
 
 use super::error::{StoreError, TxnError};
@@ -104,21 +104,41 @@ fn check_fields(schema: &Schema, ti: usize, fields: &Fields) -> Result<(), Store
     Ok(())
 }
 
+/// A kind of write, for [`refused_by_kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// What a table's kind and owner refuse whoever asks: any write to a hub-owned table, an
+/// update or delete of a log row, a delete of a shared row. The API checks this before the
+/// role's rights, so that a role is told why nobody may do it.
+pub fn refused_by_kind(t: &Table, write: Write) -> Option<StoreError> {
+    if t.owner == Owner::Hub {
+        return Some(StoreError::HubOwned(t.name.clone()));
+    }
+    if write != Write::Insert && t.kind == TableKind::Log {
+        return Some(StoreError::LogImmutable(t.name.clone()));
+    }
+    if write == Write::Delete && t.owner == Owner::Shared {
+        return Some(StoreError::SharedDelete(t.name.clone()));
+    }
+    None
+}
+
 fn prepare_op(schema: &Schema, op: Op) -> Result<PreparedOp, StoreError> {
-    let (table, mutating) = match &op {
-        Op::Insert { table, .. } => (table, false),
-        Op::Update { table, .. } | Op::Delete { table, .. } => (table, true),
+    let (table, write) = match &op {
+        Op::Insert { table, .. } => (table, Write::Insert),
+        Op::Update { table, .. } => (table, Write::Update),
+        Op::Delete { table, .. } => (table, Write::Delete),
+        Op::Refused(r) => return Err(StoreError::Refused(r.clone())),
     };
     let ti = table_index(schema, table)?;
     let t = &schema.tables()[ti];
-    if t.owner == Owner::Hub {
-        return Err(StoreError::HubOwned(t.name.clone()));
-    }
-    if mutating && t.kind == TableKind::Log {
-        return Err(StoreError::LogImmutable(t.name.clone()));
-    }
-    if matches!(op, Op::Delete { .. }) && t.owner == Owner::Shared {
-        return Err(StoreError::SharedDelete(t.name.clone()));
+    if let Some(refused) = refused_by_kind(t, write) {
+        return Err(refused);
     }
     Ok(match op {
         Op::Insert { id, fields, .. } => {
@@ -157,6 +177,7 @@ fn prepare_op(schema: &Schema, op: Op) -> Result<PreparedOp, StoreError> {
             }
         }
         Op::Delete { id, version, .. } => PreparedOp::Delete { ti, id, version },
+        Op::Refused(r) => return Err(StoreError::Refused(r)),
     })
 }
 

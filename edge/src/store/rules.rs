@@ -99,6 +99,19 @@ fn check_status(chain: &[&str], fields: &impl Columns) -> Result<(), StoreError>
     }
 }
 
+/// An update may not clear a status: an order or line always has one (a null would also
+/// escape the transition rules and be written to the status log).
+fn refuse_null_status(set: &Fields) -> Result<(), StoreError> {
+    if matches!(set.get("status"), Some(Value::Null)) {
+        return Err(FieldError::InvalidValue {
+            column: "status".into(),
+            expected: "a status (it cannot be null)",
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// What a line adds to its order's total: quantity × unit price, nothing when cancelled.
 /// Quantity and price are bounded, so the product fits; sums are kept in i128 until written.
 fn line_amount(line: &Row) -> i128 {
@@ -228,15 +241,10 @@ impl PosRules {
                     }
                 }
             }
-            if matches!(set.get("status"), Some(Value::Null)) {
-                return Err(FieldError::InvalidValue {
-                    column: "status".into(),
-                    expected: "a status (it cannot be null)",
-                }
-                .into());
-            }
+            refuse_null_status(set)?;
         } else if ti == self.line {
             check_status(&LINE_STATUSES, set)?;
+            refuse_null_status(set)?;
             Self::require_open(&*self.order_of(orders, current)?)?;
             if set.contains_key("order_id") {
                 Self::require_open(&*self.order_of(orders, set)?)?;

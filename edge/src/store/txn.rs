@@ -29,6 +29,20 @@ pub enum Op {
         id: String,
         version: u64,
     },
+    /// An operation its caller found invalid before submitting it (a batch op that is not
+    /// well-formed, or that the caller's role may not perform). The transaction fails at it
+    /// with this error, after the operations before it were tried against the data: so a
+    /// batch's error is always its first failing operation's.
+    Refused(Refusal),
+}
+
+/// An error its caller decided, carried through the store unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status.
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
 }
 
 /// A transaction: all of its operations commit, or none.
@@ -90,6 +104,10 @@ pub struct Change {
     /// For updates: the row before the change (a feed filter may stop or start matching).
     pub before: Option<Arc<Row>>,
     pub changed: Vec<String>,
+    /// For updates: the row was not in the hot tier before the change (a closed order, say),
+    /// so a feed snapshot taken before it did not hold it; the feed sends such a row whole
+    /// rather than its changed columns. Set when the commit is published.
+    pub was_cold: bool,
 }
 
 /// A commit as published to subscribers (the terminal feed).

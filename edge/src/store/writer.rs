@@ -623,11 +623,12 @@ impl Writer {
 
     /// Makes a group's commits visible: the hot tier in place, then the log status.
     /// `ticket` is their COMMIT's; readers of this state wait until it is durable.
-    fn publish(&mut self, commits: &[Commit], ticket: u64) {
+    fn publish(&mut self, commits: &mut [Commit], ticket: u64) {
         self.shared.durability.publishing(ticket);
         let mut hot = self.shared.hot.write();
         for c in commits {
-            for ch in &c.changes {
+            for ch in &mut c.changes {
+                ch.was_cold = ch.op == EntryOp::Update && hot.get(ch.table, &ch.row.id).is_none();
                 let newly_hot = hot.apply(super::hot::HotChange {
                     table: ch.table,
                     deleted: ch.op == EntryOp::Delete,
@@ -1210,6 +1211,7 @@ impl Writer {
             row,
             before: None,
             changed,
+            was_cold: false,
         });
         Ok(())
     }
@@ -1363,7 +1365,7 @@ impl Writer {
             }
         };
         self.status.feed = position;
-        let commits = if changes.is_empty() {
+        let mut commits = if changes.is_empty() {
             Vec::new()
         } else {
             self.status.version = version;
@@ -1373,7 +1375,7 @@ impl Writer {
                 started: Instant::now(),
             }]
         };
-        self.publish(&commits, ticket);
+        self.publish(&mut commits, ticket);
         self.hand_over(Delivery {
             answers: Vec::new(),
             commits,
@@ -1409,6 +1411,7 @@ impl Writer {
                 row: Arc::new(tombstone),
                 before: None,
                 changed: Vec::new(),
+                was_cold: false,
             }));
         }
         let mut row = entry.row.clone();
@@ -1464,6 +1467,7 @@ impl Writer {
                     row: Arc::new(row),
                     before: Some(Arc::new(current)),
                     changed,
+                    was_cold: false,
                 }))
             }
             None => {
@@ -1482,6 +1486,7 @@ impl Writer {
                     row: Arc::new(row),
                     before: None,
                     changed: Vec::new(),
+                    was_cold: false,
                 }))
             }
         }
