@@ -148,28 +148,75 @@ pub fn row_value(row: &Row, name: &str) -> Value {
 }
 
 /// SQL `LIKE` in memory: `%` matches any run, `_` one character, ASCII letters ignore case.
+///
+/// Linear in the text, since a live feed's filter runs on the thread that answers writes:
+/// the pattern is cut at each `%` into pieces; the first must match at the start and the last
+/// at the end, and each one between is taken at its leftmost place after the one before it
+/// (a later place only leaves less text for the rest), found with a bit-parallel search in
+/// which `_` matches anything. Backtracking instead costs text × pattern on some patterns.
 fn like(text: &str, pattern: &str) -> bool {
     let t: Vec<char> = text.chars().map(|c| c.to_ascii_lowercase()).collect();
     let p: Vec<char> = pattern.chars().map(|c| c.to_ascii_lowercase()).collect();
-    // Classic two-pointer wildcard match with backtracking to the last `%`.
-    let (mut ti, mut pi) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '_' || p[pi] == t[ti]) {
-            ti += 1;
-            pi += 1;
-        } else if pi < p.len() && p[pi] == '%' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+    let pieces: Vec<&[char]> = p.split(|c| *c == '%').collect();
+    let [first, middle @ .., last] = pieces.as_slice() else {
+        // No `%`: the whole text, one character for each of the pattern's.
+        return t.len() == p.len() && piece_at(&t, 0, &p);
+    };
+    if t.len() < first.len() || !piece_at(&t, 0, first) {
+        return false;
+    }
+    let mut at = first.len();
+    for piece in middle.iter().filter(|p| !p.is_empty()) {
+        match find(&t[at..], piece) {
+            Some(start) => at += start + piece.len(),
+            None => return false,
         }
     }
-    p[pi..].iter().all(|c| *c == '%')
+    t.len() - at >= last.len() && piece_at(&t, t.len() - last.len(), last)
+}
+
+/// Whether `piece` matches `t` at `at` (`_` matching any character); `t` holds enough.
+fn piece_at(t: &[char], at: usize, piece: &[char]) -> bool {
+    t[at..at + piece.len()]
+        .iter()
+        .zip(piece)
+        .all(|(c, p)| *p == '_' || p == c)
+}
+
+/// Where `piece` (not empty) first matches in `t`, `_` matching any character: the Shift-And
+/// search, one bit per piece position, over as many 64-bit words as the piece needs.
+fn find(t: &[char], piece: &[char]) -> Option<usize> {
+    let m = piece.len();
+    let words = m.div_ceil(64);
+    let bit = |j: usize| (j / 64, 1u64 << (j % 64));
+    // For each character, the positions it matches; `_` positions match every character.
+    let mut any = vec![0u64; words];
+    for (j, c) in piece.iter().enumerate() {
+        if *c == '_' {
+            let (w, b) = bit(j);
+            any[w] |= b;
+        }
+    }
+    let mut masks: std::collections::HashMap<char, Vec<u64>> = std::collections::HashMap::new();
+    for (j, c) in piece.iter().enumerate().filter(|(_, c)| **c != '_') {
+        let (w, b) = bit(j);
+        masks.entry(*c).or_insert_with(|| any.clone())[w] |= b;
+    }
+    let (last_word, last_bit) = bit(m - 1);
+    let mut state = vec![0u64; words];
+    for (i, c) in t.iter().enumerate() {
+        let mask = masks.get(c).unwrap_or(&any);
+        let mut carry = 1u64;
+        for (s, k) in state.iter_mut().zip(mask) {
+            let out = *s >> 63;
+            *s = ((*s << 1) | carry) & k;
+            carry = out;
+        }
+        if state[last_word] & last_bit != 0 {
+            return Some(i + 1 - m);
+        }
+    }
+    None
 }
 
 impl Filter {
@@ -456,6 +503,90 @@ mod tests {
         ] {
             assert_eq!(like(t, p), want, "{t:?} LIKE {p:?}");
         }
+    }
+
+    /// The textbook matcher: two pointers, backtracking to the last `%`. Slow on some
+    /// patterns (text × pattern), plainly right; the reference for `like`.
+    fn like_by_backtracking(text: &str, pattern: &str) -> bool {
+        let t: Vec<char> = text.chars().map(|c| c.to_ascii_lowercase()).collect();
+        let p: Vec<char> = pattern.chars().map(|c| c.to_ascii_lowercase()).collect();
+        let (mut ti, mut pi) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while ti < t.len() {
+            if pi < p.len() && (p[pi] == '_' || p[pi] == t[ti]) {
+                ti += 1;
+                pi += 1;
+            } else if pi < p.len() && p[pi] == '%' {
+                star = Some((pi, ti));
+                pi += 1;
+            } else if let Some((sp, st)) = star {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|c| *c == '%')
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 4000,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Small alphabets (case, `é`, the wildcards) so that pieces match, overlap and repeat.
+        #[test]
+        fn like_agrees_with_backtracking(
+            text in "[abABé]{0,24}",
+            pattern in "[abABé_%]{0,10}",
+        ) {
+            proptest::prop_assert_eq!(like(&text, &pattern), like_by_backtracking(&text, &pattern));
+        }
+
+        /// Pieces longer than one 64-bit word of the bit-parallel search, cut from the text
+        /// itself (some characters turned into `_`, sometimes one changed) so that they match
+        /// about as often as not.
+        #[test]
+        fn like_agrees_with_backtracking_on_long_pieces(
+            text in "[ab]{70,300}",
+            start in 0usize..100,
+            len in 65usize..200,
+            wild in proptest::collection::vec(proptest::bool::weighted(0.2), 200),
+            changed in proptest::option::of(0usize..200),
+            percent in (proptest::bool::ANY, proptest::bool::ANY),
+        ) {
+            let chars: Vec<char> = text.chars().collect();
+            let start = start.min(chars.len() - 65);
+            let end = (start + len).min(chars.len());
+            let mut piece: Vec<char> = chars[start..end].to_vec();
+            for (c, w) in piece.iter_mut().zip(&wild) {
+                if *w {
+                    *c = '_';
+                }
+            }
+            if let Some(i) = changed.filter(|i| *i < piece.len()) {
+                piece[i] = if piece[i] == 'a' { 'b' } else { 'a' };
+            }
+            let piece: String = piece.into_iter().collect();
+            let pattern = format!(
+                "{}{piece}{}",
+                if percent.0 { "%" } else { "" },
+                if percent.1 { "%" } else { "" },
+            );
+            proptest::prop_assert_eq!(like(&text, &pattern), like_by_backtracking(&text, &pattern));
+        }
+    }
+
+    #[test]
+    fn like_stays_right_on_a_pattern_that_makes_backtracking_slow() {
+        let text = "a".repeat(65_536);
+        let pattern = format!("%{}b", "a".repeat(254));
+        assert!(!like(&text, &pattern));
+        assert!(like(&format!("{text}b"), &pattern));
+        assert!(like(&text, &format!("%{}", "a".repeat(255))));
     }
 
     fn parse(body: Json) -> Result<(QuerySpec, Option<Vec<String>>), QueryError> {
