@@ -347,6 +347,18 @@ impl EdgeProcess {
         edge
     }
 
+    /// Starts a standalone edge for branch [`BRANCH`] with extra environment variables (test
+    /// hooks).
+    pub fn start_with_env(env: &[(&str, &str)]) -> EdgeProcess {
+        let mut edge = EdgeProcess::prepare(BRANCH);
+        edge.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        edge.spawn();
+        edge
+    }
+
     /// Starts an edge for `branch` on a fresh data dir.
     pub fn start_branch(branch: &str) -> EdgeProcess {
         let mut edge = EdgeProcess::prepare(branch);

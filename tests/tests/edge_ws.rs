@@ -1679,3 +1679,110 @@ async fn a_row_the_snapshot_could_not_hold_comes_whole_when_it_changes() {
     assert_matches_edge(&r, cashier, &["order_header"], everything).await;
     till.close().await;
 }
+
+/// What a terminal may send is bounded. A subscription names each table at most once (a
+/// longer list is refused; a name given twice counts once), and a message over 64 KiB
+/// closes the connection rather than being buffered; other connections keep working.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_subscriptions_and_messages_are_refused() {
+    let edge = EdgeProcess::start();
+    let tokens = Tokens::mint(&edge);
+    let staff = Staff::new(&edge, &tokens);
+    staff
+        .cashier
+        .insert("order_header", json!({"id": "o1", "table_id": "T1"}))
+        .await;
+
+    let mut client = connect(&edge, &tokens.kitchen, Wire::Json).await;
+    let many = vec!["order_header"; 1_000];
+    client.subscribe("many", &many, None, None).await;
+    let refused = client.next().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["error"], "invalid_frame", "{refused}");
+    assert_eq!(refused["sub"], "many", "{refused}");
+    // The same table twice is one subscription to it: one delta change per commit.
+    client
+        .subscribe("twice", &["order_header", "order_header"], None, None)
+        .await;
+    let mut r = Replica::default();
+    r.apply(&client.next().await);
+    assert_eq!(r.ids(), BTreeSet::from(["o1"]));
+    staff
+        .cashier
+        .update("order_header", "o1", 1, json!({"notes": "x"}))
+        .await;
+    let msg = client.next().await;
+    check_delta(&msg, "twice", &[("update", "o1")]);
+
+    // A 100 KiB message: the edge closes the connection (1009, message too big).
+    let mut other = connect(&edge, &tokens.kitchen, Wire::Json).await;
+    let big = json!({"type": "subscribe", "sub": "big", "tables": ["order_header"],
+        "where": {"notes": "n".repeat(100 * 1024)}});
+    let _ = other.ws.send(Message::Text(big.to_string().into())).await;
+    let closed = loop {
+        match tokio::time::timeout(FRAME_DEADLINE, other.ws.next())
+            .await
+            .expect("the edge answers within the deadline")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => panic!("the oversized message was answered: {m:?}"),
+            None | Some(Err(_)) => break None,
+        }
+    };
+    assert!(
+        closed.is_none_or(|code| code == 1009),
+        "closed with {closed:?}"
+    );
+    // The first connection still works.
+    staff
+        .cashier
+        .update("order_header", "o1", 2, json!({"notes": "y"}))
+        .await;
+    check_delta(&client.next().await, "twice", &[("update", "o1")]);
+    client.close().await;
+}
+
+/// A terminal that stops reading altogether (its receive window shut, as on a frozen tablet)
+/// is disconnected once a burst of frames cannot reach its socket in time, instead of holding
+/// its queue and buffers until the kernel gives up on it. The send timeout is shortened for
+/// the test (`OUTPOST_WS_SEND_TIMEOUT_MS`); the writes go on until the edge lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_that_never_reads_is_disconnected() {
+    let edge = EdgeProcess::start_with_env(&[("OUTPOST_WS_SEND_TIMEOUT_MS", "300")]);
+    let tokens = Tokens::mint(&edge);
+    let staff = Staff::new(&edge, &tokens);
+    let mut frozen = connect(&edge, &tokens.cashier, Wire::Json).await;
+    frozen.subscribe("s", &["order_header"], None, None).await;
+    assert_eq!(frozen.next().await["type"], "snapshot");
+    assert_eq!(staff.cashier.metric("outpost_feed_connections").await, 1);
+    // From here on the terminal reads nothing. Each batch commits 15 orders with 60 KiB of
+    // notes, about 0.9 MiB of deltas; the loopback socket buffers hold a few MiB.
+    let notes = "n".repeat(60 * 1024);
+    let mut batches = 0;
+    while staff.cashier.metric("outpost_feed_connections").await > 0 {
+        assert!(
+            batches < 100,
+            "the edge still holds a terminal that read nothing for {batches} batches"
+        );
+        let ops: Vec<Json> = (0..15)
+            .map(|i| {
+                json!({"op": "insert", "table": "order_header",
+                "row": {"id": format!("b{batches}-{i}"), "notes": notes}})
+            })
+            .collect();
+        staff.cashier.batch(json!(ops)).await;
+        batches += 1;
+    }
+    // The edge serves on: a new terminal subscribes and follows.
+    let mut fresh = connect(&edge, &tokens.cashier, Wire::Json).await;
+    fresh.subscribe("s", &["order_header"], None, None).await;
+    assert_eq!(fresh.next().await["type"], "snapshot");
+    staff
+        .cashier
+        .insert("order_header", json!({"id": "after", "table_id": "T9"}))
+        .await;
+    check_delta(&fresh.next().await, "s", &[("insert", "after")]);
+    drop(frozen);
+    fresh.close().await;
+}

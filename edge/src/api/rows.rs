@@ -154,9 +154,13 @@ pub(super) async fn snapshot(
     let schema = state.store().schema();
     let names: Vec<&str> = match params.get("tables") {
         Some(list) => {
-            let names: Vec<&str> = list.split(',').filter(|s| !s.is_empty()).collect();
-            for n in &names {
-                table_for(&state, auth, n, Access::Read)?;
+            // Each table once: a name given again would be read (and sent) again.
+            let mut names: Vec<&str> = Vec::new();
+            for n in list.split(',').filter(|s| !s.is_empty()) {
+                let t = table_for(&state, auth, n, Access::Read)?;
+                if !names.contains(&t.name.as_str()) {
+                    names.push(&t.name);
+                }
             }
             names
         }

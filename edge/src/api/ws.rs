@@ -27,6 +27,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 pub const SUBSCRIPTIONS_MAX: usize = 64;
 /// Read buffer per connection, in bytes.
 const READ_BUFFER_BYTES: usize = 4096;
+/// Largest message (and frame) a terminal may send: subscribe and unsubscribe messages are a
+/// few hundred bytes. A larger one closes the connection (code 1009, message too big) instead
+/// of being buffered: tungstenite's defaults would hold up to 64 MiB per connection.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 /// Frames sent before one flush when a burst is queued.
 const FLUSH_FRAMES_MAX: usize = 64;
 
@@ -56,6 +60,8 @@ pub(super) async fn upgrade(
     // clearing the default 128 KiB.
     ws.protocols([POSTCARD_PROTOCOL])
         .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        .max_frame_size(CLIENT_MESSAGE_BYTES_MAX)
         .on_upgrade(move |socket| connection(socket, feed, role))
 }
 
@@ -66,42 +72,65 @@ fn to_message(frame: Frame) -> Message {
     }
 }
 
+/// How long one burst of frames may take to reach a terminal's socket before the connection
+/// is given up: a terminal that stops reading (a frozen tablet whose TCP receive window has
+/// shut) would otherwise hold its task, its queue and its socket buffers until the kernel
+/// gives up on it, some 15 minutes later. The same as [`IDLE_TIMEOUT`];
+/// `OUTPOST_WS_SEND_TIMEOUT_MS` overrides it (a test hook).
+fn send_timeout() -> Duration {
+    std::env::var("OUTPOST_WS_SEND_TIMEOUT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(IDLE_TIMEOUT, Duration::from_millis)
+}
+
+/// Writes `frames` and flushes them within `timeout`; false when the terminal is gone or
+/// does not take them in time.
+async fn send(
+    socket: &mut WebSocket,
+    frames: impl Iterator<Item = Frame>,
+    timeout: Duration,
+) -> bool {
+    let write = async {
+        for f in frames {
+            socket.feed(to_message(f)).await?;
+        }
+        socket.flush().await
+    };
+    matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
+}
+
 async fn connection(mut socket: WebSocket, feed: Feed, role: Role) {
     let format = match socket.protocol() {
         Some(p) if p.as_bytes() == POSTCARD_PROTOCOL.as_bytes() => Format::Postcard,
         _ => Format::Json,
     };
+    let timeout = send_timeout();
     let mut reg = feed.register(format);
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await; // the first tick is immediate
     let mut last_heard = Instant::now();
-    'conn: loop {
+    loop {
         tokio::select! {
             frame = reg.rx.recv() => {
                 let Some(frame) = frame else { break };
-                if reg.lagging.load(std::sync::atomic::Ordering::Relaxed) {
-                    for f in feed.resync(reg.id, &mut reg.rx) {
-                        if socket.feed(to_message(f)).await.is_err() { break 'conn; }
-                    }
-                    if socket.flush().await.is_err() { break; }
-                    continue;
-                }
-                if socket.feed(to_message(frame)).await.is_err() { break; }
-                // Coalesce a burst: queue what is waiting, then flush once.
-                for _ in 0..FLUSH_FRAMES_MAX {
-                    match reg.rx.try_recv() {
-                        Ok(f) => if socket.feed(to_message(f)).await.is_err() { break 'conn; },
-                        Err(_) => break,
-                    }
-                }
-                if socket.flush().await.is_err() { break; }
+                let lagging = reg.lagging.load(std::sync::atomic::Ordering::Relaxed);
+                let sent = if lagging {
+                    let frames = feed.resync(reg.id, &mut reg.rx);
+                    send(&mut socket, frames.into_iter(), timeout).await
+                } else {
+                    // Coalesce a burst: what is waiting goes out with one flush.
+                    let rx = &mut reg.rx;
+                    let burst = std::iter::once(frame)
+                        .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(FLUSH_FRAMES_MAX));
+                    send(&mut socket, burst, timeout).await
+                };
+                if !sent { break; }
             }
             () = reg.wake.notified() => {
                 if reg.lagging.load(std::sync::atomic::Ordering::Relaxed) {
-                    for f in feed.resync(reg.id, &mut reg.rx) {
-                        if socket.feed(to_message(f)).await.is_err() { break 'conn; }
-                    }
-                    if socket.flush().await.is_err() { break; }
+                    let frames = feed.resync(reg.id, &mut reg.rx);
+                    if !send(&mut socket, frames.into_iter(), timeout).await { break; }
                 }
             }
             msg = socket.next() => {
@@ -123,12 +152,14 @@ async fn connection(mut socket: WebSocket, feed: Feed, role: Role) {
                     tracing::debug!(conn = reg.id, "closing a silent terminal connection");
                     break;
                 }
-                if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() { break; }
+                let pinged = tokio::time::timeout(timeout, socket.send(Message::Ping(bytes::Bytes::new())));
+                if !matches!(pinged.await, Ok(Ok(()))) { break; }
             }
         }
     }
     feed.unregister(reg.id);
-    let _ = socket.close().await;
+    // A terminal that does not read does not get to hold the task either.
+    let _ = tokio::time::timeout(timeout, socket.close()).await;
 }
 
 /// A client message, or why it is not one: `(sub, code, message)`.
@@ -258,10 +289,13 @@ fn check_subscription(
             format!("this edge serves module {:?}", schema.module()),
         ));
     }
-    if tables.is_empty() {
+    if tables.is_empty() || tables.len() > schema.tables().len() {
         return Err(ApiError::bad_request(
             "invalid_frame",
-            "subscribe to at least one table",
+            format!(
+                "subscribe to 1 to {} tables, each named once",
+                schema.tables().len()
+            ),
         ));
     }
     let filter: Option<Json> = match filter {
@@ -286,6 +320,9 @@ fn check_subscription(
             return Err(ApiError::forbidden(format!(
                 "role {role} may not read {name}"
             )));
+        }
+        if indexes.contains(&ti) {
+            continue;
         }
         // The filter must make sense for every table of the subscription.
         let f = parse_where(schema, ti, filter.as_ref())?;
