@@ -97,7 +97,19 @@ async fn send(
         }
         socket.flush().await
     };
-    matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
+    let mut write = std::pin::pin!(write);
+    // Nearly always the socket takes the burst at once: a timer only when it does not (one
+    // per burst would cost the runtime worker a timer-wheel entry per frame delivered).
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))
+    })
+    .await;
+    match first {
+        std::task::Poll::Ready(done) => done.is_ok(),
+        std::task::Poll::Pending => {
+            matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
+        }
+    }
 }
 
 async fn connection(mut socket: WebSocket, feed: Feed, role: Role) {
