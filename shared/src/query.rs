@@ -110,6 +110,7 @@ impl Cmp {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Filter {
     Compare(String, Cmp, Value),
+    /// The values are sorted and without repeats ([`parse_where`] builds it).
     In(String, Vec<Value>),
     IsNull(String),
 }
@@ -137,13 +138,20 @@ pub fn column_type(schema: &Schema, ti: usize, name: &str) -> Option<ColumnType>
 
 /// The value of a queryable column of a row, server columns included.
 pub fn row_value(row: &Row, name: &str) -> Value {
+    row_value_ref(row, name).into_owned()
+}
+
+/// [`row_value`] without copying a user column's value (a live feed's filter runs on the
+/// thread that answers writes).
+fn row_value_ref<'r>(row: &'r Row, name: &str) -> std::borrow::Cow<'r, Value> {
+    use std::borrow::Cow;
     match name {
-        "id" => Value::Text(row.id.clone()),
-        "version" => Value::Int(row.version as i64),
-        "created_at" => Value::Timestamp(row.created_at),
-        "updated_at" => Value::Timestamp(row.updated_at),
-        "seq" => row.seq.map_or(Value::Null, |s| Value::Int(s as i64)),
-        _ => row.get(name).clone(),
+        "id" => Cow::Owned(Value::Text(row.id.clone())),
+        "version" => Cow::Owned(Value::Int(row.version as i64)),
+        "created_at" => Cow::Owned(Value::Timestamp(row.created_at)),
+        "updated_at" => Cow::Owned(Value::Timestamp(row.updated_at)),
+        "seq" => Cow::Owned(row.seq.map_or(Value::Null, |s| Value::Int(s as i64))),
+        _ => Cow::Borrowed(row.get(name)),
     }
 }
 
@@ -223,24 +231,25 @@ impl Filter {
     /// Whether a row satisfies the condition, with SQL's meaning (null matches only IS NULL).
     pub fn matches(&self, row: &Row) -> bool {
         match self {
-            Filter::IsNull(c) => row_value(row, c).is_null(),
+            Filter::IsNull(c) => row_value_ref(row, c).is_null(),
+            // The list is sorted and without repeats (see `parse_where`).
             Filter::In(c, values) => {
-                let v = row_value(row, c);
-                !v.is_null() && values.contains(&v)
+                let v = row_value_ref(row, c);
+                !v.is_null() && values.binary_search(&v).is_ok()
             }
             Filter::Compare(c, cmp, value) => {
-                let v = row_value(row, c);
+                let v = row_value_ref(row, c);
                 if v.is_null() {
                     return false;
                 }
                 match cmp {
-                    Cmp::Eq => v == *value,
-                    Cmp::Ne => v != *value,
-                    Cmp::Lt => v < *value,
-                    Cmp::Le => v <= *value,
-                    Cmp::Gt => v > *value,
-                    Cmp::Ge => v >= *value,
-                    Cmp::Like => match (&v, value) {
+                    Cmp::Eq => *v == *value,
+                    Cmp::Ne => *v != *value,
+                    Cmp::Lt => *v < *value,
+                    Cmp::Le => *v <= *value,
+                    Cmp::Gt => *v > *value,
+                    Cmp::Ge => *v >= *value,
+                    Cmp::Like => match (v.as_ref(), value) {
                         (Value::Text(t), Value::Text(p)) => like(t, p),
                         _ => false,
                     },
@@ -350,12 +359,17 @@ pub fn parse_where(
                 let ty = ty_of(c)?;
                 filters.push(match v {
                     Json::Null => Filter::IsNull(c.clone()),
-                    Json::Array(vs) if vs.len() <= QUERY_IN_VALUES_MAX => Filter::In(
-                        c.clone(),
-                        vs.iter()
+                    Json::Array(vs) if vs.len() <= QUERY_IN_VALUES_MAX => {
+                        // Sorted and without repeats, so that a feed matches a row against
+                        // the list by binary search; SQL's IN means the same either way.
+                        let mut values = vs
+                            .iter()
                             .map(|v| typed(ty, c, v))
-                            .collect::<Result<_, _>>()?,
-                    ),
+                            .collect::<Result<Vec<_>, _>>()?;
+                        values.sort_unstable();
+                        values.dedup();
+                        Filter::In(c.clone(), values)
+                    }
                     Json::Array(_) => {
                         return Err(bad(
                             "invalid_parameter",
@@ -488,6 +502,7 @@ mod tests {
 
     use super::*;
     use crate::pos;
+    use crate::value::Columns;
 
     #[test]
     fn like_matches_as_sql_does() {
@@ -577,6 +592,48 @@ mod tests {
                 if percent.1 { "%" } else { "" },
             );
             proptest::prop_assert_eq!(like(&text, &pattern), like_by_backtracking(&text, &pattern));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2000,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// An IN list in any order and with repeats matches exactly the rows whose value is
+        /// one of the list's (the matcher binary-searches the list `parse_where` sorted).
+        #[test]
+        fn in_lists_match_their_members(
+            amounts in proptest::collection::vec(-5i64..5, 0..12),
+            methods in proptest::collection::vec("[abc]{0,2}", 0..12),
+            row_amount in proptest::option::of(-6i64..6),
+            row_method in proptest::option::of("[abc]{0,2}"),
+        ) {
+            let s = pos::schema();
+            let ti = s.table_index("order_payment").expect("a pos table");
+            let filters = parse_where(
+                &s,
+                ti,
+                Some(&json!({"amount": amounts.clone(), "method": methods.clone()})),
+            )
+            .expect("a valid filter");
+            let columns: Columns = s.tables()[ti].columns.iter().map(|c| c.name.clone()).collect();
+            let mut row = Row {
+                id: "p1".into(),
+                version: 1,
+                created_at: crate::value::Timestamp(0),
+                updated_at: crate::value::Timestamp(0),
+                seq: Some(1),
+                values: vec![Value::Null; columns.len()],
+                columns,
+            };
+            proptest::prop_assert!(row.set("amount", row_amount.map_or(Value::Null, Value::Int)));
+            proptest::prop_assert!(row.set("method", row_method.clone().map_or(Value::Null, Value::Text)));
+            let want = row_amount.is_some_and(|a| amounts.contains(&a))
+                && row_method.is_some_and(|m| methods.contains(&m));
+            proptest::prop_assert_eq!(filters.iter().all(|f| f.matches(&row)), want);
         }
     }
 
