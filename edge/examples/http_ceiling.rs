@@ -30,6 +30,15 @@ fn main() -> std::io::Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr).await?;
         eprintln!("http_ceiling on http://{}", listener.local_addr()?);
         let app = Router::new().fallback(answer);
-        axum::serve(edge::server::no_delay(listener), app).await
+        let limits = edge::http::Limits::for_this_process();
+        edge::http::serve(
+            listener,
+            app,
+            limits,
+            Default::default(),
+            std::future::pending(),
+        )
+        .await;
+        Ok(())
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod feed;
+pub mod http;
 pub mod identity;
 pub mod server;
 pub mod store;

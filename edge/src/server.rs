@@ -3,7 +3,6 @@
 //! shuts down cleanly on SIGTERM/SIGINT (in-flight requests finish, the writer drains).
 
 use std::fmt::Write as _;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use shared::{BranchId, Role, Schema};
 
 use shared::metrics::Exposition;
 
+use crate::http::{ConnMetrics, Limits};
 use crate::store::{Store, StoreConfig, metrics};
 use crate::sync::{SyncClient, SyncStatus};
 
@@ -55,6 +55,8 @@ struct App {
     sync: Option<Arc<SyncStatus>>,
     updater: Option<Arc<crate::update::Updater>>,
     version: Arc<str>,
+    /// The HTTP server's connection counts.
+    connections: Arc<ConnMetrics>,
 }
 
 /// Writes `path` readable by the owner only.
@@ -108,15 +110,31 @@ pub fn open_data_dir(
 
 /// Health, metrics and the terminal API, with the live feed listening to the store's commits.
 pub fn router(store: Store, branch: BranchId, sync: Option<Arc<SyncStatus>>) -> Router {
-    router_with_updates(store, branch, sync, None)
+    router_with(store, branch, sync, None, Arc::default())
 }
 
-/// [`router`], with the updater's state in `/metrics`.
-fn router_with_updates(
+/// Serves [`router`] on `listener` with the edge's connection limits until `stop` resolves,
+/// its `/metrics` counting the connections: what `serve` runs, for harnesses that run an edge
+/// in their own process (the demo, the load generator, tests).
+pub async fn serve_api(
+    listener: tokio::net::TcpListener,
+    store: Store,
+    branch: BranchId,
+    sync: Option<Arc<SyncStatus>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let connections = Arc::<ConnMetrics>::default();
+    let app = router_with(store, branch, sync, None, connections.clone());
+    crate::http::serve(listener, app, Limits::for_this_process(), connections, stop).await;
+}
+
+/// [`router`], with the updater's state and the server's connection counts in `/metrics`.
+fn router_with(
     store: Store,
     branch: BranchId,
     sync: Option<Arc<SyncStatus>>,
     updater: Option<Arc<crate::update::Updater>>,
+    connections: Arc<ConnMetrics>,
 ) -> Router {
     let api = crate::api::AppState::new(store.clone(), branch.clone());
     Router::new()
@@ -129,6 +147,7 @@ fn router_with_updates(
             sync,
             updater,
             version: crate::update::running_version().into(),
+            connections,
         })
         .merge(crate::api::router(api))
         .method_not_allowed_fallback(crate::api::method_not_allowed)
@@ -361,6 +380,27 @@ async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::
         "Rows in the in-memory hot tier.",
         hot_rows as u64,
     );
+    let c = &app.connections;
+    out.gauge(
+        "outpost_http_connections",
+        "Open HTTP connections, WebSockets included (capped; see ARCHITECTURE.md).",
+        c.open.load(Relaxed),
+    );
+    out.counter(
+        "outpost_http_connections_accepted_total",
+        "HTTP connections accepted.",
+        c.accepted.load(Relaxed),
+    );
+    out.counter(
+        "outpost_http_connections_refused_total",
+        "HTTP connections refused (503 too_many_connections) because the cap was reached.",
+        c.refused.load(Relaxed),
+    );
+    out.counter(
+        "outpost_http_head_timeouts_total",
+        "HTTP connections closed because no complete request head came in time (idle keep-alive connections included).",
+        c.head_timeouts.load(Relaxed),
+    );
     let feed = app.api.feed();
     let fm = feed.metrics();
     out.gauge(
@@ -446,20 +486,6 @@ pub fn worker_threads() -> usize {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| cores.saturating_sub(1).max(1))
-}
-
-/// Accepts connections with Nagle's algorithm off: terminals get small responses and feed
-/// frames that must leave at once, not wait for the client's delayed acknowledgement.
-pub fn no_delay(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn set(tcp: &mut tokio::net::TcpStream) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
-        }
-    }
-    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -633,12 +659,26 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
         }
     };
     tracing::info!(branch = %config.branch, http = %bound, "edge serving");
-    let server = axum::serve(
-        no_delay(listener),
-        router_with_updates(store.clone(), config.branch.clone(), sync, updater),
-    )
-    .with_graceful_shutdown(stopping)
-    .into_future();
+    let limits = Limits::for_this_process();
+    tracing::info!(
+        connections = limits.connections,
+        head_timeout_ms = limits.head_timeout.as_millis() as u64,
+        "HTTP limits"
+    );
+    let connections = Arc::<ConnMetrics>::default();
+    let server = crate::http::serve(
+        listener,
+        router_with(
+            store.clone(),
+            config.branch.clone(),
+            sync,
+            updater,
+            connections.clone(),
+        ),
+        limits,
+        connections,
+        stopping,
+    );
     // Requests under way get SHUTDOWN_GRACE to finish; the edge then stops without waiting for
     // a client that holds its connection longer: the store closes, anything that connection
     // still asks gets an error, and the process exit ends it (a write it got no answer for
@@ -648,7 +688,7 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        served = server => served.map_err(|e| StartError(format!("server failed: {e}")))?,
+        () = server => {}
         () = grace => tracing::warn!("connections still open {}s after the stop; stopping without them", SHUTDOWN_GRACE.as_secs()),
     }
     let _ = stop_sync.send(true);

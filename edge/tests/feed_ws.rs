@@ -32,17 +32,18 @@ async fn start() -> Edge {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let token = store.create_token(shared::Role::Admin).unwrap();
-    let app = edge::server::router(
-        store.clone(),
-        shared::BranchId::parse("B001").unwrap(),
-        None,
-    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let served = store.clone();
     tokio::spawn(async move {
-        axum::serve(edge::server::no_delay(listener), app)
-            .await
-            .unwrap()
+        edge::server::serve_api(
+            listener,
+            served,
+            shared::BranchId::parse("B001").unwrap(),
+            None,
+            std::future::pending(),
+        )
+        .await
     });
     Edge {
         store,

@@ -365,7 +365,8 @@ pub(crate) async fn set_availability(
     };
 }
 
-/// Serves an axum router on a free loopback port.
+/// Serves the hub's router on a free loopback port (the edges serve theirs with
+/// `edge::server::serve_api`, as `outpost-edge serve` does).
 async fn serve_http(router: axum::Router) -> Result<SocketAddr, String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -470,12 +471,17 @@ pub async fn run(config: DemoConfig) -> Result<Demo, String> {
         );
         let sync = client.status.clone();
         syncs.push(tokio::spawn(client.run(sync_stopped.clone())));
-        let http = serve_http(edge::server::router(
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(err)?;
+        let http = listener.local_addr().map_err(err)?;
+        tokio::spawn(edge::server::serve_api(
+            listener,
             edge_store.clone(),
             id.clone(),
             Some(sync.clone()),
-        ))
-        .await?;
+            std::future::pending(),
+        ));
         say(format!("edge {id}: http://{http}"));
         branches.push(Branch {
             id,

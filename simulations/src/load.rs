@@ -123,13 +123,12 @@ async fn local_edge() -> Result<(String, String), String> {
     let token = store
         .create_token(shared::Role::Admin)
         .map_err(|e| e.to_string())?;
-    let app = edge::server::router(store, branch, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(async move {
-        let _ = axum::serve(edge::server::no_delay(listener), app).await;
+        edge::server::serve_api(listener, store, branch, None, std::future::pending()).await;
     });
     Ok((format!("http://{addr}"), token))
 }

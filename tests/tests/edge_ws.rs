@@ -1786,3 +1786,197 @@ async fn a_terminal_that_never_reads_is_disconnected() {
     drop(frozen);
     fresh.close().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connection limits (raw sockets: a client library would pool, retry and hide what the edge
+// did)
+// ---------------------------------------------------------------------------------------------
+
+async fn open_raw(edge: &EdgeProcess) -> tokio::net::TcpStream {
+    tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        tokio::net::TcpStream::connect(edge.http_addr()),
+    )
+    .await
+    .expect("a connection within the deadline")
+    .expect("a TCP connection to the edge")
+}
+
+/// `GET path` on `tcp`, and its answer read whole: status and body. `None` when the edge
+/// closed the connection instead of answering. The connection stays open.
+async fn raw_get(tcp: &mut tokio::net::TcpStream, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nhost: edge\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut read = async |tcp: &mut tokio::net::TcpStream, answer: &mut Vec<u8>| {
+        let n = tokio::time::timeout(REQUEST_TIMEOUT, tcp.read(&mut chunk))
+            .await
+            .expect("an answer within the deadline")
+            .ok()?;
+        answer.extend_from_slice(&chunk[..n]);
+        (n > 0).then_some(())
+    };
+    let head_end = loop {
+        if let Some(i) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read(tcp, &mut answer).await?;
+    };
+    let head = std::str::from_utf8(&answer[..head_end]).expect("a text head");
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no content-length in {head:?}"));
+    while answer.len() < head_end + length {
+        read(tcp, &mut answer).await?;
+    }
+    let body =
+        String::from_utf8(answer[head_end..head_end + length].to_vec()).expect("a text body");
+    Some((status, body))
+}
+
+/// Reads `tcp` until the edge closes it; returns what came first.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(FRAME_DEADLINE, tcp.read(&mut chunk))
+            .await
+            .expect("the edge closes the connection within the deadline")
+        {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A metric read from a `/metrics` page.
+fn metric_in(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{page}"))
+}
+
+/// Opens connections until one is served (`/healthz` 200) and returns it; `refused` counts
+/// the 503s on the way (a slot comes back once the edge has seen its connection close).
+async fn admitted(edge: &EdgeProcess, refused: &mut u64) -> tokio::net::TcpStream {
+    for _ in 0..10_000 {
+        let mut tcp = open_raw(edge).await;
+        match raw_get(&mut tcp, "/healthz").await {
+            Some((200, _)) => return tcp,
+            Some((503, body)) => {
+                let body: Json = serde_json::from_str(&body).expect("a JSON error");
+                assert_eq!(body["error"], "too_many_connections", "{body}");
+                *refused += 1;
+            }
+            other => panic!("GET /healthz: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("no connection slot came back");
+}
+
+/// The edge serves at most its cap of connections at once, WebSockets included: one more
+/// is answered 503 `too_many_connections` and closed, and a connection that closes gives its
+/// slot back.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_are_refused_until_one_closes() {
+    let edge = EdgeProcess::start_with_env(&[("OUTPOST_HTTP_CONNECTIONS_MAX", "3")]);
+    let tokens = Tokens::mint(&edge);
+    let mut refused = 0;
+    let mut feed = connect(&edge, &tokens.cashier, Wire::Json).await;
+    feed.subscribe("s", &["order_header"], None, None).await;
+    assert_eq!(feed.next().await["type"], "snapshot");
+    let a = admitted(&edge, &mut refused).await;
+    let mut b = admitted(&edge, &mut refused).await;
+    assert_eq!(refused, 0, "the cap is 3");
+
+    // Full: a WebSocket and two keep-alive connections. One more is refused, and closed.
+    let mut over = open_raw(&edge).await;
+    let (status, body) = raw_get(&mut over, "/healthz")
+        .await
+        .expect("an answer to a connection over the cap");
+    let body: Json = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "too_many_connections");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    refused += 1;
+    assert!(read_until_closed(&mut over).await.is_empty());
+    // A WebSocket handshake is refused the same way.
+    let url = format!("ws://{}/ws?token={}", edge.http_addr(), tokens.cashier);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        Err(e) => panic!("a WebSocket over the cap: {e}"),
+        Ok(_) => panic!("a WebSocket over the cap was accepted"),
+    }
+    refused += 1;
+    // The connections within the cap are served on.
+    assert_eq!(raw_get(&mut b, "/healthz").await.map(|r| r.0), Some(200));
+
+    // A keep-alive connection closes: its slot comes back.
+    drop(a);
+    let mut c = admitted(&edge, &mut refused).await;
+    let (status, page) = raw_get(&mut c, "/metrics").await.expect("the metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric_in(&page, "outpost_http_connections"), 3);
+    assert_eq!(
+        metric_in(&page, "outpost_http_connections_refused_total"),
+        refused
+    );
+    assert_eq!(metric_in(&page, "outpost_feed_connections"), 1);
+
+    // So does a WebSocket's.
+    feed.close().await;
+    let _d = admitted(&edge, &mut refused).await;
+    let (status, page) = raw_get(&mut c, "/metrics").await.expect("the metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric_in(&page, "outpost_http_connections"), 3);
+    assert_eq!(metric_in(&page, "outpost_feed_connections"), 0);
+    assert_eq!(
+        metric_in(&page, "outpost_http_connections_refused_total"),
+        refused
+    );
+}
+
+/// A connection that does not send a whole request head within the head timeout is closed,
+/// and so is a keep-alive connection idle that long: neither holds a slot for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_without_a_whole_request_head_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let edge = EdgeProcess::start_with_env(&[("OUTPOST_HTTP_HEAD_TIMEOUT_MS", "1000")]);
+    let mut slow = open_raw(&edge).await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: edge\r\n")
+        .await
+        .expect("half a request head");
+    let answer = read_until_closed(&mut slow).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "half a head was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    let mut idle = open_raw(&edge).await;
+    assert_eq!(raw_get(&mut idle, "/healthz").await.map(|r| r.0), Some(200));
+    assert!(read_until_closed(&mut idle).await.is_empty());
+    // Both were counted (each right before its socket closed); this page's own connection
+    // is not idle yet.
+    let mut metrics = open_raw(&edge).await;
+    let (status, page) = raw_get(&mut metrics, "/metrics")
+        .await
+        .expect("the metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric_in(&page, "outpost_http_head_timeouts_total"), 2);
+    assert_eq!(metric_in(&page, "outpost_http_connections"), 1);
+}
