@@ -1,20 +1,27 @@
-//! The terminal API's HTTP server: axum's router on hyper's HTTP/1, with the two limits that
+//! The terminal API's HTTP server: axum's router on hyper's HTTP/1, with the limits that
 //! `axum::serve` does not set.
 //!
-//! - **Open connections are capped** ([`Limits::connections`]). A connection beyond the cap
-//!   is answered 503 `too_many_connections` and closed, so a LAN client that opens
-//!   connections until the process runs out of file descriptors cannot lock the tills out
-//!   (nor make the store fail to open a file). A WebSocket keeps its slot after the upgrade:
-//!   the slot travels with the socket ([`Counted`]).
+//! - **Open connections are capped** ([`Limits::connections`]), and so are one client
+//!   address's ([`Limits::per_client`], a quarter of the cap; see [`per_client_for`]). A connection beyond either is
+//!   answered 503 `too_many_connections` and closed. So one device on the LAN that opens
+//!   connections until something gives out takes a quarter of the slots, not all of them,
+//!   and cannot run the process out of file descriptors (which would also stop the store
+//!   opening files). A WebSocket keeps its slot after the upgrade: the slot travels with the
+//!   socket ([`Counted`]).
 //! - **A request head must arrive within [`Limits::head_timeout`]** (hyper's header-read
-//!   timeout). This also closes a keep-alive connection idle for that long, so a connection
-//!   that sends nothing, or a head a byte at a time, gives its slot back.
+//!   timeout) and be at most [`HEAD_MAX`] bytes (431 beyond). The timeout also closes a
+//!   keep-alive connection idle that long, so a connection that sends nothing, or a head a
+//!   byte at a time, gives its slot back. A body that stalls has its own timeout
+//!   ([`body_timeout`], where the API reads it), and the feed disconnects a socket that does
+//!   not take its frames (see `ws`).
 //!
 //! At start the soft limit on open files is raised towards the hard one, and the cap is kept
 //! below what the limit leaves after the store's and the sync link's own descriptors.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -22,8 +29,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -32,6 +42,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 /// them reconnecting at once after a network blip, and bounds what the edge holds per
 /// connection (hyper's buffers, a feed queue).
 pub const CONNECTIONS_MAX: usize = 2048;
+
+/// How long a request body may take to arrive once its handler starts reading it.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection may refuse everything sent to it (an answer, a feed frame) before
+/// it is closed. A client that reads slowly is not cut off: the time runs only while nothing
+/// at all goes out.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Largest request head (request line and headers) in bytes; hyper answers 431 beyond it.
+/// Terminals send a few hundred bytes; without this, hyper buffers up to ~400 KiB of a head
+/// per connection.
+pub const HEAD_MAX: usize = 32 * 1024;
 
 /// How long a request head may take to arrive, and how long a keep-alive connection may sit
 /// idle. Terminals that keep connections longer reconnect (Node's server, which the seed
@@ -45,46 +68,92 @@ const FILES_RESERVED: u64 = 256;
 /// How high the soft limit on open files is raised (when the hard limit allows).
 const FILES_WANTED: u64 = 65_536;
 
+/// The fewest connections the edge serves, however low the file limit: a branch's terminals.
+const CONNECTIONS_MIN: usize = 64;
+
 /// Connections being refused at once; beyond this a refused connection is closed unanswered.
 const REFUSALS_AT_ONCE: usize = 32;
 
-/// How long a refusal may take to write its answer and read what the client sent.
-const REFUSAL_TIME: Duration = Duration::from_secs(1);
+/// How long a refusal may take to write its answer and read what the client sent. The answer
+/// is best effort: a client that has not sent its whole request within this time may see the
+/// connection reset instead of the 503.
+const REFUSAL_TIME: Duration = Duration::from_secs(3);
 
-/// Test hooks: a smaller cap and a shorter head timeout, so tests reach them quickly.
+/// Test hooks: a smaller cap, per-client cap and head timeout, so tests reach them quickly.
 pub const CONNECTIONS_MAX_ENV: &str = "OUTPOST_HTTP_CONNECTIONS_MAX";
+pub const PER_CLIENT_MAX_ENV: &str = "OUTPOST_HTTP_CONNECTIONS_PER_CLIENT";
 pub const HEAD_TIMEOUT_ENV: &str = "OUTPOST_HTTP_HEAD_TIMEOUT_MS";
+pub const BODY_TIMEOUT_ENV: &str = "OUTPOST_HTTP_BODY_TIMEOUT_MS";
+
+/// [`BODY_TIMEOUT`], or the test hook's.
+pub fn body_timeout() -> Duration {
+    static TIMEOUT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+        env_u64(BODY_TIMEOUT_ENV).map_or(BODY_TIMEOUT, Duration::from_millis)
+    });
+    *TIMEOUT
+}
+
+/// A positive whole number from the environment variable `name`.
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|n| *n > 0)
+}
 
 /// The answer to a connection beyond the cap.
-const REFUSAL_BODY: &str = "{\"error\":\"too_many_connections\",\"message\":\"the edge has as many \
+const REFUSAL_FULL: &str = "{\"error\":\"too_many_connections\",\"message\":\"the edge has as many \
 connections open as it serves at once; close idle connections or try again shortly\"}";
+
+/// The answer to a connection beyond its client's share.
+const REFUSAL_CLIENT: &str = "{\"error\":\"too_many_connections\",\"message\":\"this device has as \
+many connections open to the edge as one device may hold; close idle connections or try again \
+shortly\"}";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub connections: usize,
+    /// Most connections from one client address.
+    pub per_client: usize,
     pub head_timeout: Duration,
 }
 
 impl Limits {
     /// The limits for this process: [`CONNECTIONS_MAX`], or fewer if the limit on open files
-    /// (raised first, see [`raise_file_limit`]) leaves less room; [`HEAD_TIMEOUT`]. The test
-    /// hooks override either.
+    /// (raised first, see [`raise_file_limit`]) leaves less room; [`per_client_for`] that;
+    /// [`HEAD_TIMEOUT`]. The test hooks override each.
     pub fn for_this_process() -> Limits {
-        let files = raise_file_limit();
-        let connections = usize::try_from(files.saturating_sub(FILES_RESERVED))
-            .unwrap_or(usize::MAX)
-            .clamp(1, CONNECTIONS_MAX);
-        let env = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|n| *n > 0)
-        };
+        let connections = connections_for(raise_file_limit());
+        if connections < CONNECTIONS_MAX {
+            tracing::warn!(
+                "the open-file limit leaves room for {connections} connections, fewer than \
+                 {CONNECTIONS_MAX}; raise it (ulimit -n) if terminals are refused"
+            );
+        }
+        let env = env_u64;
+        let connections = env(CONNECTIONS_MAX_ENV).map_or(connections, |n| n as usize);
         Limits {
-            connections: env(CONNECTIONS_MAX_ENV).map_or(connections, |n| n as usize),
+            connections,
+            per_client: env(PER_CLIENT_MAX_ENV).map_or(per_client_for(connections), |n| n as usize),
             head_timeout: env(HEAD_TIMEOUT_ENV).map_or(HEAD_TIMEOUT, Duration::from_millis),
         }
     }
+}
+
+/// One client address's share of a cap of `connections`: a quarter, and at least
+/// [`CONNECTIONS_MIN`] (a cap that small is not split).
+pub fn per_client_for(connections: usize) -> usize {
+    (connections / 4).max(connections.min(CONNECTIONS_MIN))
+}
+
+/// The cap for a limit of `files` open files: what is left after [`FILES_RESERVED`], at most
+/// [`CONNECTIONS_MAX`]. A limit too low for that still serves [`CONNECTIONS_MIN`] (or half
+/// the limit, if even that is less): better some terminals refused a file than all of them a
+/// connection.
+fn connections_for(files: u64) -> usize {
+    let left = usize::try_from(files.saturating_sub(FILES_RESERVED)).unwrap_or(usize::MAX);
+    let floor = CONNECTIONS_MIN.min(usize::try_from(files / 2).unwrap_or(usize::MAX));
+    left.max(floor).clamp(1, CONNECTIONS_MAX)
 }
 
 /// Raises the soft limit on open files to the hard limit (at most [`FILES_WANTED`]), as
@@ -124,9 +193,13 @@ pub struct ConnMetrics {
     pub accepted: AtomicU64,
     /// Connections answered 503 (or closed unanswered) because the cap was reached.
     pub refused: AtomicU64,
+    /// Of those, the ones refused because their client address held its share.
+    pub refused_client: AtomicU64,
     /// Connections closed because no complete request head came within the head timeout
     /// (idle keep-alive connections included).
     pub head_timeouts: AtomicU64,
+    /// Connections closed because the client took nothing sent to it for [`SEND_TIMEOUT`].
+    pub send_timeouts: AtomicU64,
 }
 
 /// Serves `router` on `listener` until `stop` resolves; then stops accepting, lets each
@@ -140,35 +213,57 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.connections));
+    let clients = Arc::new(Clients {
+        most: limits.per_client,
+        open: Mutex::default(),
+    });
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+    let router = router.layer(tower::util::MapResponseLayer::new(keep_alive(
+        limits.head_timeout,
+    )));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.head_timeout);
+        .header_read_timeout(limits.head_timeout)
+        .max_header_size(HEAD_MAX);
     // `finish` tells connections to finish; each connection task holds a `running` receiver,
     // so `running_tx.closed()` resolves when the last one ends.
     let (finish, _) = watch::channel(());
     let (running_tx, running) = watch::channel(());
     let mut stop = pin!(stop);
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
-                    accept_failed(e).await;
-                    continue;
+                    tokio::select! {
+                        biased;
+                        () = &mut stop => break,
+                        () = accept_failed(e) => continue,
+                    }
                 }
             },
-            () = &mut stop => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics.refused.fetch_add(1, Relaxed);
-            match refusals.clone().try_acquire_owned() {
-                Ok(refusing) => {
-                    tokio::spawn(refuse(tcp, refusing));
+        let slot = match slots.clone().try_acquire_owned() {
+            Err(_) => Err(REFUSAL_FULL),
+            Ok(slot) => clients.admit(peer.ip(), slot).ok_or(REFUSAL_CLIENT),
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(answer) => {
+                metrics.refused.fetch_add(1, Relaxed);
+                if answer == REFUSAL_CLIENT {
+                    metrics.refused_client.fetch_add(1, Relaxed);
                 }
-                Err(_) => drop(tcp),
+                match refusals.clone().try_acquire_owned() {
+                    Ok(refusing) => {
+                        tokio::spawn(refuse(tcp, answer, refusing));
+                    }
+                    Err(_) => drop(tcp),
+                }
+                continue;
             }
-            continue;
         };
         // Nagle's algorithm off: terminals get small responses and feed frames that must
         // leave at once, not wait for the client's delayed acknowledgement.
@@ -176,7 +271,7 @@ pub async fn serve(
             tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
         }
         metrics.accepted.fetch_add(1, Relaxed);
-        let io = TokioIo::new(Counted::new(tcp, slot, metrics.clone()));
+        let io = TokioIo::new(Counted::new(tcp, slot, metrics.clone(), SEND_TIMEOUT));
         let conn = http
             .serve_connection(io, TowerToHyperService::new(router.clone()))
             .with_upgrades();
@@ -205,6 +300,24 @@ pub async fn serve(
     running_tx.closed().await;
 }
 
+/// Adds `keep-alive: timeout=N` to an answer, N a little under the idle timeout, so clients
+/// that read it (browsers, Node's) stop reusing an idle connection before the edge closes it,
+/// rather than send a request into a connection being closed.
+fn keep_alive(idle: Duration) -> impl Fn(Response) -> Response + Clone + Send + Sync + 'static {
+    let secs = idle
+        .as_secs()
+        .saturating_sub(5)
+        .max(idle.as_secs() / 2)
+        .max(1);
+    let value = HeaderValue::from_str(&format!("timeout={secs}")).expect("ASCII digits");
+    move |mut response: Response| {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static("keep-alive"), value.clone());
+        response
+    }
+}
+
 /// What `axum::serve` does with a failed accept: a connection that went away before it was
 /// accepted is nothing; anything else (out of file descriptors) is logged and waited out.
 async fn accept_failed(e: io::Error) {
@@ -219,14 +332,14 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// Answers a connection beyond the cap with 503 and closes it. What the client sent is read
-/// (a little of it, briefly) so that closing does not reset the connection before the client
-/// has read the answer.
-async fn refuse(mut tcp: TcpStream, _refusing: OwnedSemaphorePermit) {
+/// Answers a connection beyond the cap with 503 and `body`, and closes it. What the client
+/// sent is read (up to 64 KiB, for [`REFUSAL_TIME`]) so that closing does not reset the
+/// connection before the client has read the answer.
+async fn refuse(mut tcp: TcpStream, body: &'static str, _refusing: OwnedSemaphorePermit) {
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{REFUSAL_BODY}",
-        REFUSAL_BODY.len()
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let _ = tokio::time::timeout(REFUSAL_TIME, async {
         tcp.write_all(answer.as_bytes()).await?;
@@ -244,21 +357,106 @@ async fn refuse(mut tcp: TcpStream, _refusing: OwnedSemaphorePermit) {
     .await;
 }
 
+/// Connections open per client address.
+struct Clients {
+    most: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Clients {
+    /// `slot` with the client's share taken too, or `None` if `ip` holds its share already.
+    fn admit(self: &Arc<Self>, ip: IpAddr, slot: OwnedSemaphorePermit) -> Option<Slot> {
+        let mut open = self.open.lock();
+        let held = open.entry(ip).or_default();
+        if *held >= self.most {
+            return None;
+        }
+        *held += 1;
+        Some(Slot {
+            _slot: slot,
+            clients: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// A connection's place: one of the cap's slots and one of its client's share.
+struct Slot {
+    _slot: OwnedSemaphorePermit,
+    clients: Arc<Clients>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock();
+        if let Some(held) = open.get_mut(&self.ip) {
+            *held -= 1;
+            if *held == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A connection's socket holding its slot: the slot is given back when the socket is dropped,
-/// by hyper, or by the WebSocket that took it over.
+/// by hyper, or by the WebSocket that took it over. A write the socket has not taken for
+/// its send timeout fails, which ends the connection.
 pub struct Counted {
     tcp: TcpStream,
     metrics: Arc<ConnMetrics>,
-    _slot: OwnedSemaphorePermit,
+    send_timeout: Duration,
+    /// Armed when a write finds the socket full; disarmed when one goes through. So the
+    /// usual write, which the kernel takes at once, arms no timer.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    _slot: Slot,
 }
 
 impl Counted {
-    fn new(tcp: TcpStream, slot: OwnedSemaphorePermit, metrics: Arc<ConnMetrics>) -> Counted {
+    fn new(
+        tcp: TcpStream,
+        slot: Slot,
+        metrics: Arc<ConnMetrics>,
+        send_timeout: Duration,
+    ) -> Counted {
         metrics.open.fetch_add(1, Relaxed);
         Counted {
             tcp,
             metrics,
+            send_timeout,
+            stalled: None,
             _slot: slot,
+        }
+    }
+
+    /// Runs `send` on the socket, with the send timeout over a socket that takes nothing.
+    fn poll_send<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        send: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match send(Pin::new(&mut self.tcp), cx) {
+            Poll::Pending => {
+                let timeout = self.send_timeout;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if stalled.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.metrics.send_timeouts.fetch_add(1, Relaxed);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client took nothing sent to it for {} s",
+                        timeout.as_secs_f64()
+                    ),
+                )))
+            }
+            done => {
+                self.stalled = None;
+                done
+            }
         }
     }
 }
@@ -285,7 +483,8 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        self.get_mut()
+            .poll_send(cx, |tcp, cx| tcp.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -293,7 +492,8 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        self.get_mut()
+            .poll_send(cx, |tcp, cx| tcp.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -301,11 +501,12 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        self.get_mut().poll_send(cx, |tcp, cx| tcp.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        self.get_mut()
+            .poll_send(cx, |tcp, cx| tcp.poll_shutdown(cx))
     }
 }
 
@@ -321,6 +522,69 @@ mod tests {
             .unwrap_or(u64::MAX);
         assert!(limits.connections >= 1);
         assert!(limits.connections <= CONNECTIONS_MAX);
-        assert!((limits.connections as u64) <= files.saturating_sub(FILES_RESERVED).max(1));
+        assert!(limits.per_client >= 1 && limits.per_client <= limits.connections);
+        assert!(limits.connections == connections_for(files));
+    }
+
+    /// A client that reads nothing has its connection's writes fail after the send timeout,
+    /// and the connection's slot and share come back when the socket is dropped.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_nothing_is_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a listener");
+        let _client = TcpStream::connect(listener.local_addr().expect("an address"))
+            .await
+            .expect("a connection");
+        let (tcp, peer) = listener.accept().await.expect("accepted");
+        let slots = Arc::new(Semaphore::new(1));
+        let clients = Arc::new(Clients {
+            most: 1,
+            open: Mutex::default(),
+        });
+        let slot = slots.clone().try_acquire_owned().expect("a slot");
+        let slot = clients.admit(peer.ip(), slot).expect("a share");
+        let metrics = Arc::<ConnMetrics>::default();
+        let mut counted = Counted::new(tcp, slot, metrics.clone(), SEND_TIMEOUT);
+        let start = tokio::time::Instant::now();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0usize;
+        let writes = async {
+            loop {
+                match counted.write(&chunk).await {
+                    Ok(n) => sent += n,
+                    Err(e) => break e,
+                }
+            }
+        };
+        let error = tokio::time::timeout(SEND_TIMEOUT * 2, writes)
+            .await
+            .expect("the writes fail within the send timeout");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        assert!(sent > 0, "the kernel took some before the socket filled");
+        assert!(start.elapsed() >= SEND_TIMEOUT);
+        assert_eq!(metrics.send_timeouts.load(Relaxed), 1);
+        assert_eq!(metrics.open.load(Relaxed), 1);
+        drop(counted);
+        assert_eq!(metrics.open.load(Relaxed), 0);
+        assert_eq!(slots.available_permits(), 1);
+        assert!(clients.open.lock().is_empty());
+    }
+
+    #[test]
+    fn a_low_file_limit_still_serves_a_branch() {
+        assert_eq!(connections_for(u64::MAX), CONNECTIONS_MAX);
+        assert_eq!(connections_for(4096), CONNECTIONS_MAX);
+        assert_eq!(connections_for(1024), 1024 - 256);
+        // Too low to keep FILES_RESERVED aside: a branch's terminals are served anyway.
+        assert_eq!(connections_for(300), CONNECTIONS_MIN);
+        assert_eq!(connections_for(256), CONNECTIONS_MIN);
+        assert_eq!(connections_for(40), 20);
+        assert_eq!(connections_for(1), 1);
+        assert_eq!(connections_for(0), 1);
+        assert_eq!(per_client_for(CONNECTIONS_MAX), CONNECTIONS_MAX / 4);
+        assert_eq!(per_client_for(1024), 256);
+        assert_eq!(per_client_for(200), CONNECTIONS_MIN);
+        assert_eq!(per_client_for(CONNECTIONS_MIN), CONNECTIONS_MIN);
+        assert_eq!(per_client_for(3), 3);
     }
 }

@@ -393,13 +393,23 @@ async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::
     );
     out.counter(
         "outpost_http_connections_refused_total",
-        "HTTP connections refused (503 too_many_connections) because the cap was reached.",
+        "HTTP connections refused (503 too_many_connections) because the cap, or the client address's share of it, was reached.",
         c.refused.load(Relaxed),
+    );
+    out.counter(
+        "outpost_http_connections_refused_client_total",
+        "Of those, connections refused because their client address held its share of the cap.",
+        c.refused_client.load(Relaxed),
     );
     out.counter(
         "outpost_http_head_timeouts_total",
         "HTTP connections closed because no complete request head came in time (idle keep-alive connections included).",
         c.head_timeouts.load(Relaxed),
+    );
+    out.counter(
+        "outpost_http_send_timeouts_total",
+        "HTTP connections (WebSockets included) closed because the client took nothing sent to it for 60 s.",
+        c.send_timeouts.load(Relaxed),
     );
     let feed = app.api.feed();
     let fm = feed.metrics();
@@ -662,6 +672,7 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
     let limits = Limits::for_this_process();
     tracing::info!(
         connections = limits.connections,
+        per_client = limits.per_client,
         head_timeout_ms = limits.head_timeout.as_millis() as u64,
         "HTTP limits"
     );

@@ -1793,13 +1793,20 @@ async fn a_terminal_that_never_reads_is_disconnected() {
 // ---------------------------------------------------------------------------------------------
 
 async fn open_raw(edge: &EdgeProcess) -> tokio::net::TcpStream {
-    tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        tokio::net::TcpStream::connect(edge.http_addr()),
-    )
-    .await
-    .expect("a connection within the deadline")
-    .expect("a TCP connection to the edge")
+    open_raw_from(edge, [127, 0, 0, 1]).await
+}
+
+/// A TCP connection to the edge from the loopback address `from` (any of 127.0.0.0/8 is this
+/// machine, so a test can be several clients).
+async fn open_raw_from(edge: &EdgeProcess, from: [u8; 4]) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind((std::net::Ipv4Addr::from(from), 0).into())
+        .expect("a loopback address to connect from");
+    tokio::time::timeout(REQUEST_TIMEOUT, socket.connect(edge.http_addr()))
+        .await
+        .expect("a connection within the deadline")
+        .expect("a TCP connection to the edge")
 }
 
 /// `GET path` on `tcp`, and its answer read whole: status and body. `None` when the edge
@@ -1871,8 +1878,17 @@ fn metric_in(page: &str, name: &str) -> u64 {
 /// Opens connections until one is served (`/healthz` 200) and returns it; `refused` counts
 /// the 503s on the way (a slot comes back once the edge has seen its connection close).
 async fn admitted(edge: &EdgeProcess, refused: &mut u64) -> tokio::net::TcpStream {
+    admitted_from(edge, [127, 0, 0, 1], refused).await
+}
+
+/// [`admitted`], connecting from the loopback address `from`.
+async fn admitted_from(
+    edge: &EdgeProcess,
+    from: [u8; 4],
+    refused: &mut u64,
+) -> tokio::net::TcpStream {
     for _ in 0..10_000 {
-        let mut tcp = open_raw(edge).await;
+        let mut tcp = open_raw_from(edge, from).await;
         match raw_get(&mut tcp, "/healthz").await {
             Some((200, _)) => return tcp,
             Some((503, body)) => {
@@ -1951,12 +1967,131 @@ async fn connections_beyond_the_cap_are_refused_until_one_closes() {
     );
 }
 
+/// One client address holds at most its share of the cap: beyond it that client is refused
+/// 503 `too_many_connections` while another address is still served, and the share comes
+/// back when one of its connections closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_cannot_take_every_connection() {
+    let edge = EdgeProcess::start_with_env(&[
+        ("OUTPOST_HTTP_CONNECTIONS_MAX", "8"),
+        ("OUTPOST_HTTP_CONNECTIONS_PER_CLIENT", "2"),
+    ]);
+    let (greedy, other) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+    let mut refused = 0;
+    let a = admitted_from(&edge, greedy, &mut refused).await;
+    let _b = admitted_from(&edge, greedy, &mut refused).await;
+    assert_eq!(refused, 0, "the share is 2");
+
+    let mut over = open_raw_from(&edge, greedy).await;
+    let (status, body) = raw_get(&mut over, "/healthz")
+        .await
+        .expect("an answer to a connection over the share");
+    let body: Json = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "too_many_connections");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("device")),
+        "{body}"
+    );
+    refused += 1;
+    assert!(read_until_closed(&mut over).await.is_empty());
+
+    // Another terminal is served, with the cap far from full.
+    let mut till = admitted_from(&edge, other, &mut refused).await;
+    assert_eq!(refused, 1);
+    let (status, page) = raw_get(&mut till, "/metrics").await.expect("the metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric_in(&page, "outpost_http_connections"), 3);
+    assert_eq!(
+        metric_in(&page, "outpost_http_connections_refused_total"),
+        1
+    );
+    assert_eq!(
+        metric_in(&page, "outpost_http_connections_refused_client_total"),
+        1
+    );
+
+    // The greedy client closes one: it may open one again.
+    drop(a);
+    let _c = admitted_from(&edge, greedy, &mut refused).await;
+    let (status, page) = raw_get(&mut till, "/metrics").await.expect("the metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric_in(&page, "outpost_http_connections"), 3);
+    assert_eq!(
+        metric_in(&page, "outpost_http_connections_refused_client_total"),
+        refused
+    );
+}
+
+/// A request head over 32 KiB is answered 431 and its connection closed, and every answer
+/// tells the client how long an idle connection is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_heads_are_bounded_and_idle_time_is_announced() {
+    use tokio::io::AsyncWriteExt;
+    let edge = EdgeProcess::start();
+    let mut tcp = open_raw(&edge).await;
+    let request = "GET /healthz HTTP/1.1\r\nhost: edge\r\n\r\n";
+    tcp.write_all(request.as_bytes()).await.expect("a request");
+    let answer = read_head(&mut tcp).await.to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("\r\nkeep-alive: timeout=55\r\n"),
+        "{answer}"
+    );
+    let length: usize = answer
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+        .expect("a content-length");
+    let mut body = vec![0; length];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut body)
+        .await
+        .expect("the body");
+
+    let mut big = open_raw(&edge).await;
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nhost: edge\r\nx-padding: {}\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    // The edge may answer and close before it has read the whole head.
+    let _ = big.write_all(request.as_bytes()).await;
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut big).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // The edge is still serving.
+    assert_eq!(raw_get(&mut tcp, "/healthz").await.map(|r| r.0), Some(200));
+}
+
+/// Reads an answer's head (up to the blank line) from `tcp`.
+async fn read_head(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(REQUEST_TIMEOUT, tcp.read(&mut chunk))
+            .await
+            .expect("an answer within the deadline")
+            .expect("an answer");
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.push(chunk[0]);
+    }
+    String::from_utf8(got).expect("a text head")
+}
+
 /// A connection that does not send a whole request head within the head timeout is closed,
-/// and so is a keep-alive connection idle that long: neither holds a slot for ever.
+/// and so is a keep-alive connection idle that long: neither holds a slot for ever. (The
+/// timeout covers request heads only: bodies and unread answers have their own limits.)
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_without_a_whole_request_head_are_closed() {
     use tokio::io::AsyncWriteExt;
-    let edge = EdgeProcess::start_with_env(&[("OUTPOST_HTTP_HEAD_TIMEOUT_MS", "1000")]);
+    let edge = EdgeProcess::start_with_env(&[
+        ("OUTPOST_HTTP_HEAD_TIMEOUT_MS", "3000"),
+        ("OUTPOST_HTTP_BODY_TIMEOUT_MS", "3000"),
+    ]);
     let mut slow = open_raw(&edge).await;
     slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: edge\r\n")
         .await
@@ -1978,5 +2113,31 @@ async fn connections_without_a_whole_request_head_are_closed() {
         .expect("the metrics");
     assert_eq!(status, 200);
     assert_eq!(metric_in(&page, "outpost_http_head_timeouts_total"), 2);
+    assert_eq!(metric_in(&page, "outpost_http_connections"), 1);
+
+    // A body that stops coming is answered 408 `body_timeout` and its connection closed.
+    let tokens = Tokens::mint(&edge);
+    let mut stalled = open_raw(&edge).await;
+    let path = edge
+        .table_url("order_header")
+        .replacen(&edge.base_url(), "", 1);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 200\r\n\r\n{{\"id\":",
+        tokens.cashier
+    );
+    stalled
+        .write_all(head.as_bytes())
+        .await
+        .expect("a head and a little body");
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut stalled).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"body_timeout\""), "{answer}");
+    // (`metrics` has been idle past the head timeout too.)
+    let mut metrics = open_raw(&edge).await;
+    let (status, page) = raw_get(&mut metrics, "/metrics")
+        .await
+        .expect("the metrics");
+    assert_eq!(status, 200);
     assert_eq!(metric_in(&page, "outpost_http_connections"), 1);
 }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
@@ -198,23 +199,40 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> ApiResult<RawBody> {
-        Bytes::from_request(req, state)
-            .await
-            .map(RawBody)
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // A body that has come whole with its head (a terminal's usual request) is read
+        // without arming a timer; one still arriving must come within the body timeout, so a
+        // client that stalls mid-body does not hold its connection and task for ever.
+        let mut read = std::pin::pin!(Bytes::from_request(req, state));
+        let read = match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+            Poll::Ready(read) => read,
+            Poll::Pending => {
+                let timeout = crate::http::body_timeout();
+                tokio::time::timeout(timeout, read).await.map_err(|_| {
                     ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        "the request body is larger than 1 MiB",
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        format!(
+                            "the request body did not arrive within {} s",
+                            timeout.as_secs_f64()
+                        ),
                     )
-                } else {
-                    ApiError::bad_request(
-                        "invalid_body",
-                        format!("the request body cannot be read: {e}"),
-                    )
-                }
-            })
+                })?
+            }
+        };
+        read.map(RawBody).map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is larger than 1 MiB",
+                )
+            } else {
+                ApiError::bad_request(
+                    "invalid_body",
+                    format!("the request body cannot be read: {e}"),
+                )
+            }
+        })
     }
 }
 
