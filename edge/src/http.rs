@@ -1,22 +1,27 @@
 //! The terminal API's HTTP server: axum's router on hyper's HTTP/1, with the limits that
 //! `axum::serve` does not set.
 //!
-//! - **Open connections are capped** ([`Limits::connections`]), and so are one client
-//!   address's ([`Limits::per_client`], a quarter of the cap; see [`per_client_for`]). A connection beyond either is
-//!   answered 503 `too_many_connections` and closed. So one device on the LAN that opens
-//!   connections until something gives out takes a quarter of the slots, not all of them,
-//!   and cannot run the process out of file descriptors (which would also stop the store
-//!   opening files). A WebSocket keeps its slot after the upgrade: the slot travels with the
-//!   socket ([`Counted`]).
+//! - **Open connections are capped** ([`Limits::connections`]), and so are one client's
+//!   ([`Limits::per_client`]: a quarter of the cap, at least 64; see [`per_client_for`]). A
+//!   client is an IPv4 address or an IPv6 /64 ([`client_of`]). A connection beyond either
+//!   limit is answered 503 `too_many_connections` and closed. So one device on the LAN that
+//!   opens connections until something gives out takes a quarter of the slots, not all of
+//!   them, and cannot run the process out of file descriptors (which would also stop the
+//!   store opening files). Behind a reverse proxy every connection comes from one address:
+//!   set [`PER_CLIENT_MAX_ENV`] to the cap there. A WebSocket keeps its slot after the
+//!   upgrade: the slot travels with the socket ([`Counted`]).
 //! - **A request head must arrive within [`Limits::head_timeout`]** (hyper's header-read
 //!   timeout) and be at most [`HEAD_MAX`] bytes (431 beyond). The timeout also closes a
 //!   keep-alive connection idle that long, so a connection that sends nothing, or a head a
 //!   byte at a time, gives its slot back. A body that stalls has its own timeout
-//!   ([`body_timeout`], where the API reads it), and the feed disconnects a socket that does
-//!   not take its frames (see `ws`).
+//!   ([`body_timeout`], where the API reads it).
+//! - **A socket that accepts no write for [`SEND_TIMEOUT`] is closed** ([`Counted`]): a
+//!   client that stopped reading its answer, or its feed, gives its slot back. (The feed's
+//!   own send timeout, shorter, usually comes first for a WebSocket.)
 //!
 //! At start the soft limit on open files is raised towards the hard one, and the cap is kept
-//! below what the limit leaves after the store's and the sync link's own descriptors.
+//! below what the limit leaves after [`FILES_RESERVED`] for the store's and the sync link's
+//! own descriptors, unless that would leave fewer than 64 ([`connections_for`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,9 +51,10 @@ pub const CONNECTIONS_MAX: usize = 2048;
 /// How long a request body may take to arrive once its handler starts reading it.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a connection may refuse everything sent to it (an answer, a feed frame) before
-/// it is closed. A client that reads slowly is not cut off: the time runs only while nothing
-/// at all goes out.
+/// How long a connection's socket may accept no write (of an answer, of a feed frame) before
+/// the connection is closed. The time runs from a write that finds the socket full to the
+/// next write it accepts; the kernel accepts one once a good part of its send buffer has
+/// drained, so only a client that reads next to nothing for this long is cut off.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Largest request head (request line and headers) in bytes; hyper answers 431 beyond it.
@@ -71,12 +77,18 @@ const FILES_WANTED: u64 = 65_536;
 /// The fewest connections the edge serves, however low the file limit: a branch's terminals.
 const CONNECTIONS_MIN: usize = 64;
 
-/// Connections being refused at once; beyond this a refused connection is closed unanswered.
+/// Connections being refused at once because the cap was reached; beyond this a refused
+/// connection is closed unanswered.
 const REFUSALS_AT_ONCE: usize = 32;
 
-/// How long a refusal may take to write its answer and read what the client sent. The answer
-/// is best effort: a client that has not sent its whole request within this time may see the
-/// connection reset instead of the 503.
+/// Connections being refused at once because their client held its share. Kept apart from
+/// [`REFUSALS_AT_ONCE`] so that a device opening connections in a loop cannot use up the
+/// answers other terminals get when the edge is full.
+const CLIENT_REFUSALS_AT_ONCE: usize = 8;
+
+/// How long a refusal may take: it writes its answer, then reads what the client sent until
+/// the client closes or this time is up. The answer is best effort: a client whose request
+/// was still coming when the connection closed may see it reset instead of the 503.
 const REFUSAL_TIME: Duration = Duration::from_secs(3);
 
 /// Test hooks: a smaller cap, per-client cap and head timeout, so tests reach them quickly.
@@ -101,6 +113,24 @@ fn env_u64(name: &str) -> Option<u64> {
         .filter(|n| *n > 0)
 }
 
+/// Why a connection is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The cap is reached.
+    Full,
+    /// The connection's client holds its share of the cap.
+    Client,
+}
+
+impl Refusal {
+    fn body(self) -> &'static str {
+        match self {
+            Refusal::Full => REFUSAL_FULL,
+            Refusal::Client => REFUSAL_CLIENT,
+        }
+    }
+}
+
 /// The answer to a connection beyond the cap.
 const REFUSAL_FULL: &str = "{\"error\":\"too_many_connections\",\"message\":\"the edge has as many \
 connections open as it serves at once; close idle connections or try again shortly\"}";
@@ -123,15 +153,20 @@ impl Limits {
     /// (raised first, see [`raise_file_limit`]) leaves less room; [`per_client_for`] that;
     /// [`HEAD_TIMEOUT`]. The test hooks override each.
     pub fn for_this_process() -> Limits {
-        let connections = connections_for(raise_file_limit());
-        if connections < CONNECTIONS_MAX {
-            tracing::warn!(
-                "the open-file limit leaves room for {connections} connections, fewer than \
-                 {CONNECTIONS_MAX}; raise it (ulimit -n) if terminals are refused"
-            );
-        }
         let env = env_u64;
-        let connections = env(CONNECTIONS_MAX_ENV).map_or(connections, |n| n as usize);
+        let connections = match env(CONNECTIONS_MAX_ENV) {
+            Some(n) => n as usize,
+            None => {
+                let connections = connections_for(raise_file_limit());
+                if connections < CONNECTIONS_MAX {
+                    tracing::warn!(
+                        "the open-file limit leaves room for {connections} connections, fewer \
+                         than {CONNECTIONS_MAX}; raise it (ulimit -n) if terminals are refused"
+                    );
+                }
+                connections
+            }
+        };
         Limits {
             connections,
             per_client: env(PER_CLIENT_MAX_ENV).map_or(per_client_for(connections), |n| n as usize),
@@ -191,14 +226,15 @@ pub struct ConnMetrics {
     /// Connections open now, WebSockets included.
     pub open: AtomicU64,
     pub accepted: AtomicU64,
-    /// Connections answered 503 (or closed unanswered) because the cap was reached.
+    /// Connections answered 503 (or closed unanswered) because the cap, or their client's
+    /// share of it, was reached.
     pub refused: AtomicU64,
-    /// Of those, the ones refused because their client address held its share.
+    /// Of those, the ones refused because their client held its share.
     pub refused_client: AtomicU64,
     /// Connections closed because no complete request head came within the head timeout
     /// (idle keep-alive connections included).
     pub head_timeouts: AtomicU64,
-    /// Connections closed because the client took nothing sent to it for [`SEND_TIMEOUT`].
+    /// Connections whose socket accepted no write for [`SEND_TIMEOUT`] (each counted once).
     pub send_timeouts: AtomicU64,
 }
 
@@ -218,6 +254,7 @@ pub async fn serve(
         open: Mutex::default(),
     });
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+    let client_refusals = Arc::new(Semaphore::new(CLIENT_REFUSALS_AT_ONCE));
     let router = router.layer(tower::util::MapResponseLayer::new(keep_alive(
         limits.head_timeout,
     )));
@@ -246,19 +283,25 @@ pub async fn serve(
             },
         };
         let slot = match slots.clone().try_acquire_owned() {
-            Err(_) => Err(REFUSAL_FULL),
-            Ok(slot) => clients.admit(peer.ip(), slot).ok_or(REFUSAL_CLIENT),
+            Err(_) => Err(Refusal::Full),
+            Ok(slot) => clients
+                .admit(client_of(peer.ip()), slot)
+                .ok_or(Refusal::Client),
         };
         let slot = match slot {
             Ok(slot) => slot,
-            Err(answer) => {
+            Err(why) => {
                 metrics.refused.fetch_add(1, Relaxed);
-                if answer == REFUSAL_CLIENT {
-                    metrics.refused_client.fetch_add(1, Relaxed);
-                }
-                match refusals.clone().try_acquire_owned() {
+                let refusing = match why {
+                    Refusal::Full => &refusals,
+                    Refusal::Client => {
+                        metrics.refused_client.fetch_add(1, Relaxed);
+                        &client_refusals
+                    }
+                };
+                match refusing.clone().try_acquire_owned() {
                     Ok(refusing) => {
-                        tokio::spawn(refuse(tcp, answer, refusing));
+                        tokio::spawn(refuse(tcp, why, refusing));
                     }
                     Err(_) => drop(tcp),
                 }
@@ -300,20 +343,25 @@ pub async fn serve(
     running_tx.closed().await;
 }
 
-/// Adds `keep-alive: timeout=N` to an answer, N a little under the idle timeout, so clients
-/// that read it (browsers, Node's) stop reusing an idle connection before the edge closes it,
-/// rather than send a request into a connection being closed.
+/// Adds `keep-alive: timeout=N` to the router's answers (not to a WebSocket's 101), N a
+/// little under the idle timeout, so clients that read it (browsers, Node's) stop reusing an
+/// idle connection before the edge closes it, rather than send a request into a connection
+/// being closed.
 fn keep_alive(idle: Duration) -> impl Fn(Response) -> Response + Clone + Send + Sync + 'static {
     let secs = idle
         .as_secs()
         .saturating_sub(5)
         .max(idle.as_secs() / 2)
         .max(1);
-    let value = HeaderValue::from_str(&format!("timeout={secs}")).expect("ASCII digits");
+    // Leaked once per server, so that the per-answer clone is a copy of a pointer rather than
+    // a reference count shared by every worker thread.
+    let value = HeaderValue::from_static(String::leak(format!("timeout={secs}")));
     move |mut response: Response| {
-        response
-            .headers_mut()
-            .insert(header::HeaderName::from_static("keep-alive"), value.clone());
+        if response.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static("keep-alive"), value.clone());
+        }
         response
     }
 }
@@ -332,10 +380,11 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// Answers a connection beyond the cap with 503 and `body`, and closes it. What the client
-/// sent is read (up to 64 KiB, for [`REFUSAL_TIME`]) so that closing does not reset the
+/// Answers a connection beyond the cap with 503 and closes it. What the client sent is then
+/// read (up to 64 KiB, for at most [`REFUSAL_TIME`]) so that closing does not reset the
 /// connection before the client has read the answer.
-async fn refuse(mut tcp: TcpStream, body: &'static str, _refusing: OwnedSemaphorePermit) {
+async fn refuse(mut tcp: TcpStream, why: Refusal, _refusing: OwnedSemaphorePermit) {
+    let body = why.body();
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
          content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
@@ -357,14 +406,27 @@ async fn refuse(mut tcp: TcpStream, body: &'static str, _refusing: OwnedSemaphor
     .await;
 }
 
-/// Connections open per client address.
+/// The client a connection counts against: its IPv4 address (an IPv4-mapped IPv6 address
+/// is the IPv4 one), or its IPv6 /64, the prefix one device may draw addresses from.
+pub fn client_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Connections open per client ([`client_of`]).
 struct Clients {
     most: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Clients {
-    /// `slot` with the client's share taken too, or `None` if `ip` holds its share already.
+    /// `slot` with the client's share taken too, or `None` if `ip` (a [`client_of`]) holds
+    /// its share already.
     fn admit(self: &Arc<Self>, ip: IpAddr, slot: OwnedSemaphorePermit) -> Option<Slot> {
         let mut open = self.open.lock();
         let held = open.entry(ip).or_default();
@@ -409,6 +471,8 @@ pub struct Counted {
     /// Armed when a write finds the socket full; disarmed when one goes through. So the
     /// usual write, which the kernel takes at once, arms no timer.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The send timeout has passed: every write fails from now on.
+    timed_out: bool,
     _slot: Slot,
 }
 
@@ -425,17 +489,25 @@ impl Counted {
             metrics,
             send_timeout,
             stalled: None,
+            timed_out: false,
             _slot: slot,
         }
     }
 
-    /// Runs `send` on the socket, with the send timeout over a socket that takes nothing.
-    fn poll_send<T>(
+    /// Runs `write` on the socket, with the send timeout over a socket that accepts nothing.
+    fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
-        send: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        match send(Pin::new(&mut self.tcp), cx) {
+        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if self.timed_out {
+            return Poll::Ready(Err(self.timed_out_error()));
+        }
+        // Out of its scheduling budget, the task is told Pending whatever the socket's state
+        // (and woken again at once): that is no sign of a full socket.
+        let budget = tokio::task::coop::has_budget_remaining();
+        match write(Pin::new(&mut self.tcp), cx) {
+            Poll::Pending if !budget => Poll::Pending,
             Poll::Pending => {
                 let timeout = self.send_timeout;
                 let stalled = self
@@ -444,20 +516,26 @@ impl Counted {
                 if stalled.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
+                self.stalled = None;
+                self.timed_out = true;
                 self.metrics.send_timeouts.fetch_add(1, Relaxed);
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the client took nothing sent to it for {} s",
-                        timeout.as_secs_f64()
-                    ),
-                )))
+                Poll::Ready(Err(self.timed_out_error()))
             }
             done => {
                 self.stalled = None;
                 done
             }
         }
+    }
+
+    fn timed_out_error(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client's socket accepted nothing sent to it for {} s",
+                self.send_timeout.as_secs_f64()
+            ),
+        )
     }
 }
 
@@ -500,13 +578,13 @@ impl AsyncWrite for Counted {
         self.tcp.is_write_vectored()
     }
 
+    // A TCP socket's flush and shutdown do not wait for the peer.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_send(cx, |tcp, cx| tcp.poll_flush(cx))
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut()
-            .poll_send(cx, |tcp, cx| tcp.poll_shutdown(cx))
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
 
@@ -515,15 +593,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cap_stays_below_the_file_limit() {
-        let limits = Limits::for_this_process();
+    fn the_cap_leaves_the_store_its_files() {
+        let raised = raise_file_limit();
         let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap_or(u64::MAX);
-        assert!(limits.connections >= 1);
-        assert!(limits.connections <= CONNECTIONS_MAX);
-        assert!(limits.per_client >= 1 && limits.per_client <= limits.connections);
-        assert!(limits.connections == connections_for(files));
+        assert_eq!(raised, files, "the limit in force is the one reported");
+        let cap = connections_for(files);
+        assert!((1..=CONNECTIONS_MAX).contains(&cap));
+        if files >= FILES_RESERVED + CONNECTIONS_MIN as u64 {
+            assert!(cap as u64 <= files - FILES_RESERVED);
+        }
+    }
+
+    #[test]
+    fn a_client_is_an_ipv4_address_or_an_ipv6_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
+        assert_eq!(client_of(ip("10.0.0.7")), ip("10.0.0.7"));
+        assert_eq!(client_of(ip("::ffff:10.0.0.7")), ip("10.0.0.7"));
+        assert_eq!(client_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            client_of(ip("2001:db8:1:2:bbbb::9")),
+            client_of(ip("2001:db8:1:2:aaaa::1"))
+        );
+        assert_ne!(
+            client_of(ip("2001:db8:1:3::1")),
+            client_of(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(client_of(ip("::1")), ip("::"));
     }
 
     /// A client that reads nothing has its connection's writes fail after the send timeout,
@@ -542,7 +639,7 @@ mod tests {
             open: Mutex::default(),
         });
         let slot = slots.clone().try_acquire_owned().expect("a slot");
-        let slot = clients.admit(peer.ip(), slot).expect("a share");
+        let slot = clients.admit(client_of(peer.ip()), slot).expect("a share");
         let metrics = Arc::<ConnMetrics>::default();
         let mut counted = Counted::new(tcp, slot, metrics.clone(), SEND_TIMEOUT);
         let start = tokio::time::Instant::now();
@@ -562,6 +659,13 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
         assert!(sent > 0, "the kernel took some before the socket filled");
         assert!(start.elapsed() >= SEND_TIMEOUT);
+        assert_eq!(metrics.send_timeouts.load(Relaxed), 1);
+        // Every later write fails at once, and the connection is counted once.
+        let again = counted
+            .write(&chunk)
+            .await
+            .expect_err("a write after the timeout");
+        assert_eq!(again.kind(), io::ErrorKind::TimedOut);
         assert_eq!(metrics.send_timeouts.load(Relaxed), 1);
         assert_eq!(metrics.open.load(Relaxed), 1);
         drop(counted);

@@ -408,7 +408,10 @@ async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::
     );
     out.counter(
         "outpost_http_send_timeouts_total",
-        "HTTP connections (WebSockets included) closed because the client took nothing sent to it for 60 s.",
+        &format!(
+            "HTTP connections (WebSockets included) closed because their socket accepted no write for {} s.",
+            crate::http::SEND_TIMEOUT.as_secs()
+        ),
         c.send_timeouts.load(Relaxed),
     );
     let feed = app.api.feed();
