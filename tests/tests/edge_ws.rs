@@ -1882,6 +1882,19 @@ fn metric_in(page: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{page}"))
 }
 
+/// Asks `/healthz` on `tcp`, which must be answered 503 `too_many_connections` and then
+/// closed by the edge; returns the error's message.
+async fn refused_and_closed(mut tcp: tokio::net::TcpStream) -> String {
+    let (status, body) = raw_get(&mut tcp, "/healthz")
+        .await
+        .expect("an answer to a connection that is refused");
+    let body: Json = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "too_many_connections");
+    assert!(read_until_closed(&mut tcp).await.is_empty());
+    body["message"].as_str().expect("a message").to_owned()
+}
+
 /// Opens connections until one is served (`/healthz` 200) and returns it; `refused` counts
 /// the 503s on the way (a slot comes back once the edge has seen its connection close).
 async fn admitted(edge: &EdgeProcess, refused: &mut u64) -> tokio::net::TcpStream {
@@ -1942,16 +1955,9 @@ async fn connections_beyond_the_cap_are_refused_until_one_closes() {
     assert_eq!(refused, 0, "the cap is 3");
 
     // Full: a WebSocket and two keep-alive connections. One more is refused, and closed.
-    let mut over = open_raw(&edge).await;
-    let (status, body) = raw_get(&mut over, "/healthz")
-        .await
-        .expect("an answer to a connection over the cap");
-    let body: Json = serde_json::from_str(&body).expect("a JSON error");
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"], "too_many_connections");
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    let message = refused_and_closed(open_raw(&edge).await).await;
+    assert!(message.contains("as it serves at once"), "{message}");
     refused += 1;
-    assert!(read_until_closed(&mut over).await.is_empty());
     // A WebSocket handshake is refused the same way.
     let url = format!("ws://{}/ws?token={}", edge.http_addr(), tokens.cashier);
     match tokio_tungstenite::connect_async(url).await {
@@ -2006,21 +2012,9 @@ async fn one_client_cannot_take_every_connection() {
     let _b = admitted_from(&edge, greedy, &mut refused).await;
     assert_eq!(refused, 0, "the share is 2");
 
-    let mut over = open_raw_from(&edge, greedy).await;
-    let (status, body) = raw_get(&mut over, "/healthz")
-        .await
-        .expect("an answer to a connection over the share");
-    let body: Json = serde_json::from_str(&body).expect("a JSON error");
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"], "too_many_connections");
-    assert!(
-        body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("device")),
-        "{body}"
-    );
+    let message = refused_and_closed(open_raw_from(&edge, greedy).await).await;
+    assert!(message.contains("device"), "{message}");
     refused += 1;
-    assert!(read_until_closed(&mut over).await.is_empty());
 
     // Another terminal is served, with the cap far from full.
     let mut till = admitted_from(&edge, other, &mut refused).await;
