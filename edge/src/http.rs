@@ -356,11 +356,12 @@ fn keep_alive(idle: Duration) -> impl Fn(Response) -> Response + Clone + Send + 
     // Leaked once per server, so that the per-answer clone is a copy of a pointer rather than
     // a reference count shared by every worker thread.
     let value = HeaderValue::from_static(String::leak(format!("timeout={secs}")));
+    // Not a name `http` knows: made once here, not looked up among the standard names per
+    // answer.
+    let name = header::HeaderName::from_static("keep-alive");
     move |mut response: Response| {
         if response.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
-            response
-                .headers_mut()
-                .insert(header::HeaderName::from_static("keep-alive"), value.clone());
+            response.headers_mut().insert(name.clone(), value.clone());
         }
         response
     }
