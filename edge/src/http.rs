@@ -282,12 +282,9 @@ pub async fn serve(
                 }
             },
         };
-        let slot = match slots.clone().try_acquire_owned() {
-            Err(_) => Err(Refusal::Full),
-            Ok(slot) => clients
-                .admit(client_of(peer.ip()), slot)
-                .ok_or(Refusal::Client),
-        };
+        let slot = clients.admit(client_of(peer.ip()), || {
+            slots.clone().try_acquire_owned().ok()
+        });
         let slot = match slot {
             Ok(slot) => slot,
             Err(why) => {
@@ -426,16 +423,27 @@ struct Clients {
 }
 
 impl Clients {
-    /// `slot` with the client's share taken too, or `None` if `ip` (a [`client_of`]) holds
-    /// its share already.
-    fn admit(self: &Arc<Self>, ip: IpAddr, slot: OwnedSemaphorePermit) -> Option<Slot> {
+    /// A place for a connection of `ip` (a [`client_of`]): one of its share, then one of the
+    /// cap's slots from `slot`. The share is checked first, so a client over its share is
+    /// refused as such (from its own pool of answers) even when the edge is full.
+    fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        slot: impl FnOnce() -> Option<OwnedSemaphorePermit>,
+    ) -> Result<Slot, Refusal> {
         let mut open = self.open.lock();
         let held = open.entry(ip).or_default();
         if *held >= self.most {
-            return None;
+            return Err(Refusal::Client);
         }
+        let Some(slot) = slot() else {
+            if *held == 0 {
+                open.remove(&ip);
+            }
+            return Err(Refusal::Full);
+        };
         *held += 1;
-        Some(Slot {
+        Ok(Slot {
             _slot: slot,
             clients: self.clone(),
             ip,
@@ -608,6 +616,32 @@ mod tests {
     }
 
     #[test]
+    fn a_client_over_its_share_is_refused_as_such_even_when_the_edge_is_full() {
+        let slots = Arc::new(Semaphore::new(2));
+        let clients = Arc::new(Clients {
+            most: 1,
+            open: Mutex::default(),
+        });
+        let take = || slots.clone().try_acquire_owned().ok();
+        let (a, b, c) = (
+            IpAddr::from([10, 0, 0, 1]),
+            IpAddr::from([10, 0, 0, 2]),
+            IpAddr::from([10, 0, 0, 3]),
+        );
+        let first = clients.admit(a, take).expect("a place");
+        assert_eq!(clients.admit(a, take).err(), Some(Refusal::Client));
+        let _second = clients.admit(b, take).expect("a place");
+        // Full: `a` is still over its share; `c` is refused for the cap, holding nothing.
+        assert_eq!(clients.admit(a, take).err(), Some(Refusal::Client));
+        assert_eq!(clients.admit(c, take).err(), Some(Refusal::Full));
+        assert!(!clients.open.lock().contains_key(&c));
+        drop(first);
+        assert!(!clients.open.lock().contains_key(&a));
+        let _third = clients.admit(c, take).expect("the place `a` gave back");
+        assert_eq!(slots.available_permits(), 0);
+    }
+
+    #[test]
     fn a_client_is_an_ipv4_address_or_an_ipv6_prefix() {
         let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
         assert_eq!(client_of(ip("10.0.0.7")), ip("10.0.0.7"));
@@ -639,8 +673,11 @@ mod tests {
             most: 1,
             open: Mutex::default(),
         });
-        let slot = slots.clone().try_acquire_owned().expect("a slot");
-        let slot = clients.admit(client_of(peer.ip()), slot).expect("a share");
+        let slot = clients
+            .admit(client_of(peer.ip()), || {
+                slots.clone().try_acquire_owned().ok()
+            })
+            .expect("a place");
         let metrics = Arc::<ConnMetrics>::default();
         let mut counted = Counted::new(tcp, slot, metrics.clone(), SEND_TIMEOUT);
         let start = tokio::time::Instant::now();

@@ -1944,7 +1944,11 @@ async fn admitted_from(
 /// slot back.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_the_cap_are_refused_until_one_closes() {
-    let edge = EdgeProcess::start_with_env(&[("OUTPOST_HTTP_CONNECTIONS_MAX", "3")]);
+    // (A share larger than the cap: this test is one client, refused for the cap itself.)
+    let edge = EdgeProcess::start_with_env(&[
+        ("OUTPOST_HTTP_CONNECTIONS_MAX", "3"),
+        ("OUTPOST_HTTP_CONNECTIONS_PER_CLIENT", "10"),
+    ]);
     let tokens = Tokens::mint(&edge);
     let mut refused = 0;
     let mut feed = connect(&edge, &tokens.cashier, Wire::Json).await;
