@@ -3,16 +3,14 @@
 # the till cycle for 20 s; prints the durable writes and each thread's instruction total
 # (the runtime worker and the writer are the two largest). Divide by the writes.
 set -u
+. "$(dirname "$0")/lib.sh"
 OUT=$1; EDGE=$2; SIM=$3
 D=$(mktemp -d /tmp/outpost-cg-XXXX); rm -rf "$OUT"; mkdir -p "$OUT"
 PORT=${PORT:-9312}
 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$OUT/cg.out.%p" \
   "$EDGE" serve --data-dir "$D" --branch B001 --http 127.0.0.1:$PORT > "$OUT/edge.log" 2>&1 &
 PID=$!
-for _ in $(seq 1 600); do
-  [ -f "$D/admin.token" ] && curl -s -o /dev/null http://127.0.0.1:$PORT/healthz && break
-  sleep 0.1
-done
+wait_for_edge "$D" $PORT || { kill $PID; exit 1; }
 "$SIM" load --url http://127.0.0.1:$PORT --token "$(cat "$D/admin.token")" --clients 8 --seconds 20 > "$OUT/load.txt" 2>&1
 kill $PID; wait $PID
 grep "durable writes" "$OUT/load.txt"
