@@ -3,7 +3,8 @@
 
 pub mod api;
 pub mod feed;
-pub mod http;
+/// The HTTP server under the terminal API (the `httpd` crate, shared with the hub).
+pub use httpd as http;
 pub mod identity;
 pub mod server;
 pub mod store;

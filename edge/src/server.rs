@@ -380,40 +380,7 @@ async fn prometheus(State(app): State<App>) -> Result<impl IntoResponse, crate::
         "Rows in the in-memory hot tier.",
         hot_rows as u64,
     );
-    let c = &app.connections;
-    out.gauge(
-        "outpost_http_connections",
-        "Open HTTP connections, WebSockets included (capped; see ARCHITECTURE.md).",
-        c.open.load(Relaxed),
-    );
-    out.counter(
-        "outpost_http_connections_accepted_total",
-        "HTTP connections accepted.",
-        c.accepted.load(Relaxed),
-    );
-    out.counter(
-        "outpost_http_connections_refused_total",
-        "HTTP connections refused (503 too_many_connections) because the cap, or the client address's share of it, was reached.",
-        c.refused.load(Relaxed),
-    );
-    out.counter(
-        "outpost_http_connections_refused_client_total",
-        "Of those, connections refused because their client address held its share of the cap.",
-        c.refused_client.load(Relaxed),
-    );
-    out.counter(
-        "outpost_http_head_timeouts_total",
-        "HTTP connections closed because no complete request head came in time (idle keep-alive connections included).",
-        c.head_timeouts.load(Relaxed),
-    );
-    out.counter(
-        "outpost_http_send_timeouts_total",
-        &format!(
-            "HTTP connections (WebSockets included) closed because their socket accepted no write for {} s.",
-            crate::http::SEND_TIMEOUT.as_secs()
-        ),
-        c.send_timeouts.load(Relaxed),
-    );
+    app.connections.render(&mut out);
     let feed = app.api.feed();
     let fm = feed.metrics();
     out.gauge(

@@ -30,6 +30,8 @@ pub struct Hub {
     pub sync: Arc<SyncServer>,
     /// blake3 of the admin token.
     pub admin_token_hash: [u8; 32],
+    /// The HTTP server's connection counts, for `/metrics`.
+    pub connections: Arc<httpd::ConnMetrics>,
 }
 
 /// An error response: `{"error": code, "message": sentence}`.
@@ -629,6 +631,7 @@ async fn set_ring(
 async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
     let m = &hub.sync.metrics;
     let mut out = Exposition::default();
+    hub.connections.render(&mut out);
     out.gauge(
         "outpost_hub_connected_edges",
         "Edges with a live sync session.",

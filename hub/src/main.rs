@@ -180,15 +180,21 @@ async fn serve(
         .map_err(|e| Fatal(format!("cannot write ports.json: {e}")))?;
     tracing::info!(http = %http_bound, quic = %quic_bound, "hub serving");
     let quic_task = tokio::spawn(sync.clone().serve(endpoint.clone()));
+    let connections = Arc::<httpd::ConnMetrics>::default();
     let app = api::router(Hub {
         store,
         sync,
         admin_token_hash: *blake3::hash(token.as_bytes()).as_bytes(),
+        connections: connections.clone(),
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| Fatal(format!("HTTP server failed: {e}")))?;
+    let limits = httpd::Limits::for_this_process();
+    tracing::info!(
+        connections = limits.connections,
+        per_client = limits.per_client,
+        head_timeout_ms = limits.head_timeout.as_millis() as u64,
+        "HTTP limits"
+    );
+    httpd::serve(listener, app, limits, connections, shutdown_signal()).await;
     // Sessions end; each one's storage work finished before its acks went out.
     endpoint.close(hub::sync::close::SHUTDOWN.into(), b"hub shutting down");
     endpoint.wait_idle().await;

@@ -52,6 +52,7 @@ impl TestHub {
             store: store.clone(),
             sync,
             admin_token_hash: *blake3::hash(TOKEN.as_bytes()).as_bytes(),
+            connections: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await

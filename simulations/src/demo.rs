@@ -367,14 +367,24 @@ pub(crate) async fn set_availability(
 
 /// Serves the hub's router on a free loopback port (the edges serve theirs with
 /// `edge::server::serve_api`, as `outpost-edge serve` does).
-async fn serve_http(router: axum::Router) -> Result<SocketAddr, String> {
+/// Serves the hub's `router` on a loopback port with the same HTTP server (and limits) as
+/// `outpost-hub`, counting its connections in `connections`.
+async fn serve_http(
+    router: axum::Router,
+    connections: std::sync::Arc<edge::http::ConnMetrics>,
+) -> Result<SocketAddr, String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(err)?;
     let addr = listener.local_addr().map_err(err)?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let limits = edge::http::Limits::for_this_process();
+    tokio::spawn(edge::http::serve(
+        listener,
+        router,
+        limits,
+        connections,
+        std::future::pending(),
+    ));
     Ok(addr)
 }
 
@@ -435,11 +445,16 @@ pub async fn run(config: DemoConfig) -> Result<Demo, String> {
     let mut token_bytes = [0u8; 16];
     getrandom::fill(&mut token_bytes).map_err(err)?;
     let hub_token: String = token_bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let hub_http = serve_http(hub::api::router(hub::api::Hub {
-        store: store.clone(),
-        sync: server.clone(),
-        admin_token_hash: *blake3::hash(hub_token.as_bytes()).as_bytes(),
-    }))
+    let connections = std::sync::Arc::<edge::http::ConnMetrics>::default();
+    let hub_http = serve_http(
+        hub::api::router(hub::api::Hub {
+            store: store.clone(),
+            sync: server.clone(),
+            admin_token_hash: *blake3::hash(hub_token.as_bytes()).as_bytes(),
+            connections: connections.clone(),
+        }),
+        connections,
+    )
     .await?;
     let hub_url = format!("http://{hub_http}");
     say(format!("hub: {hub_url} (QUIC {quic})"));

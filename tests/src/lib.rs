@@ -148,10 +148,17 @@ pub struct HubProcess {
     http: SocketAddr,
     quic: SocketAddr,
     admin_token: String,
+    /// Extra environment variables for the process (test hooks).
+    env: Vec<(String, String)>,
 }
 
 impl HubProcess {
     pub fn start() -> HubProcess {
+        HubProcess::start_with_env(&[])
+    }
+
+    /// Starts a hub with extra environment variables (test hooks).
+    pub fn start_with_env(env: &[(&str, &str)]) -> HubProcess {
         let root = tempfile::Builder::new()
             .prefix("outpost-hub-test-")
             .tempdir()
@@ -164,6 +171,10 @@ impl HubProcess {
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             quic: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_token: String::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             root,
         };
         hub.spawn();
@@ -189,6 +200,7 @@ impl HubProcess {
                 &self.quic.to_string(),
             ])
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -272,6 +284,11 @@ impl HubProcess {
 
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic
+    }
+
+    /// The head-office API's address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
     }
 
     pub fn url(&self, path: &str) -> String {

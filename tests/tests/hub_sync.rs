@@ -1094,3 +1094,85 @@ fn hub_api_errors() {
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["branches"], 1, "{health}");
 }
+
+/// `GET path` on a keep-alive connection; the answer's status and body, or `None` if the
+/// server closed the connection instead of answering.
+fn raw_get(tcp: &mut TcpStream, path: &str) -> Option<(u16, String)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("a read timeout");
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: hub\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut reader = BufReader::new(tcp);
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let status = line.get(9..12)?.parse().ok()?;
+    let mut length = 0;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some((status, String::from_utf8(body).ok()?))
+}
+
+/// The head-office API runs on the edge's HTTP server, with its limits: connections beyond
+/// the cap are answered 503 `too_many_connections` and closed, a closed connection gives its
+/// slot back, and `/metrics` counts both.
+#[test]
+fn the_hub_caps_its_http_connections() {
+    let hub = HubProcess::start_with_env(&[
+        ("OUTPOST_HTTP_CONNECTIONS_MAX", "2"),
+        ("OUTPOST_HTTP_CONNECTIONS_PER_CLIENT", "10"),
+    ]);
+    let connect = || TcpStream::connect(hub.http_addr()).expect("a connection to the hub");
+    let mut a = connect();
+    assert_eq!(raw_get(&mut a, "/healthz").map(|r| r.0), Some(200));
+    let mut b = connect();
+    assert_eq!(raw_get(&mut b, "/healthz").map(|r| r.0), Some(200));
+
+    let mut over = connect();
+    let (status, body) = raw_get(&mut over, "/healthz").expect("an answer over the cap");
+    assert_eq!(status, 503, "{body}");
+    let body: Json = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(body["error"], "too_many_connections");
+
+    // `a` closes: its slot comes back once the hub has seen it go.
+    drop(a);
+    let mut refused = 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut c = loop {
+        let mut c = connect();
+        match raw_get(&mut c, "/metrics") {
+            Some((200, page)) => break (c, page),
+            Some((503, _)) | None => refused += 1,
+            Some(other) => panic!("GET /metrics: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "no slot came back");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let metric = |page: &str, name: &str| -> u64 {
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{page}"))
+    };
+    let page = c.1;
+    assert_eq!(metric(&page, "outpost_http_connections"), 2);
+    assert_eq!(
+        metric(&page, "outpost_http_connections_refused_total"),
+        refused
+    );
+    assert_eq!(raw_get(&mut b, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(raw_get(&mut c.0, "/healthz").map(|r| r.0), Some(200));
+}

@@ -1,5 +1,6 @@
-//! The terminal API's HTTP server: axum's router on hyper's HTTP/1, with the limits that
-//! `axum::serve` does not set.
+//! Outpost's HTTP server: axum's router on hyper's HTTP/1, with the limits that
+//! `axum::serve` does not set. The edge serves its terminal API with it, the hub its
+//! head-office API.
 //!
 //! - **Open connections are capped** ([`Limits::connections`]), and so are one client's
 //!   ([`Limits::per_client`]: a quarter of the cap, at least 64; see [`per_client_for`]). A
@@ -14,7 +15,7 @@
 //!   timeout) and be at most [`HEAD_MAX`] bytes (431 beyond). The timeout also closes a
 //!   keep-alive connection idle that long, so a connection that sends nothing, or a head a
 //!   byte at a time, gives its slot back. A body that stalls has its own timeout
-//!   ([`body_timeout`], where the API reads it).
+//!   ([`body_timeout`], applied where a handler reads the body: the edge's `api::RawBody`).
 //! - **A socket that accepts no write for [`SEND_TIMEOUT`] is closed** ([`Counted`]): a
 //!   client that stopped reading its answer, or its feed, gives its slot back. (The feed's
 //!   own send timeout, shorter, usually comes first for a WebSocket.)
@@ -39,6 +40,7 @@ use axum::response::Response;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
+use shared::metrics::Exposition;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -132,12 +134,12 @@ impl Refusal {
 }
 
 /// The answer to a connection beyond the cap.
-const REFUSAL_FULL: &str = "{\"error\":\"too_many_connections\",\"message\":\"the edge has as many \
+const REFUSAL_FULL: &str = "{\"error\":\"too_many_connections\",\"message\":\"the server has as many \
 connections open as it serves at once; close idle connections or try again shortly\"}";
 
 /// The answer to a connection beyond its client's share.
 const REFUSAL_CLIENT: &str = "{\"error\":\"too_many_connections\",\"message\":\"this device has as \
-many connections open to the edge as one device may hold; close idle connections or try again \
+many connections open to this server as one device may hold; close idle connections or try again \
 shortly\"}";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +238,45 @@ pub struct ConnMetrics {
     pub head_timeouts: AtomicU64,
     /// Connections whose socket accepted no write for [`SEND_TIMEOUT`] (each counted once).
     pub send_timeouts: AtomicU64,
+}
+
+impl ConnMetrics {
+    /// Adds the connection metrics to a `/metrics` page.
+    pub fn render(&self, out: &mut Exposition) {
+        out.gauge(
+            "outpost_http_connections",
+            "Open HTTP connections, WebSockets included (capped; see ARCHITECTURE.md).",
+            self.open.load(Relaxed),
+        );
+        out.counter(
+            "outpost_http_connections_accepted_total",
+            "HTTP connections accepted.",
+            self.accepted.load(Relaxed),
+        );
+        out.counter(
+            "outpost_http_connections_refused_total",
+            "HTTP connections refused (503 too_many_connections) because the cap, or the client's share of it, was reached.",
+            self.refused.load(Relaxed),
+        );
+        out.counter(
+            "outpost_http_connections_refused_client_total",
+            "Of those, connections refused because their client held its share of the cap.",
+            self.refused_client.load(Relaxed),
+        );
+        out.counter(
+            "outpost_http_head_timeouts_total",
+            "HTTP connections closed because no complete request head came in time (idle keep-alive connections included).",
+            self.head_timeouts.load(Relaxed),
+        );
+        out.counter(
+            "outpost_http_send_timeouts_total",
+            &format!(
+                "HTTP connections (WebSockets included) closed because their socket accepted no write for {} s.",
+                SEND_TIMEOUT.as_secs()
+            ),
+            self.send_timeouts.load(Relaxed),
+        );
+    }
 }
 
 /// Serves `router` on `listener` until `stop` resolves; then stops accepting, lets each
