@@ -108,12 +108,8 @@ pub fn open_data_dir(
     Ok(store)
 }
 
-/// Health, metrics and the terminal API, with the live feed listening to the store's commits.
-pub fn router(store: Store, branch: BranchId, sync: Option<Arc<SyncStatus>>) -> Router {
-    router_with(store, branch, sync, None, Arc::default())
-}
-
-/// Serves [`router`] on `listener` with the edge's connection limits until `stop` resolves,
+/// Serves health, metrics and the terminal API (the live feed listening to the store's
+/// commits) on `listener` with the edge's connection limits until `stop` resolves,
 /// its `/metrics` counting the connections: what `serve` runs, for harnesses that run an edge
 /// in their own process (the demo, the load generator, tests).
 pub async fn serve_api(
@@ -128,7 +124,8 @@ pub async fn serve_api(
     crate::http::serve(listener, app, Limits::for_this_process(), connections, stop).await;
 }
 
-/// [`router`], with the updater's state and the server's connection counts in `/metrics`.
+/// Health, metrics and the terminal API, with the live feed listening to the store's commits;
+/// the updater's state and the server's connection counts in `/metrics`.
 fn router_with(
     store: Store,
     branch: BranchId,
@@ -640,12 +637,6 @@ pub async fn serve(config: ServeConfig) -> Result<ServeEnd, StartError> {
     };
     tracing::info!(branch = %config.branch, http = %bound, "edge serving");
     let limits = Limits::for_this_process();
-    tracing::info!(
-        connections = limits.connections,
-        per_client = limits.per_client,
-        head_timeout_ms = limits.head_timeout.as_millis() as u64,
-        "HTTP limits"
-    );
     let connections = Arc::<ConnMetrics>::default();
     let server = crate::http::serve(
         listener,

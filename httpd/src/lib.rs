@@ -289,6 +289,12 @@ pub async fn serve(
     metrics: Arc<ConnMetrics>,
     stop: impl Future<Output = ()>,
 ) {
+    tracing::info!(
+        connections = limits.connections,
+        per_client = limits.per_client,
+        head_timeout_ms = limits.head_timeout.as_millis() as u64,
+        "HTTP limits"
+    );
     let slots = Arc::new(Semaphore::new(limits.connections));
     let clients = Arc::new(Clients {
         most: limits.per_client,

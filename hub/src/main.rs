@@ -188,12 +188,6 @@ async fn serve(
         connections: connections.clone(),
     });
     let limits = httpd::Limits::for_this_process();
-    tracing::info!(
-        connections = limits.connections,
-        per_client = limits.per_client,
-        head_timeout_ms = limits.head_timeout.as_millis() as u64,
-        "HTTP limits"
-    );
     httpd::serve(listener, app, limits, connections, shutdown_signal()).await;
     // Sessions end; each one's storage work finished before its acks went out.
     endpoint.close(hub::sync::close::SHUTDOWN.into(), b"hub shutting down");

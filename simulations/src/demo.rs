@@ -365,10 +365,9 @@ pub(crate) async fn set_availability(
     };
 }
 
-/// Serves the hub's router on a free loopback port (the edges serve theirs with
+/// Serves the hub's `router` on a free loopback port with the same HTTP server (and limits)
+/// as `outpost-hub`, counting its connections in `connections` (the edges serve theirs with
 /// `edge::server::serve_api`, as `outpost-edge serve` does).
-/// Serves the hub's `router` on a loopback port with the same HTTP server (and limits) as
-/// `outpost-hub`, counting its connections in `connections`.
 async fn serve_http(
     router: axum::Router,
     connections: std::sync::Arc<edge::http::ConnMetrics>,
